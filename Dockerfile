@@ -1,0 +1,36 @@
+# onevlm model-card router as a MONAI Deploy application (embedded backend, CPU only).
+# Research use only: not for clinical use.
+#
+#   docker build -t onevlm-router .
+#   docker run --rm -v "$PWD/dicom_samples:/var/holoscan/input:ro" -v "$PWD/out:/var/holoscan/output" onevlm-router
+#
+# ONEVLM_CARDS / ONEVLM_CUTOFFS may be set at run time (-e) to use other cards or cutoffs.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    HOLOSCAN_INPUT_PATH=/var/holoscan/input \
+    HOLOSCAN_OUTPUT_PATH=/var/holoscan/output \
+    ONEVLM_CARDS=/opt/onevlm/model_cards
+
+WORKDIR /opt/onevlm
+
+# The CPU torch wheel first, so `pip install .` does not pull a CUDA build.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+
+COPY pyproject.toml README.md ./
+COPY onevlm/ onevlm/
+RUN pip install .
+
+COPY model_cards/ model_cards/
+COPY operators/ operators/
+COPY apps/ apps/
+
+RUN mkdir -p /var/holoscan/input /var/holoscan/output
+
+# holoscan warns about a small stack; `docker run --ulimit stack=33554432` silences it.
+ENTRYPOINT ["python", "-m", "apps.router_app", "-i", "/var/holoscan/input", "-o", "/var/holoscan/output"]

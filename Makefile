@@ -1,0 +1,37 @@
+# onevlm — the two commands: `make demo` and `make test` (each sets everything up first).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+# holoscan (MONAI Deploy) wants a large stack; harmless for everything else.
+RUN    := ulimit -s 32768 2>/dev/null; HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: demo test install install-dev route-samples clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch==2.13.0 is the CPU wheel on local disk (pinned in pyproject); any other pulls CUDA.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[dev]'
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+## demo: route every file in dicom_samples/ with the embedded default; decision log in out/
+demo: install
+	@mkdir -p out
+	@rm -f out/decisions.jsonl
+	$(RUN) $(BIN)/onevlm route dicom_samples/ --log out/decisions.jsonl
+
+## test: the whole pytest suite (slow end-to-end tests included)
+test: install-dev
+	$(RUN) $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,167 @@
+"""Read the DICOM attributes the router uses, without decoding pixels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from onevlm.dicom.sop_classes import MODALITY_BY_SOP_CLASS, non_image_kind, sop_class_name
+
+#: Free-text header fields that describe the acquisition (never patient identity).
+DESCRIPTIVE_FIELDS = (
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription",
+    "ReasonForStudy",
+    "AdmittingDiagnosesDescription",
+    "ImageComments",
+)
+
+
+class DicomReadError(ValueError):
+    """A file could not be read as DICOM. The message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """The header evidence of one DICOM instance (no PHI: no names, no dates)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    body_part_examined: str
+    anatomic_region: str
+    descriptions: tuple[tuple[str, str], ...]
+    image_type: tuple[str, ...]
+    photometric_interpretation: str
+    has_pixel_data: bool
+    rows: int | None
+    columns: int | None
+    number_of_frames: int | None
+
+    @property
+    def sop_class_name(self) -> str:
+        return sop_class_name(self.sop_class_uid)
+
+    @property
+    def non_image_kind(self) -> str | None:
+        """What non-image object this is (SR, RT plan, ECG…), or ``None`` if it is an image."""
+        kind = non_image_kind(self.sop_class_uid)
+        if kind is None and not self.has_pixel_data:
+            return "object without pixel data"
+        return kind
+
+    @property
+    def effective_modality(self) -> str:
+        """(0008,0060), or the modality implied by the SOP class when the file omits it."""
+        return self.modality or MODALITY_BY_SOP_CLASS.get(self.sop_class_uid, "")
+
+    def evidence(self) -> dict:
+        """The attributes as logged evidence (UIDs and acquisition descriptions only)."""
+        return {
+            "SOPClassUID": self.sop_class_uid,
+            "SOPClassName": self.sop_class_name,
+            "Modality": self.modality,
+            "BodyPartExamined": self.body_part_examined,
+            "AnatomicRegion": self.anatomic_region,
+            "ImageType": list(self.image_type),
+            "PhotometricInterpretation": self.photometric_interpretation,
+            "PixelData": self.has_pixel_data,
+            **{name: text for name, text in self.descriptions},
+        }
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        value = "\\".join(str(v) for v in value)
+    return " ".join(str(value).split())
+
+
+def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """True if the file carries the DICOM Part 10 preamble ("DICM" at byte 128)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def header_from_dataset(ds: pydicom.Dataset, source: str = "<dataset>") -> DicomHeader:
+    """Extract a :class:`DicomHeader` from a dataset already in memory.
+
+    Raises
+    ------
+    DicomReadError
+        If the dataset has no SOP Class UID (it is not a storable DICOM instance).
+    """
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+    if not sop_class:
+        raise DicomReadError(f"{source}: not a DICOM instance: no SOP Class UID")
+    region = ""
+    if "AnatomicRegionSequence" in ds and len(ds.AnatomicRegionSequence):
+        region = _text(ds.AnatomicRegionSequence[0], "CodeMeaning")
+    descriptions = tuple((name, _text(ds, name)) for name in DESCRIPTIVE_FIELDS if _text(ds, name))
+    image_type = tuple(str(v) for v in ds.get("ImageType", []) or [] if str(v))
+    return DicomHeader(
+        sop_class_uid=sop_class,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+        modality=_text(ds, "Modality").upper(),
+        body_part_examined=_text(ds, "BodyPartExamined").upper(),
+        anatomic_region=region,
+        descriptions=descriptions,
+        image_type=image_type,
+        photometric_interpretation=_text(ds, "PhotometricInterpretation").upper(),
+        has_pixel_data=any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        number_of_frames=_int(ds, "NumberOfFrames"),
+    )
+
+
+def read_header(path: str | Path, force: bool = False) -> DicomHeader:
+    """Read a DICOM file's header; pixel data is detected but not loaded.
+
+    ``force`` also reads files without the Part 10 preamble and meta header.
+
+    Raises
+    ------
+    DicomReadError
+        If the file is missing, not DICOM, truncated in its header, or has no SOP Class UID.
+    """
+    path = Path(path)
+    try:
+        # defer_size keeps large values (pixel data) on disk: we only need to know they exist.
+        ds = pydicom.dcmread(path, defer_size="64 KB", force=force)
+    except InvalidDicomError as exc:
+        raise DicomReadError(f"{path.name}: not a DICOM file ({exc})") from exc
+    except FileNotFoundError as exc:
+        raise DicomReadError(f"{path.name}: file not found") from exc
+    except Exception as exc:  # pydicom raises many types on corrupt data
+        raise DicomReadError(f"{path.name}: corrupt DICOM file: {type(exc).__name__}: {exc}") from exc
+    try:
+        return header_from_dataset(ds, source=path.name)
+    except DicomReadError:
+        raise
+    except Exception as exc:
+        raise DicomReadError(f"{path.name}: corrupt DICOM header: {type(exc).__name__}: {exc}") from exc

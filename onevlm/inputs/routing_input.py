@@ -1,0 +1,104 @@
+"""One input to route: a DICOM instance or an ordinary image file, with what we know about it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from onevlm.dicom.header import DicomHeader, DicomReadError, is_dicom_file, read_header
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+
+
+class InputError(ValueError):
+    """An input cannot be routed. The message names the input and the problem."""
+
+
+@dataclass(frozen=True)
+class RoutingInput:
+    """A file to route.
+
+    Attributes
+    ----------
+    path:
+        The file as the user named it.
+    kind:
+        ``"dicom"`` or ``"image"`` (PNG/JPEG/TIFF…).
+    header:
+        The DICOM header evidence (``None`` for ordinary images).
+    hint:
+        Optional user statement of the modality, used for ordinary images.
+    """
+
+    path: Path
+    kind: str
+    header: DicomHeader | None = None
+    hint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("dicom", "image"):
+            raise ValueError(f"kind must be 'dicom' or 'image', got {self.kind!r}")
+        if self.kind == "dicom" and self.header is None:
+            raise ValueError("a DICOM input needs its header")
+
+    @property
+    def reference(self) -> dict:
+        """How logs name this input: file name and UIDs, never patient data."""
+        ref = {"file": self.path.name, "path": str(self.path), "kind": self.kind}
+        if self.header is not None:
+            ref.update(
+                sop_instance_uid=self.header.sop_instance_uid,
+                series_instance_uid=self.header.series_instance_uid,
+                study_instance_uid=self.header.study_instance_uid,
+                sop_class_uid=self.header.sop_class_uid,
+            )
+        return ref
+
+
+def load_input(path: str | Path, hint: str | None = None) -> RoutingInput:
+    """Identify ``path`` as DICOM or an image and read its header.
+
+    Raises
+    ------
+    InputError
+        If the file is missing, empty, corrupt, or neither DICOM nor an image.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file")
+    if is_dicom_file(path) or path.suffix.lower() == ".dcm":
+        return RoutingInput(path=path, kind="dicom", header=_header(path), hint=hint)
+    if path.suffix.lower() in IMAGE_SUFFIXES or _is_image(path):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise InputError(f"{path}: corrupt or unsupported image: {exc}") from exc
+        return RoutingInput(path=path, kind="image", hint=hint)
+    # DICOM without the Part 10 preamble still happens (old archives): try it last.
+    try:
+        header = read_header(path, force=True)
+    except DicomReadError as exc:
+        raise InputError(f"{path}: neither a DICOM file nor a supported image") from exc
+    return RoutingInput(path=path, kind="dicom", header=header, hint=hint)
+
+
+def _header(path: Path) -> DicomHeader:
+    try:
+        return read_header(path)
+    except DicomReadError as exc:
+        raise InputError(str(exc)) from exc
+
+
+def _is_image(path: Path) -> bool:
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError):
+        return False

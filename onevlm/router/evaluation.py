@@ -1,0 +1,282 @@
+"""``onevlm router evaluate``: per-stage accuracy, final accuracy and ECE, baseline versus cutoff.
+
+The baseline always keeps the first answer; the cutoff router applies Algorithm 1 with the
+given (or fitted) cutoffs. Both runs share one set of backend answers (stage answers are cached
+per input, stage and structured fields), so the comparison isolates the selector.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from onevlm.calibration.cutoffs import CutoffRow, Cutoffs, fit_cutoffs, label_for
+from onevlm.calibration.ece import EceResult, expected_calibration_error
+from onevlm.calibration.reliability import plot_reliability
+from onevlm.cards.repository import CardRepository
+from onevlm.inputs.routing_input import RoutingInput
+from onevlm.router.backend import NONE, RouterBackend, StageRequest, StageResponse
+from onevlm.router.decision import RoutingDecision
+from onevlm.router.decision_log import DecisionLog
+from onevlm.router.pipeline import Router
+from onevlm.router.runner import route_files
+
+logger = logging.getLogger(__name__)
+
+LABEL_COLUMNS = ("path", "modality", "finding", "card")
+
+
+@dataclass(frozen=True)
+class LabelledInput:
+    """One row of LABELS.csv: an input and its gold answers per stage."""
+
+    path: Path
+    modality: str
+    finding: str
+    card: str
+
+
+def read_labels(path: str | Path) -> list[LabelledInput]:
+    """Read LABELS.csv (columns path, modality, finding, card); paths are relative to the file.
+
+    An empty ``card`` means the gold final answer is ``None``.
+    """
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = set(LABEL_COLUMNS) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        rows = []
+        for line, record in enumerate(reader, start=2):
+            if not (record.get("path") or "").strip():
+                raise ValueError(f"{path}: line {line}: empty path")
+            target = Path(record["path"].strip())
+            if (path.parent / target).is_dir():
+                raise ValueError(f"{path}: line {line}: {target} is a folder; label one file per row")
+            rows.append(
+                LabelledInput(
+                    path=target if target.is_absolute() else path.parent / target,
+                    modality=(record["modality"] or "").strip(),
+                    finding=(record["finding"] or "").strip(),
+                    card=(record["card"] or "").strip() or NONE,
+                )
+            )
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+class CachingBackend:
+    """Wrap a backend so repeated identical stage requests are answered once."""
+
+    def __init__(self, backend: RouterBackend) -> None:
+        self.backend = backend
+        self._cache: dict[tuple, StageResponse] = {}
+
+    def identity(self) -> dict[str, Any]:
+        return self.backend.identity()
+
+    @staticmethod
+    def _key(item: RoutingInput, request: StageRequest) -> tuple:
+        return (str(item.path), request.stage, request.modality, request.finding)
+
+    def answer(self, items: Sequence[RoutingInput], requests: Sequence[StageRequest]) -> list[StageResponse]:
+        todo = [(i, r) for i, r in zip(items, requests) if self._key(i, r) not in self._cache]
+        if todo:
+            fresh = self.backend.answer([i for i, _ in todo], [r for _, r in todo])
+            for (item, request), response in zip(todo, fresh):
+                self._cache[self._key(item, request)] = response
+        return [self._cache[self._key(i, r)] for i, r in zip(items, requests)]
+
+
+@dataclass
+class MethodReport:
+    """Scores of one method (baseline or cutoff) over the labelled set."""
+
+    name: str
+    cutoffs: dict[str, float | None]
+    stage_correct: dict[int, int] = field(default_factory=dict)
+    stage_total: dict[int, int] = field(default_factory=dict)
+    final_correct: int = 0
+    n: int = 0
+    failed: int = 0
+    ece: EceResult | None = None
+
+    def accuracy(self, stage: int) -> float | None:
+        total = self.stage_total.get(stage, 0)
+        return self.stage_correct.get(stage, 0) / total if total else None
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.final_correct / self.n if self.n else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "cutoffs": self.cutoffs,
+            "stage_accuracy": {
+                str(s): {"accuracy": self.accuracy(s), "n": self.stage_total.get(s, 0)} for s in (1, 2, 3)
+            },
+            "final_accuracy": self.final_accuracy,
+            "n": self.n,
+            "failed": self.failed,
+            "ece": self.ece.ece if self.ece else None,
+            "ece_bins": self.ece.as_dict()["bins"] if self.ece else None,
+        }
+
+
+def _same(a: str | None, b: str) -> bool:
+    return a is not None and a.strip().lower() == b.strip().lower()
+
+
+def _gold(row: LabelledInput, stage: int) -> str:
+    return {1: row.modality, 2: row.finding, 3: row.card}[stage]
+
+
+def score(name: str, rows: Sequence[LabelledInput], decisions: Sequence[RoutingDecision], cutoffs: Cutoffs) -> tuple[MethodReport, list[tuple[float, int]]]:
+    """Per-stage accuracy over the inputs where that stage ran, final accuracy over all inputs."""
+    report = MethodReport(name=name, cutoffs=cutoffs.as_dict())
+    predictions: list[tuple[float, int]] = []
+    for row, decision in zip(rows, decisions):
+        report.n += 1
+        if decision.error:
+            report.failed += 1
+        for stage in decision.stages:
+            gold = _gold(row, stage.stage)
+            if not gold:
+                continue
+            report.stage_total[stage.stage] = report.stage_total.get(stage.stage, 0) + 1
+            report.stage_correct[stage.stage] = report.stage_correct.get(stage.stage, 0) + int(_same(stage.chosen, gold))
+        correct = int(_same(decision.final_label, row.card))
+        report.final_correct += correct
+        if decision.confidence is not None:
+            predictions.append((decision.confidence, correct))
+    if predictions:
+        report.ece = expected_calibration_error([c for c, _ in predictions], [k for _, k in predictions])
+    return report, predictions
+
+
+def cutoff_rows(rows: Sequence[LabelledInput], decisions: Sequence[RoutingDecision]) -> list[CutoffRow]:
+    """Algorithm 2's training rows from baseline decisions: ``(stage, p2, FIRST|SECOND)``."""
+    out = []
+    for row, decision in zip(rows, decisions):
+        for stage in decision.stages:
+            gold = _gold(row, stage.stage)
+            if not gold or len(stage.candidates) < 2:
+                continue
+            first, second = stage.candidates
+            label = label_for(first.answer.lower(), second.answer.lower(), gold.lower())
+            out.append(CutoffRow(stage=stage.stage, p2=min(second.p, 1.0), label=label))
+    return out
+
+
+def evaluate(
+    labels_csv: str | Path,
+    cards: CardRepository,
+    backend: RouterBackend,
+    out_dir: str | Path,
+    cutoffs: Cutoffs | None = None,
+    fit: bool = False,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Run baseline and cutoff routing over LABELS.csv and write the report to ``out_dir``.
+
+    Writes ``summary.json``, ``summary.md`` (tables 2 and 3 of the paper), the two decision
+    logs, ``cutoff_rows.csv`` (Algorithm 2 input), prediction CSVs and ``reliability.png``.
+    With ``fit=True`` the cutoffs are fitted on these same rows (an in-sample fit, so stated).
+    """
+    rows = read_labels(labels_csv)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cached = CachingBackend(backend)
+
+    def run(method_cutoffs: Cutoffs, log_name: str) -> list[RoutingDecision]:
+        router = Router(cards, cached, method_cutoffs)
+        decisions = []
+        with DecisionLog(out / log_name) as log:
+            for decision in route_files(router, [r.path for r in rows], batch_size=batch_size):
+                log.write(decision)
+                decisions.append(decision)
+        return decisions
+
+    (out / "decisions_baseline.jsonl").unlink(missing_ok=True)
+    (out / "decisions_cutoff.jsonl").unlink(missing_ok=True)
+    baseline_decisions = run(Cutoffs(), "decisions_baseline.jsonl")
+    training_rows = cutoff_rows(rows, baseline_decisions)
+    with (out / "cutoff_rows.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["stage", "p2", "label"])
+        for r in training_rows:
+            writer.writerow([r.stage, repr(r.p2), r.label])
+    fits = {}
+    if fit:
+        if not training_rows:
+            raise ValueError("no rows with two candidates to fit cutoffs on")
+        fits = fit_cutoffs(training_rows)
+        cutoffs = Cutoffs.from_fits(fits)
+        (out / "cutoffs.json").write_text(json.dumps({str(s): f.as_dict() for s, f in fits.items()}, indent=2))
+    cutoffs = cutoffs or Cutoffs()
+    cutoff_decisions = run(cutoffs, "decisions_cutoff.jsonl")
+
+    baseline, base_pred = score("baseline", rows, baseline_decisions, Cutoffs())
+    with_cutoff, cut_pred = score("cutoff", rows, cutoff_decisions, cutoffs)
+    for name, preds in (("baseline", base_pred), ("cutoff", cut_pred)):
+        with (out / f"predictions_{name}.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["confidence", "correct"])
+            writer.writerows((repr(c), k) for c, k in preds)
+    plots = {}
+    if baseline.ece and with_cutoff.ece:
+        plots["reliability"] = str(
+            plot_reliability(
+                {"baseline (no cutoff)": baseline.ece, "cutoff": with_cutoff.ece},
+                out / "reliability.png",
+                f"Reliability — {Path(labels_csv).name} (n={len(rows)})",
+            )
+        )
+    summary = {
+        "labels": str(labels_csv),
+        "n": len(rows),
+        "backend": backend.identity(),
+        "cutoffs_fitted_in_sample": fit,
+        "fits": {str(s): f.as_dict() for s, f in fits.items()},
+        "baseline": baseline.as_dict(),
+        "cutoff": with_cutoff.as_dict(),
+        "plots": plots,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(summary_markdown(baseline, with_cutoff, len(rows), fit))
+    return summary
+
+
+def _fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
+def summary_markdown(baseline: MethodReport, cutoff: MethodReport, n: int, fitted: bool) -> str:
+    """Tables 2 and 3 of the paper for this run."""
+    names = {1: "Stage 1 — Modality", 2: "Stage 2 — Disease", 3: "Stage 3 — Final"}
+    lines = [
+        f"# Router evaluation (n = {n})",
+        "",
+        "Research use only. Per-stage accuracy counts the inputs where the stage ran (n per stage).",
+        f"Cutoffs: {cutoff.cutoffs}" + (" (fitted on these rows: in-sample)" if fitted else ""),
+        "",
+        "| Stage / Task | n | Baseline acc | Cutoff acc |",
+        "|---|---|---|---|",
+    ]
+    for s in (1, 2, 3):
+        lines.append(f"| {names[s]} | {baseline.stage_total.get(s, 0)} | {_fmt(baseline.accuracy(s))} | {_fmt(cutoff.accuracy(s))} |")
+    lines += [
+        "",
+        "| Method | Final accuracy | ECE (10 right-closed bins) |",
+        "|---|---|---|",
+        f"| Baseline (no cutoff) | {baseline.final_accuracy:.4f} | {_fmt(baseline.ece.ece if baseline.ece else None)} |",
+        f"| Cutoff | {cutoff.final_accuracy:.4f} | {_fmt(cutoff.ece.ece if cutoff.ece else None)} |",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""The three-stage router (section 3 of the paper).
+
+Stage 1 picks the modality from the cards' deduplicated list (``None``: not a medical image,
+``Other``: medical but no card covers it; both stop early). Stage 2 names the primary finding
+(``Normal`` if none), independent of stage 1. Stage 3 sees no image: it picks a card ID among
+the cards of the stage-1 modality, given the modality and finding, or ``None``. Each stage
+keeps its top-2 answers and applies Algorithm 1 with that stage's cutoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from onevlm.calibration.cutoffs import Cutoffs
+from onevlm.cards.repository import CardRepository
+from onevlm.inputs.routing_input import RoutingInput
+from onevlm.router.answers import NormalisedAnswer, normalise, normalise_card_choice
+from onevlm.router.backend import (
+    NONE,
+    NORMAL,
+    OTHER,
+    RouterBackend,
+    StageRequest,
+    StageResponse,
+)
+from onevlm.router.decision import CandidateRecord, RoutingDecision, StageDecision
+from onevlm.router.prompts import stage1_prompt, stage2_prompt, stage3_prompt
+from onevlm.router.selector import select_answer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Progress:
+    """Mutable per-input state while the stages run."""
+
+    item: RoutingInput
+    stages: list[StageDecision]
+    stop_reason: str | None = None
+    stopped_early: bool = False
+    error: str | None = None
+    model_card_id: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.stop_reason is None and self.error is None
+
+
+class Router:
+    """Route inputs to model cards with a backend, per-stage cutoffs and full decision records.
+
+    Parameters
+    ----------
+    cards:
+        The model-card repository (stage 1's list and stage 3's candidates).
+    backend:
+        Anything implementing :class:`~onevlm.router.backend.RouterBackend`.
+    cutoffs:
+        Per-stage cutoffs for Algorithm 1 (default: none, i.e. always the first answer).
+    """
+
+    def __init__(self, cards: CardRepository, backend: RouterBackend, cutoffs: Cutoffs | None = None) -> None:
+        if not len(cards):
+            raise ValueError("the router needs at least one model card")
+        self.cards = cards
+        self.backend = backend
+        self.cutoffs = cutoffs or Cutoffs()
+        self.stage1_allowed = (*cards.modalities, NONE, OTHER)
+        # Cards list 'normal' as a class; stage 2 spells it the paper's way, once.
+        self.stage2_allowed = (*(f for f in cards.findings if f.lower() != NORMAL.lower()), NORMAL)
+        self._stage1_prompt = stage1_prompt(cards.modalities)
+        self._stage2_prompt = stage2_prompt()
+        self._backend_identity = backend.identity()
+
+    def route(self, item: RoutingInput) -> RoutingDecision:
+        """Route one input."""
+        return self.route_many([item])[0]
+
+    def route_many(self, items: Sequence[RoutingInput]) -> list[RoutingDecision]:
+        """Route several inputs, stage by stage, so a backend can batch each stage."""
+        states = [_Progress(item=item, stages=[]) for item in items]
+
+        self._run_stage(
+            states,
+            lambda s: StageRequest(stage=1, prompt=self._stage1_prompt, allowed=self.stage1_allowed),
+            self._after_stage1,
+        )
+        self._run_stage(
+            states,
+            lambda s: StageRequest(stage=2, prompt=self._stage2_prompt, allowed=self.stage2_allowed),
+            self._after_stage2,
+        )
+        self._run_stage(states, self._stage3_request, self._after_stage3)
+        return [self._decision(s) for s in states]
+
+    # -- stages ---------------------------------------------------------------------------
+
+    def _stage3_request(self, state: _Progress) -> StageRequest:
+        modality = state.stages[0].chosen
+        finding = state.stages[1].chosen
+        candidates = self.cards.by_modality(modality)
+        prompt = stage3_prompt(modality, finding, [(c.id, c.task_caption) for c in candidates])
+        return StageRequest(
+            stage=3,
+            prompt=prompt,
+            allowed=(*(c.id for c in candidates), NONE),
+            cards=candidates,
+            modality=modality,
+            finding=finding,
+        )
+
+    def _run_stage(
+        self,
+        states: list[_Progress],
+        make_request: Callable[[_Progress], StageRequest],
+        after: Callable[[_Progress, StageDecision], None],
+    ) -> None:
+        active = [s for s in states if s.active]
+        if not active:
+            return
+        requests = [make_request(s) for s in active]
+        started = time.perf_counter()
+        responses = self._answer(active, requests)
+        # A batched stage costs its wall time shared equally among the inputs it served.
+        per_item = (time.perf_counter() - started) / len(active)
+        for state, request, response in zip(active, requests, responses):
+            if isinstance(response, Exception):
+                state.error = f"stage {request.stage}: {response}"
+                logger.error("routing failed for %s at stage %d: %s", state.item.path.name, request.stage, response)
+                continue
+            decision = self._decide(request, response, per_item)
+            state.stages.append(decision)
+            after(state, decision)
+
+    def _answer(self, states: list[_Progress], requests: list[StageRequest]) -> list[StageResponse | Exception]:
+        items = [s.item for s in states]
+        try:
+            responses = self.backend.answer(items, requests)
+            if len(responses) != len(items):
+                raise RuntimeError(f"backend returned {len(responses)} responses for {len(items)} inputs")
+            return list(responses)
+        except Exception as batch_error:  # isolate the failing input(s), keep the others
+            if len(items) == 1:
+                return [batch_error]
+            logger.warning("batched stage %d failed (%s); retrying one input at a time", requests[0].stage, batch_error)
+            out: list[StageResponse | Exception] = []
+            for item, request in zip(items, requests):
+                try:
+                    out.append(self.backend.answer([item], [request])[0])
+                except Exception as exc:
+                    out.append(exc)
+            return out
+
+    def _decide(self, request: StageRequest, response: StageResponse, seconds: float) -> StageDecision:
+        records = tuple(self._normalise(request, c.text, c.p, c.sequence_logprob) for c in response.candidates)
+        tau = self.cutoffs.for_stage(request.stage)
+        first = records[0]
+        second = records[1] if len(records) > 1 else None
+        selection = select_answer(
+            first.answer, min(first.p, 1.0),
+            second.answer if second else None, min(second.p, 1.0) if second else None,
+            tau,
+        )
+        return StageDecision(
+            stage=request.stage,
+            prompt_id=request.prompt.prompt_id,
+            candidates=records,
+            tau=tau,
+            chosen=selection.answer,
+            index=selection.index,
+            seconds=seconds,
+            evidence=response.evidence,
+        )
+
+    def _normalise(self, request: StageRequest, text: str, p: float, logprob: float | None) -> CandidateRecord:
+        if request.stage == 3:
+            norm: NormalisedAnswer = normalise_card_choice(text, [c.id for c in request.cards], NONE)
+        else:
+            norm = normalise(text, request.allowed)
+        return CandidateRecord(
+            answer=norm.answer,
+            p=p,
+            raw=text,
+            in_allowed_set=norm.in_allowed_set,
+            match=norm.match,
+            sequence_logprob=logprob,
+            justification=norm.justification,
+        )
+
+    @staticmethod
+    def _after_stage1(state: _Progress, decision: StageDecision) -> None:
+        chosen = decision.chosen_record
+        if not chosen.in_allowed_set:
+            state.stopped_early = True
+            state.stop_reason = f"stage 1 answer {chosen.answer!r} is not an admissible modality"
+        elif decision.chosen in (NONE, OTHER):
+            state.stopped_early = True
+            state.stop_reason = (
+                "stage 1: not a medical image (None)" if decision.chosen == NONE
+                else "stage 1: medical image of a modality no card covers (Other)"
+            )
+
+    @staticmethod
+    def _after_stage2(state: _Progress, decision: StageDecision) -> None:
+        # Stage 2 never stops the pipeline; a finding outside the cards' vocabulary is passed
+        # on as written (and flagged in the log), since stage 3 may still judge it.
+        return None
+
+    @staticmethod
+    def _after_stage3(state: _Progress, decision: StageDecision) -> None:
+        chosen = decision.chosen_record
+        if not chosen.in_allowed_set:
+            state.stop_reason = f"stage 3 answer {chosen.answer!r} is not one of the candidate cards"
+        elif decision.chosen == NONE:
+            state.stop_reason = "stage 3: no candidate card fits (None)"
+        else:
+            state.model_card_id = decision.chosen
+
+    def _decision(self, state: _Progress) -> RoutingDecision:
+        return RoutingDecision(
+            input=str(state.item.path),
+            reference=state.item.reference,
+            backend=self._backend_identity,
+            cutoffs=self.cutoffs.as_dict(),
+            stages=tuple(state.stages),
+            stopped_early=state.stopped_early,
+            stop_reason=state.stop_reason,
+            model_card_id=state.model_card_id,
+            seconds=sum(s.seconds for s in state.stages),
+            error=state.error,
+        )

@@ -1,0 +1,12 @@
+"""MONAI Deploy operators that wrap the onevlm core for an application package.
+
+These operators are thin: the routing logic lives in :mod:`onevlm` (which never imports
+``monai.deploy``); here it is only adapted to the MONAI Deploy App SDK 4.x operator API.
+
+Research use only: nothing these operators emit or write is for clinical use.
+"""
+
+from operators.router_operator import RouterOperator
+from operators.routing_report_writer import RoutingReportWriterOperator
+
+__all__ = ["RouterOperator", "RoutingReportWriterOperator"]

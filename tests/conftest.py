@@ -1,0 +1,95 @@
+"""Shared fixtures. Every test builds what it needs in a temp dir; models load offline."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "dicom_samples"
+CARDS = REPO / "model_cards"
+
+
+def pydicom_file(name: str) -> Path:
+    """A file from pydicom's test data or pydicom-data, never downloaded."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.fail(f"pydicom test file {name} is not installed (pydicom-data is a dev dependency)")
+    return Path(path)
+
+
+def write_card(folder: Path, number: int, modality: str, caption: str, findings: list[str],
+               codes: list[str], body_parts: list[str], task_type: str = "classification") -> Path:
+    """Write one valid card YAML file (for tests that need their own small repository)."""
+    path = folder / f"MODEL_{number:02d}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        id: MODEL_{number:02d}
+        modality: {modality}
+        task_caption: {caption}
+        task_type: {task_type}
+        findings: [{', '.join(findings)}]
+        specialty: radiology
+        intended_use: Research triage of {modality} images.
+        out_of_scope: Clinical diagnosis.
+        training_data:
+          - name: Example dataset
+            citation: "Author A. Title. Journal. 2020."
+        metrics: []
+        dicom:
+          modalities: [{', '.join(codes)}]
+          body_parts: [{', '.join(body_parts)}]
+        """))
+    return path
+
+
+@pytest.fixture()
+def small_cards(tmp_path: Path) -> Path:
+    """A six-card repository with known modalities and captions."""
+    folder = tmp_path / "cards"
+    folder.mkdir()
+    write_card(folder, 1, "brain CT scan", "Detects intracranial hemorrhage in non-contrast head CT slices.",
+               ["intracranial hemorrhage", "normal"], ["CT"], ["HEAD", "BRAIN"])
+    write_card(folder, 2, "brain CT scan", "Segments ischemic stroke lesions in head CT.",
+               ["ischemic stroke"], ["CT"], ["HEAD", "BRAIN"], task_type="segmentation")
+    write_card(folder, 3, "brain MRI scan", "Classifies brain tumor types in T1-weighted MRI slices.",
+               ["glioma", "meningioma", "normal"], ["MR"], ["HEAD", "BRAIN"])
+    write_card(folder, 4, "kidney MRI scan", "Segments kidneys and renal tumors in abdominal MRI.",
+               ["renal tumor"], ["MR"], ["KIDNEY", "ABDOMEN"], task_type="segmentation")
+    write_card(folder, 5, "chest X-ray scan", "Classifies pneumonia versus normal in chest radiographs.",
+               ["pneumonia", "normal"], ["CR", "DX"], ["CHEST"])
+    write_card(folder, 6, "liver CT scan", "Segments liver tumors in contrast-enhanced abdominal CT.",
+               ["liver tumor"], ["CT"], ["LIVER", "ABDOMEN"], task_type="segmentation")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The bundled all-MiniLM-L6-v2 sentence encoder, loaded once per test session."""
+    from onevlm.backends.embedded.text_encoder import shared_encoder
+
+    return shared_encoder()
+
+
+@pytest.fixture(scope="session")
+def shipped_cards():
+    from onevlm.cards import CardRepository
+
+    return CardRepository.load(CARDS)
+
+
+@pytest.fixture(scope="session")
+def embedded_router(shipped_cards, encoder):
+    """The default router: shipped cards + embedded backend, no cutoffs."""
+    from onevlm.backends.embedded import EmbeddedBackend
+    from onevlm.router import Router
+
+    return Router(shipped_cards, EmbeddedBackend(shipped_cards, encoder=encoder))

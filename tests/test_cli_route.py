@@ -1,0 +1,135 @@
+"""`onevlm route` and `onevlm router evaluate` end to end on real DICOM files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from onevlm.cli import main
+from onevlm.router import read_log
+
+from conftest import REPO, SAMPLES, pydicom_file
+
+REQUIRED_KEYS = {"input", "stages", "stopped_early", "model_card_id"}
+
+
+@pytest.fixture()
+def study(tmp_path):
+    """A folder of real samples plus a corrupt file and a non-image object."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for name in ("ct_head_routine_brain.dcm", "cr_chest_j2k.dcm", "rt_plan.dcm", "mr_abdomen_liver.dcm"):
+        shutil.copy(SAMPLES / name, folder / name)
+    (folder / "b_corrupt.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x01" * 40)
+    return folder
+
+
+def test_route_json_records_and_bad_input(study, tmp_path, capsys):
+    log = tmp_path / "decisions.jsonl"
+    code = main(["route", str(study), "--json", "--log", str(log)])
+    captured = capsys.readouterr()
+    assert code == 1  # one input failed
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert len(records) == 5  # the others went on
+    by_file = {r["reference"]["file"]: r for r in records}
+    for record in records:
+        assert REQUIRED_KEYS <= set(record)
+        for stage in record["stages"]:
+            assert {"stage", "candidates", "chosen", "index", "raw"} <= set(stage)
+            assert stage["index"] in ("FIRST", "SECOND")
+            assert all({"answer", "p"} <= set(c) for c in stage["candidates"])
+    bad = by_file["b_corrupt.dcm"]
+    assert "b_corrupt.dcm" in bad["error"] and bad["model_card_id"] is None and bad["stages"] == []
+    assert "b_corrupt.dcm" in captured.err
+    head = by_file["ct_head_routine_brain.dcm"]
+    assert head["stages"][0]["chosen"] == "brain CT scan" and head["model_card_id"].startswith("MODEL_")
+    assert [s["stage"] for s in head["stages"]] == [1, 2, 3]
+    plan = by_file["rt_plan.dcm"]
+    assert plan["stages"][0]["chosen"] == "None" and plan["stopped_early"] and plan["model_card_id"] is None
+    assert by_file["mr_abdomen_liver.dcm"]["stages"][0]["chosen"] == "Other"
+    # the decision log holds the same records
+    assert [r["input"] for r in read_log(log)] == [r["input"] for r in records]
+
+
+def test_route_table_output(study, tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    assert main(["route", str(study / "ct_head_routine_brain.dcm"), "--log", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1 (modality" in out and "stage 3 (model_card" in out
+    assert "<- FIRST" in out and "SECOND" in out
+    assert "=> model card: MODEL_" in out
+    assert log.exists()
+
+
+def test_route_with_cutoffs_file(study, tmp_path, capsys):
+    cutoffs = tmp_path / "cutoffs.json"
+    cutoffs.write_text(json.dumps({"1": 0.0, "2": None, "3": None}))  # stage 1 always takes a different runner-up
+    assert main(["route", str(study / "ct_head_routine_brain.dcm"), "--json", "--cutoffs", str(cutoffs), "--log", str(tmp_path / "l")]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["cutoffs"]["1"] == 0.0
+    assert record["stages"][0]["index"] == "SECOND"
+    assert record["stages"][0]["chosen"] == record["stages"][0]["candidates"][1]["answer"]
+
+
+def test_route_reports_a_bad_config(tmp_path, capsys):
+    bad = tmp_path / "cutoffs.json"
+    bad.write_text("{not json")
+    assert main(["route", str(SAMPLES / "rt_plan.dcm"), "--cutoffs", str(bad)]) == 2
+    assert "cutoffs.json" in capsys.readouterr().err
+    assert main(["route", str(SAMPLES / "rt_plan.dcm"), "--cards", str(tmp_path / "no_cards")]) == 2
+    assert "no_cards" in capsys.readouterr().err
+
+
+def test_router_evaluate(tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    rows = [
+        (SAMPLES / "ct_head_routine_brain.dcm", "brain CT scan", "Normal", "MODEL_01"),
+        (SAMPLES / "mr_brain_pilot.dcm", "brain MRI scan", "Normal", "MODEL_07"),
+        (SAMPLES / "cr_chest_j2k.dcm", "chest X-ray scan", "Normal", "MODEL_89"),
+        (SAMPLES / "rt_plan.dcm", "None", "", ""),
+        (SAMPLES / "us_echocardiogram.dcm", "Other", "", ""),
+        (SAMPLES / "us_small_parts_j2k.dcm", "Other", "", ""),
+    ]
+    with labels.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "modality", "finding", "card"])
+        writer.writerows((str(p), m, f, c) for p, m, f, c in rows)
+    out = tmp_path / "eval"
+    assert main(["router", "evaluate", str(labels), "--fit", "-o", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 6
+    # recompute the baseline's stage-1 and final accuracy from its own decision log
+    decisions = list(read_log(out / "decisions_baseline.jsonl"))
+    stage1 = sum(d["stages"][0]["chosen"] == r[1] for d, r in zip(decisions, rows)) / 6
+    final = sum((d["model_card_id"] or "None") == (r[3] or "None") for d, r in zip(decisions, rows)) / 6
+    assert summary["baseline"]["stage_accuracy"]["1"]["accuracy"] == pytest.approx(stage1)
+    assert summary["baseline"]["final_accuracy"] == pytest.approx(final)
+    assert stage1 == pytest.approx(5 / 6)  # the small-parts ultrasound cannot be told apart from its header
+    assert 0 <= summary["baseline"]["ece"] <= 1
+    # in-sample fitted cutoffs never score below the baseline on their own rows
+    for stage, fit in summary["fits"].items():
+        assert summary["cutoff"]["stage_accuracy"][stage]["accuracy"] >= summary["baseline"]["stage_accuracy"][stage]["accuracy"] or stage == "3"
+    with (out / "cutoff_rows.csv").open() as handle:
+        cut_rows = list(csv.DictReader(handle))
+    assert cut_rows and {r["label"] for r in cut_rows} <= {"FIRST", "SECOND"}
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| Stage 1 — Modality |" in (out / "summary.md").read_text()
+    assert "Final accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_console_script_routes_every_sample(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    exe = os.path.join(os.path.dirname(sys.executable), "onevlm")
+    result = subprocess.run([exe, "route", str(SAMPLES), "--json", "--log", str(tmp_path / "log.jsonl")],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == len(list(SAMPLES.glob("*.dcm")))
+    assert all(r["error"] is None for r in records)

@@ -1,0 +1,139 @@
+"""The embedded default backend on real DICOM from pydicom / pydicom-data (no pixels read)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from onevlm.inputs import InputError, load_input
+
+from conftest import SAMPLES, pydicom_file
+
+
+def route(router, path: Path, hint: str | None = None):
+    return router.route(load_input(path, hint=hint))
+
+
+@pytest.mark.parametrize(
+    "name,modality",
+    [
+        ("17106", "brain CT scan"),  # CT HEAD, "CT, HEAD/BRAIN WO CONTRAST"
+        ("J2K_pixelrep_mismatch.dcm", "brain CT scan"),  # CT HEAD, JPEG 2000
+        ("4950", "brain MRI scan"),  # MR, study "Brain"
+        ("emri_small.dcm", "brain MRI scan"),  # enhanced MR, HEAD
+        ("RG1_J2KI.dcm", "chest X-ray scan"),  # CR CHEST
+        ("explicit_VR-UN.dcm", "abdominal CT scan"),  # CT PANCREAS
+    ],
+)
+def test_routes_real_images_to_their_modality(embedded_router, name, modality):
+    decision = route(embedded_router, pydicom_file(name))
+    assert decision.error is None
+    assert decision.modality == modality
+    s1 = decision.stages[0]
+    assert s1.confidence > 0.5
+    assert s1.evidence["pixels_read"] is False
+    assert s1.evidence["header"]["Modality"]  # says which evidence it used
+    assert decision.model_card_id is not None
+    card = embedded_router.cards.get(decision.model_card_id)
+    assert card.modality == modality  # stage 3 chose among that modality's cards
+    assert decision.stages[2].chosen_record.justification
+
+
+@pytest.mark.parametrize("name", ["rtplan.dcm", "reportsi.dcm", "test-SR.dcm", "waveform_ecg.dcm", "rtdose.dcm", "liver.dcm"])
+def test_non_image_objects_stop_at_none(embedded_router, name):
+    decision = route(embedded_router, pydicom_file(name))
+    assert decision.error is None
+    assert [s.chosen for s in decision.stages] == ["None"]
+    assert decision.stopped_early and decision.model_card_id is None
+    assert decision.stages[0].evidence["non_image"]
+
+
+@pytest.mark.parametrize(
+    "name,why",
+    [
+        ("RG3_J2KI.dcm", "extremity"),  # CR of a femur: no card covers bone X-ray
+        ("examples_overlay.dcm", "liver"),  # MR abdomen^liver: no liver MRI card
+        ("color-pl.dcm", "heart"),  # echocardiogram
+        ("OBXXXX1A_rle.dcm", "uterus"),  # obstetric ultrasound
+        ("JPEG2000.dcm", "NM"),  # nuclear medicine: no card accepts NM
+    ],
+)
+def test_medical_images_no_card_covers_stop_at_other(embedded_router, name, why):
+    decision = route(embedded_router, pydicom_file(name))
+    assert decision.modality == "Other"
+    assert decision.stopped_early
+    assert why in decision.stages[0].evidence["reasons"]["Other"]
+
+
+def test_probabilities_are_a_distribution(embedded_router):
+    for path in sorted(SAMPLES.glob("*.dcm")):
+        decision = route(embedded_router, path)
+        for stage in decision.stages:
+            ps = [c.p for c in stage.candidates]
+            assert ps == sorted(ps, reverse=True)
+            assert 0 < sum(ps) <= 1.0 + 1e-9
+            assert stage.evidence["temperature"] > 0
+
+
+def test_no_finding_text_means_low_confidence_normal(embedded_router):
+    decision = route(embedded_router, pydicom_file("emri_small.dcm"))
+    s2 = decision.stages[1]
+    assert s2.chosen == "Normal"
+    assert s2.confidence < 0.1  # no evidence either way, and it says so
+    assert "no evidence" in s2.evidence["note"]
+
+
+def test_a_finding_named_in_the_header_reaches_stage3(embedded_router, tmp_path):
+    ds = pydicom.dcmread(pydicom_file("17106"))
+    ds.StudyDescription = "CT HEAD WO CONTRAST"
+    ds.ReasonForStudy = "suspected subdural hemorrhage after fall"
+    path = tmp_path / "ct_head_sdh.dcm"
+    ds.save_as(path)
+    decision = route(embedded_router, path)
+    assert decision.modality == "brain CT scan"
+    assert decision.finding == "subdural hemorrhage"
+    assert "ReasonForStudy" in decision.stages[1].evidence["support"]["subdural hemorrhage"]
+    card = embedded_router.cards.get(decision.model_card_id)
+    assert "subdural hemorrhage" in card.findings
+
+
+def test_png_without_hint_is_other_with_low_confidence(embedded_router, tmp_path):
+    png = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8")).save(png)
+    decision = route(embedded_router, png)
+    assert decision.modality == "Other" and decision.stopped_early
+    assert decision.stages[0].confidence < 0.2
+    assert decision.stages[0].evidence["pixels_read"] is False
+    hinted = route(embedded_router, png, hint="Chest X-ray scan")
+    assert hinted.modality == "chest X-ray scan"
+    assert "user hint" in hinted.stages[0].evidence["source"]
+    unknown = route(embedded_router, png, hint="elbow arthrogram")
+    assert unknown.modality == "Other"
+    assert "matches no admissible modality" in unknown.stages[0].evidence["source"]
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    corrupt = tmp_path / "corrupt.dcm"
+    corrupt.write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff" + b"garbage" * 10)
+    with pytest.raises(InputError, match="corrupt.dcm"):
+        load_input(corrupt)
+    random_bytes = tmp_path / "notes.bin"
+    random_bytes.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(InputError, match="notes.bin: neither a DICOM file nor a supported image"):
+        load_input(random_bytes)
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match="empty.dcm: empty file"):
+        load_input(empty)
+    with pytest.raises(InputError, match="missing.dcm: no such file"):
+        load_input(tmp_path / "missing.dcm")
+    broken_png = tmp_path / "broken.png"
+    shutil.copy(pydicom_file("17106"), broken_png)
+    broken_png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    with pytest.raises(InputError, match="broken.png"):
+        load_input(broken_png)
