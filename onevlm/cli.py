@@ -80,7 +80,7 @@ def _backend_options(args: argparse.Namespace) -> dict:
         if not args.model:
             raise SystemExit("error: --backend transformers needs --model DIR (a local model folder)")
         options.update(model_dir=args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                       engine=args.engine, answer_mode=args.answer_mode)
+                       attn_implementation=args.attn, engine=args.engine, answer_mode=args.answer_mode)
     return options
 
 
@@ -118,6 +118,18 @@ def _print_decision(decision, stream=None) -> None:
     conf = decision.confidence
     extra = f"  ({decision.stop_reason})" if decision.stop_reason else ""
     print(f"  => model card: {outcome}" + (f"  confidence {conf:.4f}" if conf is not None else "") + extra, file=stream)
+
+
+def cmd_synth_model(args: argparse.Namespace) -> int:
+    from onevlm.vlm.synthetic import SIZES, build_synthetic_model
+
+    if args.size not in SIZES:
+        print(f"error: unknown size {args.size!r}; choose one of {', '.join(SIZES)}", file=sys.stderr)
+        return 2
+    cards = _cards(args) if args.cards else None
+    out = build_synthetic_model(args.size, args.out_dir, cards=cards, seed=args.seed)
+    print(f"synthetic {args.size} model written to {out} (random weights: tests and benchmarks only)")
+    return 0
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -234,7 +246,9 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (transformers)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--quantize", choices=("none", "nf4"), default="none", help="load the VLM in 4-bit NF4")
-    p.add_argument("--engine", choices=("fast", "naive"), default="fast", help="transformers engine")
+    p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation (transformers)")
+    p.add_argument("--engine", choices=("fast", "naive"), default="fast",
+                   help="fast: image encoded once, batched prefill, both branches decoded together; naive: reference")
     p.add_argument("--answer-mode", choices=("free", "options"), default="free",
                    help="free: paper's top-2 first tokens; options: score every admissible answer")
     p.add_argument("--text-model", help="sentence-transformers folder for the embedded backend")
@@ -261,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON record per input")
     p.add_argument("--hint", help="modality hint for PNG/JPEG inputs (e.g. 'chest X-ray scan')")
     p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("synth-model", help="write a synthetic Gemma 3 (MedGemma-architecture) model folder")
+    p.add_argument("size", help="tiny (tests), small (CPU benchmark) or medgemma-4b-shape (GPU benchmark)")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cards", help="cards whose texts the tokenizer covers (default: model_cards/)")
+    p.set_defaults(func=cmd_synth_model)
 
     cards = sub.add_parser("cards", help="model-card repository").add_subparsers(dest="cards_command", required=True)
     p = cards.add_parser("validate", help="check every card against the schema")

@@ -1,0 +1,1 @@
+"""The VLM role: loading local image-text-to-text models, decoding engines, synthetic models."""

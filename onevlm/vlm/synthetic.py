@@ -1,0 +1,266 @@
+"""Synthetic image-text-to-text models, built offline, with MedGemma's architecture (Gemma 3).
+
+No weights can be downloaded here, so tests and benchmarks use complete model folders written
+by :func:`build_synthetic_model`: a ``Gemma3ForConditionalGeneration`` config and random
+weights, a word-level tokenizer built with ``tokenizers`` whose vocabulary covers the router's
+prompts, modality strings, findings and card IDs, a Gemma 3 image processor and a Gemma 3 chat
+template. The folder loads through the same ``AutoProcessor`` / ``AutoModelForImageTextToText``
+path as a real MedGemma-4B-it checkout.
+
+Sizes
+-----
+``tiny``
+    Unit tests: under 1 MB, 64-wide layers (multiples of 64, so bitsandbytes NF4 works on CPU).
+``small``
+    CPU benchmark: about 25 M parameters, 224² images, 64 image tokens.
+``medgemma-4b-shape``
+    MedGemma-4B-it's real architecture: SigLIP-400M at 896² → 256 image tokens and the Gemma 3
+    4B text model (34 layers, 2560 wide, vocabulary 262 208). Random weights, about 8.6 GB in
+    bf16: for the GPU benchmark only, never built in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from onevlm.cards.repository import CardRepository
+
+logger = logging.getLogger(__name__)
+
+PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+BOI, EOI, IMAGE_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+SPECIAL_TOKENS = [PAD, EOS, BOS, UNK, START_OF_TURN, END_OF_TURN, BOI, EOI, IMAGE_TOKEN]
+NEWLINE = "\n"
+
+#: Gemma 3's chat template: the system turn is folded into the first user turn.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class SyntheticSize:
+    """Architecture of one named synthetic size."""
+
+    text_hidden: int
+    text_intermediate: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    head_dim: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    image_size: int
+    patch_size: int
+    mm_tokens_per_image: int
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
+    sliding_window: int = 512
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+
+
+SIZES: dict[str, SyntheticSize] = {
+    # Peaked random logits (larger init) keep greedy decoding away from float near-ties.
+    "tiny": SyntheticSize(64, 128, 2, 2, 1, 32, 64, 128, 1, 2, 32, 8, 4, initializer_range=0.2, dtype="bfloat16"),
+    "small": SyntheticSize(512, 2048, 4, 8, 4, 64, 384, 1536, 4, 6, 224, 14, 64, initializer_range=0.05),
+    "medgemma-4b-shape": SyntheticSize(
+        2560, 10240, 34, 8, 4, 256, 1152, 4304, 27, 16, 896, 14, 256,
+        vocab_size=262_208, sliding_window=1024, dtype="bfloat16",
+    ),
+}
+
+BASE_VOCABULARY = """
+None Other Normal the a an of in and or to is it this that with for as on by at from be are was
+user yes no not only one single answer scan image images medical model models select selected choose
+fits fit matches match because best likely finding findings abnormality disease normal task
+candidate candidates patient details primary modality modalities type list listed justification
+""".split()
+
+
+def corpus(cards: CardRepository) -> list[str]:
+    """Every text the router can send or expect: prompts, modalities, findings, IDs, captions."""
+    from onevlm.router import prompts
+
+    texts = [prompts.SYSTEM_PROMPT, prompts.stage1_prompt(cards.modalities).user, prompts.stage2_prompt().user]
+    for modality in cards.modalities:
+        members = cards.by_modality(modality)
+        texts.append(prompts.stage3_prompt(modality, "Normal", [(c.id, c.task_caption) for c in members]).user)
+    texts += list(cards.modalities) + list(cards.findings) + [c.id + ": " + c.task_caption for c in cards]
+    texts += BASE_VOCABULARY + [f"{i:02d}" for i in range(1000)] + [str(i) for i in range(10)]
+    return texts
+
+
+def answer_phrases(cards: CardRepository) -> list[str]:
+    """Whole answers the router expects: modalities, findings, card IDs, None, Other, Normal."""
+    return list(dict.fromkeys([*cards.modalities, *cards.findings, *(c.id for c in cards), "None", "Other", "Normal"]))
+
+
+def build_tokenizer(texts: Iterable[str], phrases: Iterable[str] = ()):
+    """A word-level fast tokenizer whose vocabulary covers ``texts`` exactly (decode is lossless).
+
+    Each of ``phrases`` also becomes one token of its own, so that a random model's first token
+    can be a whole admissible answer and every router path (in-set answers, stage 3) runs.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"), pre_tokenizers.Punctuation("isolated")]
+    )
+    vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab[NEWLINE] = len(vocab)
+    for text in texts:
+        for segment in text.split(NEWLINE):
+            for piece, _ in pre.pre_tokenize_str(segment):
+                vocab.setdefault(piece, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    # Added tokens are matched before pre-tokenization, so "<start_of_turn>" and "\n" stay whole.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    backend.add_tokens([AddedToken(NEWLINE, special=False, normalized=False)])
+    backend.add_tokens([AddedToken(p, special=False, normalized=False) for p in phrases])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        extra_special_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE_TOKEN},
+        padding_side="left",
+        model_max_length=131_072,
+    )
+
+
+def build_synthetic_model(
+    size: str,
+    out_dir: str | Path,
+    cards: CardRepository | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a complete, loadable synthetic model folder.
+
+    Parameters
+    ----------
+    size:
+        ``tiny``, ``small`` or ``medgemma-4b-shape``.
+    out_dir:
+        Target folder (created; existing model files are overwritten).
+    cards:
+        Card repository whose texts the tokenizer must cover (default: the shipped cards).
+    seed:
+        Seed for the random weights (same seed, same model).
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown synthetic size {size!r}; choose one of {', '.join(SIZES)}")
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
+
+    spec = SIZES[size]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cards is None:
+        from onevlm.cards.repository import default_cards_dir
+
+        cards = CardRepository.load(default_cards_dir())
+    tokenizer = build_tokenizer(corpus(cards), answer_phrases(cards))
+    vocab_size = spec.vocab_size or len(tokenizer)
+    if vocab_size < len(tokenizer):
+        raise ValueError("vocabulary smaller than the tokenizer")
+    ids = tokenizer.convert_tokens_to_ids
+    config = Gemma3Config(
+        text_config={
+            "model_type": "gemma3_text",
+            "vocab_size": vocab_size,
+            "hidden_size": spec.text_hidden,
+            "intermediate_size": spec.text_intermediate,
+            "num_hidden_layers": spec.text_layers,
+            "num_attention_heads": spec.text_heads,
+            "num_key_value_heads": spec.text_kv_heads,
+            "head_dim": spec.head_dim,
+            "query_pre_attn_scalar": spec.head_dim,
+            "sliding_window": spec.sliding_window,
+            "max_position_embeddings": 131_072,
+            "initializer_range": spec.initializer_range,
+            "pad_token_id": ids(PAD),
+            "bos_token_id": ids(BOS),
+            "eos_token_id": [ids(EOS), ids(END_OF_TURN)],
+        },
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": spec.vision_hidden,
+            "intermediate_size": spec.vision_intermediate,
+            "num_hidden_layers": spec.vision_layers,
+            "num_attention_heads": spec.vision_heads,
+            "image_size": spec.image_size,
+            "patch_size": spec.patch_size,
+            "vision_use_head": False,
+        },
+        mm_tokens_per_image=spec.mm_tokens_per_image,
+        boi_token_index=ids(BOI),
+        eoi_token_index=ids(EOI),
+        image_token_index=ids(IMAGE_TOKEN),
+        initializer_range=spec.initializer_range,
+    )
+    torch.manual_seed(seed)
+    dtype = getattr(torch, spec.dtype)
+    with torch.device("cpu"):
+        model = Gemma3ForConditionalGeneration(config)
+        # transformers initialises the vision->text projection to zeros (real checkpoints overwrite
+        # it); a synthetic model left so would ignore its images entirely.
+        projection = model.model.multi_modal_projector.mm_input_projection_weight
+        torch.nn.init.normal_(projection, std=spec.vision_hidden ** -0.5)
+        model = model.to(dtype)
+    model.generation_config.eos_token_id = [ids(EOS), ids(END_OF_TURN)]
+    model.generation_config.pad_token_id = ids(PAD)
+    model.generation_config.bos_token_id = ids(BOS)
+    model.generation_config.do_sample = False
+    model.save_pretrained(out, safe_serialization=True)
+
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": spec.image_size, "width": spec.image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_pan_and_scan=False,
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=spec.mm_tokens_per_image,
+    )
+    processor.save_pretrained(out)
+    (out / "onevlm_synthetic.json").write_text(
+        json.dumps({"size": size, "seed": seed, "parameters": sum(p.numel() for p in model.parameters()),
+                    "note": "random weights: for tests and benchmarks only"}, indent=2)
+    )
+    logger.info("wrote synthetic %s model to %s", size, out)
+    return out
