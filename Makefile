@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 # holoscan (MONAI Deploy) wants a large stack; harmless for everything else.
 RUN    := ulimit -s 32768 2>/dev/null; HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: demo test install install-dev route-samples clean
+.PHONY: demo test install install-dev clean device-wheels bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ demo: install
 ## test: the whole pytest suite (slow end-to-end tests included)
 test: install-dev
 	$(RUN) $(BIN)/python -m pytest -q
+
+## bench: the CPU benchmarks (numbers go to bench/RESULTS.md by hand, with the date)
+bench: install
+	$(RUN) $(BIN)/python bench/router_bench.py --size small --images 16 --repeat 3
+	$(RUN) $(BIN)/python bench/embedded_router_bench.py --repeat 5
+
+## device-wheels: wheels the GPU machine lacks, for bench/gpu_check.sh (carried as .device/)
+device-wheels: install
+	mkdir -p .device/wheels
+	$(PIP) download --no-deps -d .device/wheels bitsandbytes==0.50.2 pydicom==3.0.2
 
 clean:
 	rm -rf out .pytest_cache

@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--model", help="an existing model folder (default: build the synthetic size)")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8, help="images per batch for the fast engine")
+    parser.add_argument("--naive-images", type=int, help="images for the naive engine (default: --images); "
+                        "its rate is images/s either way, and answers are compared on the common images")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
@@ -112,13 +114,17 @@ def main() -> None:
             route_all(backend, paths[:2], requests, args.batch)
         rates: dict[str, list[float]] = {"naive": [], "fast": []}
         outputs = {}
+        counts = {"naive": min(args.naive_images or args.images, args.images), "fast": args.images}
+        engines["fast"].engine.stats = type(engines["fast"].engine.stats)()
         for _ in range(args.repeat):
             for name, backend in engines.items():
                 started = time.perf_counter()
-                outputs[name] = route_all(backend, paths, requests, args.batch if name == "fast" else 1)
-                rates[name].append(args.images / (time.perf_counter() - started))
-    same = [[[t for t, _ in s] for s in item] for item in outputs["naive"]] == \
-        [[[t for t, _ in s] for s in item] for item in outputs["fast"]]
+                outputs[name] = route_all(backend, paths[:counts[name]], requests, args.batch if name == "fast" else 1)
+                rates[name].append(counts[name] / (time.perf_counter() - started))
+        stats = engines["fast"].engine.stats.as_dict()
+    common = counts["naive"]
+    same = [[[t for t, _ in s] for s in item] for item in outputs["naive"][:common]] == \
+        [[[t for t, _ in s] for s in item] for item in outputs["fast"][:common]]
     naive, fast = statistics.median(rates["naive"]), statistics.median(rates["fast"])
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -135,6 +141,8 @@ def main() -> None:
         "fast_images_per_s": round(fast, 3),
         "ratio_fast_over_naive": round(fast / naive, 2),
         "same_answers": same,
+        "naive_images": counts["naive"],
+        "fast_engine_stats": stats,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
@@ -143,6 +151,8 @@ def main() -> None:
     print(f"  naive: {naive:8.3f} images/s   (runs: {', '.join(f'{r:.3f}' for r in rates['naive'])})")
     print(f"  fast : {fast:8.3f} images/s   (runs: {', '.join(f'{r:.3f}' for r in rates['fast'])}, batch {args.batch})")
     print(f"  ratio fast/naive: {fast / naive:.2f}x   same answers in both engines: {same}")
+    print(f"  fast engine: {stats['decode_steps']} decode steps, {1000 * stats['seconds_per_decode_step']:.2f} ms/step, "
+          f"prefill {stats['prefill_seconds']:.2f} s, decode {stats['decode_seconds']:.2f} s (all runs)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

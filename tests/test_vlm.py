@@ -237,3 +237,18 @@ def test_cli_synth_model_then_route(tmp_path):
     bad = subprocess.run([exe, "route", "--backend", "transformers", "--model", str(tmp_path / "missing"), inputs[0]],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "model folder not found" in bad.stderr
+
+
+def test_medgemma_4b_shape_config(shipped_cards):
+    """The GPU benchmark's model has MedGemma-4B-it's architecture (checked on the meta device)."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    from onevlm.vlm.synthetic import SIZES, answer_phrases, build_tokenizer, corpus, synthetic_config
+
+    spec = SIZES["medgemma-4b-shape"]
+    config = synthetic_config(spec, build_tokenizer(corpus(shipped_cards), answer_phrases(shipped_cards)), spec.vocab_size)
+    with torch.device("meta"):
+        model = Gemma3ForConditionalGeneration(config)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(4.30e9, rel=0.01)
+    assert config.mm_tokens_per_image == 256 and config.vision_config.image_size == 896
+    assert config.text_config.num_hidden_layers == 34 and config.text_config.hidden_size == 2560

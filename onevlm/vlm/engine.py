@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -55,6 +56,28 @@ class ScoredOption:
     index: int
     p: float
     sequence_logprob: float
+
+
+@dataclass
+class EngineStats:
+    """Where the fast engine's time goes (for benchmarks): prefill versus decode steps."""
+
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    prompts: int = 0
+    calls: int = field(default=0)
+
+    def as_dict(self) -> dict[str, float]:
+        per_step = self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
+        return {"prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds,
+                "decode_steps": self.decode_steps, "seconds_per_decode_step": per_step,
+                "prompts": self.prompts, "calls": self.calls}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class ModelAdapter:
@@ -140,6 +163,7 @@ class FastEngine:
 
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
+        self.stats = EngineStats()
 
     @torch.inference_mode()
     def top2(
@@ -153,6 +177,7 @@ class FastEngine:
         ``features[i]`` are the image features of prompt ``i`` (``None`` for text-only prompts).
         """
         a = self.adapter
+        started = time.perf_counter()
         ids, mask, image_mask = _left_pad(prompts, a.pad_token_id, a.device)
         feats = [f for f in features if f is not None]
         all_features = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]) if feats else None
@@ -165,6 +190,8 @@ class FastEngine:
         top = torch.topk(logprobs, 2, dim=-1)  # (B, 2)
 
         batch = len(prompts)
+        _sync(a.device)
+        prefilled = time.perf_counter()
         cache.batch_repeat_interleave(2)
         tokens = top.indices.reshape(-1)  # (2B,): item 0 first, item 0 second, item 1 first…
         scores = top.values.reshape(-1).clone()
@@ -173,9 +200,11 @@ class FastEngine:
         generated = [[int(t)] for t in tokens]
         done = torch.tensor([int(t) in a.eos_token_ids for t in tokens], device=a.device)
         current = tokens
+        steps = 0
         for _ in range(max_new_tokens - 1):
             if bool(done.all()):
                 break
+            steps += 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             logits, cache = a.forward(input_ids=current.unsqueeze(-1), attention_mask=mask, position_ids=next_pos,
                                       cache=cache)
@@ -189,6 +218,13 @@ class FastEngine:
             current = torch.where(live, nxt, torch.full_like(nxt, a.pad_token_id))
             next_pos = next_pos + 1
 
+        _sync(a.device)
+        finished = time.perf_counter()
+        self.stats.prefill_seconds += prefilled - started
+        self.stats.decode_seconds += finished - prefilled
+        self.stats.decode_steps += steps
+        self.stats.prompts += batch
+        self.stats.calls += 1
         first_p = top.values.exp()
         results = []
         for item in range(batch):

@@ -155,48 +155,12 @@ def build_tokenizer(texts: Iterable[str], phrases: Iterable[str] = ()):
     )
 
 
-def build_synthetic_model(
-    size: str,
-    out_dir: str | Path,
-    cards: CardRepository | None = None,
-    seed: int = 0,
-) -> Path:
-    """Write a complete, loadable synthetic model folder.
+def synthetic_config(spec: SyntheticSize, tokenizer, vocab_size: int):
+    """The ``Gemma3Config`` of a synthetic size, with the tokenizer's special-token ids."""
+    from transformers import Gemma3Config
 
-    Parameters
-    ----------
-    size:
-        ``tiny``, ``small`` or ``medgemma-4b-shape``.
-    out_dir:
-        Target folder (created; existing model files are overwritten).
-    cards:
-        Card repository whose texts the tokenizer must cover (default: the shipped cards).
-    seed:
-        Seed for the random weights (same seed, same model).
-
-    Returns
-    -------
-    Path
-        ``out_dir``.
-    """
-    if size not in SIZES:
-        raise ValueError(f"unknown synthetic size {size!r}; choose one of {', '.join(SIZES)}")
-    import torch
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
-
-    spec = SIZES[size]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cards is None:
-        from onevlm.cards.repository import default_cards_dir
-
-        cards = CardRepository.load(default_cards_dir())
-    tokenizer = build_tokenizer(corpus(cards), answer_phrases(cards))
-    vocab_size = spec.vocab_size or len(tokenizer)
-    if vocab_size < len(tokenizer):
-        raise ValueError("vocabulary smaller than the tokenizer")
     ids = tokenizer.convert_tokens_to_ids
-    config = Gemma3Config(
+    return Gemma3Config(
         text_config={
             "model_type": "gemma3_text",
             "vocab_size": vocab_size,
@@ -230,15 +194,62 @@ def build_synthetic_model(
         image_token_index=ids(IMAGE_TOKEN),
         initializer_range=spec.initializer_range,
     )
+
+
+def build_synthetic_model(
+    size: str,
+    out_dir: str | Path,
+    cards: CardRepository | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Path:
+    """Write a complete, loadable synthetic model folder.
+
+    Parameters
+    ----------
+    size:
+        ``tiny``, ``small`` or ``medgemma-4b-shape``.
+    out_dir:
+        Target folder (created; existing model files are overwritten).
+    cards:
+        Card repository whose texts the tokenizer must cover (default: the shipped cards).
+    seed:
+        Seed for the random weights (same seed, same model on the same device).
+    device:
+        Where to initialise the weights (``cuda`` makes the 4B shape quick to build on a GPU).
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown synthetic size {size!r}; choose one of {', '.join(SIZES)}")
+    import torch
+    from transformers import Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
+
+    spec = SIZES[size]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cards is None:
+        from onevlm.cards.repository import default_cards_dir
+
+        cards = CardRepository.load(default_cards_dir())
+    tokenizer = build_tokenizer(corpus(cards), answer_phrases(cards))
+    vocab_size = spec.vocab_size or len(tokenizer)
+    if vocab_size < len(tokenizer):
+        raise ValueError("vocabulary smaller than the tokenizer")
+    config = synthetic_config(spec, tokenizer, vocab_size)
     torch.manual_seed(seed)
     dtype = getattr(torch, spec.dtype)
-    with torch.device("cpu"):
+    with torch.device(device):
         model = Gemma3ForConditionalGeneration(config)
         # transformers initialises the vision->text projection to zeros (real checkpoints overwrite
         # it); a synthetic model left so would ignore its images entirely.
         projection = model.model.multi_modal_projector.mm_input_projection_weight
         torch.nn.init.normal_(projection, std=spec.vision_hidden ** -0.5)
         model = model.to(dtype)
+    ids = tokenizer.convert_tokens_to_ids
     model.generation_config.eos_token_id = [ids(EOS), ids(END_OF_TURN)]
     model.generation_config.pad_token_id = ids(PAD)
     model.generation_config.bos_token_id = ids(BOS)
