@@ -1,0 +1,108 @@
+"""Codes for the router's answers: standard ones where DICOM/SNOMED CT has them, else ``99ONEVLM``.
+
+Private codes are stable: the code value is derived from the text (a short hash), so the same
+modality string, finding or card gets the same code in every report. The scheme is declared in
+each object's Coding Scheme Identification Sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+
+SCHEME = "99ONEVLM"
+SCHEME_NAME = "onevlm router concepts (private, research use only)"
+
+#: Concept names of the routing report's content items.
+MODALITY_CONCEPT = CodedConcept("RTR-MODALITY", SCHEME, "Imaging modality (router stage 1)")
+FINDING_CONCEPT = CodedConcept("RTR-FINDING", SCHEME, "Primary finding (router stage 2)")
+CARD_CONCEPT = CodedConcept("RTR-CARD", SCHEME, "Selected model card (router stage 3)")
+OUTCOME_CONCEPT = CodedConcept("RTR-OUTCOME", SCHEME, "Routing outcome")
+CONFIDENCE_CONCEPT = CodedConcept("RTR-CONF", SCHEME, "Router confidence")
+STAGE_CONFIDENCE_CONCEPTS = {
+    stage: CodedConcept(f"RTR-CONF-S{stage}", SCHEME, f"Router confidence, stage {stage}") for stage in (1, 2, 3)
+}
+BOX_FINDING_CONCEPT = CodedConcept("RTR-BOX", SCHEME, "Detected region (specialty model)")
+UNITLESS = CodedConcept("1", "UCUM", "no units")
+
+OUTCOME_ROUTED = CodedConcept("RTR-ROUTED", SCHEME, "Routed to a model card")
+OUTCOME_NOT_MEDICAL = CodedConcept("RTR-STOP-NONE", SCHEME, "Stopped early: not a medical image")
+OUTCOME_NOT_COVERED = CodedConcept("RTR-STOP-OTHER", SCHEME, "Stopped early: no card covers the modality")
+OUTCOME_OUT_OF_SET = CodedConcept("RTR-STOP-OOS", SCHEME, "Stopped: answer outside the admissible set")
+OUTCOME_NO_CARD = CodedConcept("RTR-NO-CARD", SCHEME, "No candidate model card fits")
+
+ANSWER_NONE = CodedConcept("RTR-NONE", SCHEME, "None")
+ANSWER_OTHER = CodedConcept("RTR-OTHER", SCHEME, "Other")
+
+
+def scheme_item() -> CodingSchemeIdentificationItem:
+    """The Coding Scheme Identification item declaring ``99ONEVLM``."""
+    return CodingSchemeIdentificationItem(designator=SCHEME, name=SCHEME_NAME, responsible_organization="onevlm")
+
+
+def _meaning(text: str) -> str:
+    # Code Meaning is LO: at most 64 characters.
+    text = " ".join(text.split())
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+def private_code(kind: str, text: str) -> CodedConcept:
+    """A stable private code: value ``<KIND>-<hash>`` (at most 16 characters), meaning ``text``."""
+    digest = hashlib.sha1(text.strip().lower().encode("utf-8")).hexdigest()[:10].upper()
+    return CodedConcept(f"{kind[:4]}-{digest}", SCHEME, _meaning(text))
+
+
+def _keyword(text: str) -> str:
+    return "".join(word.capitalize() for word in re.findall(r"[A-Za-z0-9]+", text))
+
+
+def standard_sct(text: str) -> CodedConcept | None:
+    """The SNOMED CT code DICOM's code tables give this text's name, if any (``Normal``, ``Mass``…)."""
+    keyword = _keyword(text)
+    if not keyword:
+        return None
+    try:
+        code = getattr(codes.SCT, keyword)
+    except AttributeError:
+        return None
+    return CodedConcept(code.value, code.scheme_designator, code.meaning)
+
+
+def modality_answer_code(answer: str) -> CodedConcept:
+    """Stage 1's answer: a modality string (private code), ``None`` or ``Other``."""
+    if answer == "None":
+        return ANSWER_NONE
+    if answer == "Other":
+        return ANSWER_OTHER
+    return private_code("MOD", answer)
+
+
+def finding_code(answer: str) -> CodedConcept:
+    """Stage 2's answer: SNOMED CT where DICOM's tables name it (e.g. Normal 17621005), else private."""
+    return standard_sct(answer) or private_code("FND", answer)
+
+
+def card_code(card_id: str, caption: str | None = None) -> CodedConcept:
+    """Stage 3's answer: the card ID is the code value; the meaning adds the caption."""
+    if card_id == "None":
+        return ANSWER_NONE
+    meaning = f"{card_id}: {caption}" if caption else card_id
+    return CodedConcept(card_id, SCHEME, _meaning(meaning))
+
+
+def acquisition_modality_code(dicom_modality: str) -> CodedConcept | None:
+    """CID 29 (Acquisition Modality) code for a DICOM Modality value such as ``CT``."""
+    for keyword in dir(codes.cid29):
+        if keyword.startswith("_"):
+            continue
+        try:
+            code = getattr(codes.cid29, keyword)
+        except AttributeError:
+            continue
+        if getattr(code, "value", None) == dicom_modality:
+            return CodedConcept(code.value, code.scheme_designator, code.meaning)
+    return None

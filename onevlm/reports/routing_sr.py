@@ -1,0 +1,256 @@
+"""The routing result of one series as a TID 1500 Comprehensive 3D SR, built with highdicom.
+
+Content (TID 1500 "Imaging Measurement Report"):
+
+- observation context: the device "onevlm" (version, backend and model identity);
+- procedure reported: the acquisition modality of the source (CID 29);
+- one measurement group "onevlm routing" (TID 1501) with the algorithm identification, the
+  stage answers as coded qualitative evaluations (modality, finding, model card, outcome —
+  early termination is an outcome), the router's confidence and per-stage confidences as
+  numeric measurements, the stage-3 justification and a research-use statement as comments;
+- one planar ROI group (TID 1410) per bounding box: a closed POLYLINE referencing the source
+  image (and frame), with a tracking identifier and UID so viewers (OHIF) can show it.
+
+``VerificationFlag`` is ``UNVERIFIED``; the series description says the result is not for
+clinical use. UIDs are derived from the source series UID, so routing the same series twice
+writes the same SR (a PACS keeps one copy).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from onevlm import __version__
+from onevlm.reports import coding
+from onevlm.router.decision import RoutingDecision
+
+SERIES_DESCRIPTION = "onevlm routing - research use only, not for clinical use"
+RESEARCH_STATEMENT = (
+    "Research use only: not for clinical use. Produced by an automated model-card router (onevlm); "
+    "not verified by a person."
+)
+SR_SERIES_NUMBER = 9901
+GENERIC_IMAGING = CodedConcept("363679005", "SCT", "Imaging")
+DEVICE_UID = generate_uid(entropy_srcs=["onevlm", "device"])
+
+
+@dataclass(frozen=True)
+class ImageBox:
+    """A bounding box on a source image, in pixel coordinates (column x, row y).
+
+    ``frame`` is the 1-based frame number for multi-frame images (``None`` for single-frame).
+    """
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    label: str
+    confidence: float | None = None
+    frame: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.x0 < self.x1 and 0 <= self.y0 < self.y1):
+            raise ValueError(f"box ({self.x0}, {self.y0}, {self.x1}, {self.y1}) must have 0 <= x0 < x1 and 0 <= y0 < y1")
+        if not self.label.strip():
+            raise ValueError("box label must not be empty")
+        if self.confidence is not None and not 0.0 <= self.confidence <= 1.0:
+            raise ValueError(f"box confidence must lie in [0, 1], got {self.confidence}")
+        if self.frame is not None and self.frame < 1:
+            raise ValueError("frame numbers start at 1")
+
+    def polyline(self) -> np.ndarray:
+        """The closed rectangle: five (x, y) points, the first repeated last."""
+        return np.array(
+            [[self.x0, self.y0], [self.x1, self.y0], [self.x1, self.y1], [self.x0, self.y1], [self.x0, self.y0]],
+            dtype=np.float32,
+        )
+
+
+def sr_uids(source_series_uid: str) -> tuple[str, str]:
+    """Deterministic (series, instance) UIDs of the routing SR for a source series."""
+    return (
+        generate_uid(entropy_srcs=[source_series_uid, "onevlm-routing-sr-series"]),
+        generate_uid(entropy_srcs=[source_series_uid, "onevlm-routing-sr-instance"]),
+    )
+
+
+def _model_name(backend: dict) -> str:
+    if backend.get("backend") == "transformers":
+        name = f"transformers {backend.get('model_class', '')} {str(backend.get('model_dir', '')).rstrip('/').split('/')[-1]}"
+    else:
+        name = f"{backend.get('backend', 'unknown')} backend"
+    return name.strip()[:64]
+
+
+def _outcome(decision: RoutingDecision) -> CodedConcept:
+    if decision.model_card_id:
+        return coding.OUTCOME_ROUTED
+    first = decision.stages[0] if decision.stages else None
+    if first is not None and not first.chosen_record.in_allowed_set:
+        return coding.OUTCOME_OUT_OF_SET
+    if decision.modality == "None":
+        return coding.OUTCOME_NOT_MEDICAL
+    if decision.modality == "Other":
+        return coding.OUTCOME_NOT_COVERED
+    if len(decision.stages) == 3 and not decision.stages[2].chosen_record.in_allowed_set:
+        return coding.OUTCOME_OUT_OF_SET
+    return coding.OUTCOME_NO_CARD
+
+
+def _comment(text: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+
+
+def routing_group(decision: RoutingDecision, source_series_uid: str, card_captions: dict[str, str] | None = None):
+    """The TID 1501 measurement group holding the routing decision."""
+    card_captions = card_captions or {}
+    evaluations = []
+    for stage in decision.stages:
+        if not stage.chosen_record.in_allowed_set and stage.stage != 2:
+            value = coding.private_code("OOS", f"outside the admissible set: {stage.chosen}")
+        elif stage.stage == 1:
+            value = coding.modality_answer_code(stage.chosen)
+        elif stage.stage == 2:
+            value = coding.finding_code(stage.chosen)
+        else:
+            value = coding.card_code(stage.chosen, card_captions.get(stage.chosen))
+        concept = {1: coding.MODALITY_CONCEPT, 2: coding.FINDING_CONCEPT, 3: coding.CARD_CONCEPT}[stage.stage]
+        evaluations.append(hd.sr.QualitativeEvaluation(name=concept, value=value))
+    evaluations.append(hd.sr.QualitativeEvaluation(name=coding.OUTCOME_CONCEPT, value=_outcome(decision)))
+    measurements = []
+    if decision.confidence is not None:
+        measurements.append(hd.sr.Measurement(name=coding.CONFIDENCE_CONCEPT, value=float(decision.confidence), unit=coding.UNITLESS))
+    for stage in decision.stages:
+        measurements.append(
+            hd.sr.Measurement(name=coding.STAGE_CONFIDENCE_CONCEPTS[stage.stage], value=float(stage.confidence), unit=coding.UNITLESS)
+        )
+    backend = decision.backend
+    parameters = [
+        f"backend: {json.dumps(backend, sort_keys=True, default=str)}",
+        f"cutoffs: {json.dumps(decision.cutoffs)}",
+        f"prompts: {', '.join(s.prompt_id for s in decision.stages)}",
+    ]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(entropy_srcs=[source_series_uid, "onevlm-routing-group"]),
+            identifier="onevlm routing",
+        ),
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name="onevlm model-card router", version=__version__, parameters=parameters, manufacturer="onevlm"
+        ),
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+    container = group[0]
+    if decision.stop_reason:
+        container.ContentSequence.append(_comment(f"Routing stopped: {decision.stop_reason}."))
+    if len(decision.stages) == 3 and decision.stages[2].chosen_record.justification:
+        container.ContentSequence.append(_comment(f"Justification: {decision.stages[2].chosen_record.justification}"))
+    container.ContentSequence.append(_comment(RESEARCH_STATEMENT))
+    return group
+
+
+def box_group(box: ImageBox, index: int, source: pydicom.Dataset, source_series_uid: str):
+    """A TID 1410 planar ROI group: the box as a closed POLYLINE on its source image."""
+    frames = [box.frame] if box.frame is not None else None
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=box.polyline(),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+            referenced_frame_numbers=frames,
+        ),
+    )
+    measurements = []
+    if box.confidence is not None:
+        measurements.append(hd.sr.Measurement(name=coding.CONFIDENCE_CONCEPT, value=float(box.confidence), unit=coding.UNITLESS))
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(entropy_srcs=[source_series_uid, source.SOPInstanceUID, "box", str(index)]),
+            identifier=f"{box.label} ({index + 1})"[:64],
+        ),
+        referenced_region=region,
+        finding_type=coding.finding_code(box.label),
+        measurements=measurements or None,
+    )
+
+
+def build_routing_sr(
+    decision: RoutingDecision,
+    evidence: Sequence[pydicom.Dataset],
+    routed_image: pydicom.Dataset,
+    boxes: Sequence[ImageBox] = (),
+    card_captions: dict[str, str] | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the routing SR of one series.
+
+    Parameters
+    ----------
+    decision:
+        The router's decision for the series (for its representative image).
+    evidence:
+        The series' instances (headers suffice): the SR references them as evidence and copies
+        the patient and study attributes from them.
+    routed_image:
+        The instance that was routed (referenced by the boxes; listed in the image library).
+    boxes:
+        Bounding boxes on ``routed_image`` (from a specialty model), if any.
+    card_captions:
+        Card ID to caption, to spell out the chosen card in the code meaning.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        A validated SR; write it with ``sr.save_as(path)``.
+    """
+    if not evidence:
+        raise ValueError("an SR needs at least one source instance as evidence")
+    series_uid = str(routed_image.SeriesInstanceUID)
+    if any(str(ds.StudyInstanceUID) != str(routed_image.StudyInstanceUID) for ds in evidence):
+        raise ValueError("all evidence must belong to the routed image's study")
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=DEVICE_UID,
+            name="onevlm",
+            manufacturer_name="onevlm",
+            model_name=_model_name(decision.backend),
+            serial_number=__version__,
+        ),
+    )
+    procedure = coding.acquisition_modality_code(str(routed_image.get("Modality", ""))) or GENERIC_IMAGING
+    groups = [routing_group(decision, series_uid, card_captions)]
+    groups += [box_group(box, i, routed_image, series_uid) for i, box in enumerate(boxes)]
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=procedure,
+        imaging_measurements=groups,
+    )
+    sr_series_uid, sr_instance_uid = sr_uids(series_uid)
+    return hd.sr.Comprehensive3DSR(
+        evidence=list(evidence),
+        content=report[0],
+        series_instance_uid=sr_series_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sr_instance_uid,
+        instance_number=1,
+        manufacturer="onevlm",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=SERIES_DESCRIPTION,
+        coding_schemes=[coding.scheme_item()],
+    )
