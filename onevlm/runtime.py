@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-NOISY_LOGGERS = ("sentence_transformers", "transformers", "httpx", "huggingface_hub", "urllib3")
+NOISY_LOGGERS = ("sentence_transformers", "transformers", "httpx", "huggingface_hub", "urllib3", "highdicom", "wsidicom")
 
 
 def configure_runtime(log_level: int = logging.WARNING) -> None:

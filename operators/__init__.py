@@ -1,12 +1,14 @@
 """MONAI Deploy operators that wrap the onevlm core for an application package.
 
-These operators are thin: the routing logic lives in :mod:`onevlm` (which never imports
+These operators are thin: the logic lives in :mod:`onevlm` (which never imports
 ``monai.deploy``); here it is only adapted to the MONAI Deploy App SDK 4.x operator API.
 
 Research use only: nothing these operators emit or write is for clinical use.
 """
 
+from operators.dicom_series_loader import DicomSeriesLoaderOperator
 from operators.router_operator import RouterOperator
-from operators.routing_report_writer import RoutingReportWriterOperator
+from operators.routing_sr_writer import RoutingSRWriterOperator
+from operators.series_image import SeriesImageOperator
 
-__all__ = ["RouterOperator", "RoutingReportWriterOperator"]
+__all__ = ["DicomSeriesLoaderOperator", "RouterOperator", "RoutingSRWriterOperator", "SeriesImageOperator"]

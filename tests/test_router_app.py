@@ -54,8 +54,11 @@ dicom:
 """,
 }
 
-# pydicom test file -> name in the input folder
-DICOM_INPUTS = {"17106": "ct_head.dcm", "rtplan.dcm": "rtplan.dcm", "reportsi.dcm": "reportsi.dcm"}
+# pydicom test file -> name in the input folder: a 4-slice CT head series, an enhanced MR,
+# a chest CR, an RT plan and an SR (not images)
+CT_SERIES = ["17106", "17136", "17166", "17196"]
+DICOM_INPUTS = {**{n: f"ct/{n}.dcm" for n in CT_SERIES}, "emri_small.dcm": "mr.dcm", "RG1_J2KI.dcm": "cr_chest.dcm",
+                "rtplan.dcm": "rtplan.dcm", "reportsi.dcm": "reportsi.dcm"}
 CORRUPT_NAME = "corrupt.dcm"
 
 
@@ -95,35 +98,12 @@ def workspace(tmp_path: Path):
     cards = _write_cards(tmp_path / "cards")
     inputs = tmp_path / "input"
     inputs.mkdir()
+    (inputs / "ct").mkdir()
     for source, target in DICOM_INPUTS.items():
         shutil.copyfile(_testdata(source), inputs / target)
     (inputs / CORRUPT_NAME).write_bytes(os.urandom(2048))
     yield cards, inputs, tmp_path / "output"
     shutil.rmtree(tmp_path, ignore_errors=True)
-
-
-def test_metadata_entry_summarises_a_decision():
-    from onevlm.reports.routing_metadata import build_metadata
-
-    decision = {
-        "input": "/in/a.dcm",
-        "reference": {"file": "a.dcm", "sop_instance_uid": "1.2", "series_instance_uid": "1.3",
-                      "study_instance_uid": "1.4"},
-        "stages": [
-            {"stage": 1, "index": "FIRST", "confidence": 0.9, "candidates": [{"p": 0.9}, {"p": 0.1}]},
-            {"stage": 2, "index": "SECOND", "confidence": 0.4, "candidates": [{"p": 0.6}, {"p": 0.4}]},
-        ],
-        "stopped_early": False, "stop_reason": "stage 3: no candidate card fits (None)",
-        "modality": "brain CT scan", "finding": "Normal", "model_card_id": None, "confidence": 0.4,
-        "error": None,
-    }
-    metadata = build_metadata([decision])
-    assert metadata["not_for_clinical_use"] is True
-    assert metadata["count"] == 1 and metadata["routed"] == 0 and metadata["errors"] == 0
-    entry = metadata["inputs"][0]
-    assert entry["sop_instance_uid"] == "1.2" and entry["study_instance_uid"] == "1.4"
-    assert entry["stage_confidence"] == {"1": 0.9, "2": 0.4, "3": None}
-    assert entry["not_for_clinical_use"] is True
 
 
 def test_core_package_does_not_import_monai_deploy():
@@ -135,40 +115,69 @@ def test_core_package_does_not_import_monai_deploy():
     assert offenders == []
 
 
+def _dciodvfy_errors(path: Path) -> list[str]:
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
+
+
 @pytest.mark.slow
 def test_router_app_routes_a_folder_end_to_end(workspace):
+    import highdicom as hd
+    import pydicom
+
     cards, inputs, output = workspace
     result = _run_app(inputs, output, cards)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     metadata = json.loads((output / "metadata.json").read_text(encoding="utf-8"))
     assert metadata["not_for_clinical_use"] is True
-    entries = {Path(e["input"]).name: e for e in metadata["inputs"]}
-    assert sorted(entries) == sorted([*DICOM_INPUTS.values(), CORRUPT_NAME])
-    assert metadata["count"] == len(entries) == 4
+    assert metadata["series"] == 5  # CT (4 slices), MR, CR, RT plan, SR
+    by_modality = {e["dicom_modality"]: e for e in metadata["entries"]}
+    ct = by_modality["CT"]
+    assert ct["modality"] == "brain CT scan" and ct["error"] is None and ct["model_card_id"] == "MODEL_01"
+    assert ct["stage_confidence"]["1"] is not None and ct["stopped_at_stage"] is None
+    assert by_modality["CR"]["modality"] == "chest X-ray scan"
+    for modality in ("RTPLAN", "SR"):
+        assert by_modality[modality]["skipped"].startswith("not an image"), by_modality[modality]
+        assert by_modality[modality]["sr_file"] is None
+    assert [p["file"] for p in metadata["problems"]] == [CORRUPT_NAME]
+    assert CORRUPT_NAME in metadata["problems"][0]["error"]
 
-    ct = entries["ct_head.dcm"]
-    assert ct["modality"] == "brain CT scan"
-    assert ct["error"] is None
-    assert ct["sop_instance_uid"] and ct["series_instance_uid"] and ct["study_instance_uid"]
-    assert ct["stage_confidence"]["1"] is not None
-
-    for name in ("rtplan.dcm", "reportsi.dcm"):
-        entry = entries[name]
-        assert entry["modality"] == "None", entry
-        assert entry["stopped_early"] is True, entry
-        assert entry["model_card_id"] is None
-        assert entry["stage_confidence"]["2"] is None
-
-    corrupt = entries[CORRUPT_NAME]
-    assert corrupt["error"] and CORRUPT_NAME in corrupt["error"]
-    assert corrupt["model_card_id"] is None
+    # one routing SR per image series, valid, readable, referencing every slice of the CT series
+    sr_path = output / ct["sr_file"]
+    assert _dciodvfy_errors(sr_path) == []
+    sr = hd.sr.srread(sr_path)
+    assert sr.VerificationFlag == "UNVERIFIED"
+    referenced = {item.ReferencedSOPInstanceUID
+                  for study in sr.CurrentRequestedProcedureEvidenceSequence
+                  for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    expected = {str(pydicom.dcmread(inputs / "ct" / f"{n}.dcm", stop_before_pixels=True).SOPInstanceUID) for n in CT_SERIES}
+    assert referenced == expected
+    evaluations = {e.name.meaning: e.value.meaning for g in sr.content.get_image_measurement_groups()
+                   for e in g.get_qualitative_evaluations()}
+    assert evaluations["Imaging modality (router stage 1)"] == "brain CT scan"
+    assert len(list((output / "sr").glob("*.dcm"))) == 3
 
     lines = (output / "decisions.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 4
-    records = [json.loads(line) for line in lines]
-    assert all(r["not_for_clinical_use"] is True for r in records)
-    assert {Path(r["input"]).name for r in records} == set(entries)
+    assert len(lines) == 3 and all(json.loads(line)["not_for_clinical_use"] for line in lines)
+
+
+@pytest.mark.slow
+def test_router_app_takes_a_model_folder_with_dash_m(workspace, tmp_path):
+    from onevlm.cards import CardRepository
+    from onevlm.vlm.synthetic import build_synthetic_model
+
+    cards, inputs, output = workspace
+    model = build_synthetic_model("tiny", tmp_path / "model", cards=CardRepository.load(cards))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ONEVLM_CARDS": str(cards)}
+    result = subprocess.run(
+        [sys.executable, "-m", "apps.router_app", "-i", str(inputs), "-o", str(output), "-m", str(model)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (output / "decisions.jsonl").read_text().splitlines()]
+    assert records and all(r["backend"]["backend"] == "transformers" for r in records)
+    assert all(r["stages"][0]["evidence"]["pixels_read"] for r in records)
 
 
 @pytest.mark.slow

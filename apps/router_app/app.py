@@ -18,6 +18,9 @@ Environment variables of this application:
 ``ONEVLM_CUTOFFS``
     Per-stage cutoffs JSON as written by ``onevlm cutoffs fit`` (default: no cutoffs, i.e. the
     router always keeps its first answer).
+``ONEVLM_BACKEND``
+    ``embedded`` or ``transformers``; by default ``transformers`` when ``-m`` (or
+    ``HOLOSCAN_MODEL_PATH``) names a model folder, else ``embedded``.
 
 The output folder receives ``decisions.jsonl`` (one full decision record per input) and
 ``metadata.json`` (one summary entry per input, for a workflow manager to branch on).
@@ -33,20 +36,36 @@ from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application
 
 from onevlm.runtime import configure_runtime
-from operators import RouterOperator, RoutingReportWriterOperator
+from operators import DicomSeriesLoaderOperator, RouterOperator, RoutingSRWriterOperator, SeriesImageOperator
 
 CARDS_ENV = "ONEVLM_CARDS"
 CUTOFFS_ENV = "ONEVLM_CUTOFFS"
+BACKEND_ENV = "ONEVLM_BACKEND"
+
+
+def backend_choice(model_path: str | Path | None) -> tuple[str, dict]:
+    """Backend by configuration: ``ONEVLM_BACKEND``, else ``transformers`` when ``-m`` names a
+    model folder (one with a ``config.json``), else the embedded default."""
+    name = os.environ.get(BACKEND_ENV, "").strip().lower()
+    model = Path(model_path) if model_path else None
+    has_model = model is not None and (model / "config.json").is_file()
+    if not name:
+        name = "transformers" if has_model else "embedded"
+    if name == "transformers":
+        if not has_model:
+            raise ValueError(f"the transformers backend needs -m MODEL_FOLDER (a folder with config.json), got {model}")
+        return name, {"model_dir": str(model)}
+    return name, {}
 
 
 class RouterApp(Application):
-    """Input folder → :class:`RouterOperator` → :class:`RoutingReportWriterOperator`.
+    """Input folder → series → representative images → router → routing SRs + metadata.json.
 
     Research use only: not for clinical use.
     """
 
     name = "onevlm-router"
-    description = "Routes DICOM instances to model cards (research use only, not for clinical use)."
+    description = "Routes DICOM series to model cards (research use only, not for clinical use)."
     version = "0.1.0"
 
     def __init__(self, *args, **kwargs) -> None:
@@ -54,25 +73,31 @@ class RouterApp(Application):
         self._logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
 
     def compose(self) -> None:
-        # The SDK parses -i/-o (or HOLOSCAN_INPUT_PATH/HOLOSCAN_OUTPUT_PATH) from the argv left
-        # after Holoscan removed its own flags, and sets up logging from its logging.json.
+        # The SDK parses -i/-o/-m (or HOLOSCAN_INPUT_PATH/OUTPUT_PATH/MODEL_PATH) from the argv
+        # left after Holoscan removed its own flags, and sets up logging from its logging.json.
         app_context = Application.init_app_context(self.argv)
         configure_runtime()
         input_path = Path(app_context.input_path)
         output_path = Path(app_context.output_path)
-        self._logger.info("routing %s -> %s (research use only, not for clinical use)", input_path, output_path)
+        backend, options = backend_choice(app_context.model_path)
+        self._logger.info("routing %s -> %s with the %s backend (research use only, not for clinical use)",
+                          input_path, output_path, backend)
 
-        router_op = RouterOperator(
+        loader = DicomSeriesLoaderOperator(self, CountCondition(self, 1), input_folder=input_path, name="series_loader")
+        router = RouterOperator(
             self,
-            CountCondition(self, 1),
-            input_folder=input_path,
             cards_dir=os.environ.get(CARDS_ENV) or None,
             cutoffs_path=os.environ.get(CUTOFFS_ENV) or None,
-            name="router_op",
+            backend=backend,
+            backend_options=options,
+            name="router",
         )
-        report_op = RoutingReportWriterOperator(self, output_folder=output_path, name="report_writer_op")
+        images = SeriesImageOperator(self, decode_pixels=router.reads_pixels, name="series_images")
+        writer = RoutingSRWriterOperator(self, output_folder=output_path, cards=router.cards, name="sr_writer")
 
-        self.add_flow(router_op, report_op, {(RouterOperator.OUTPUT_NAME, RoutingReportWriterOperator.INPUT_NAME)})
+        self.add_flow(loader, images, {(loader.OUTPUT_NAME, images.INPUT_NAME)})
+        self.add_flow(images, router, {(images.OUTPUT_NAME, router.INPUT_NAME)})
+        self.add_flow(router, writer, {(router.OUTPUT_NAME, writer.INPUT_NAME)})
 
 
 def main() -> None:

@@ -45,6 +45,8 @@ class DicomHeader:
     rows: int | None
     columns: int | None
     number_of_frames: int | None
+    instance_number: int | None = None
+    slice_position: float | None = None
 
     @property
     def sop_class_name(self) -> str:
@@ -95,6 +97,20 @@ def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
         return None
 
 
+def _slice_position(ds: pydicom.Dataset) -> float | None:
+    # Position along the slice normal orders a stack even when Instance Numbers lie.
+    position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+    try:
+        if position is None or orientation is None or len(orientation) != 6 or len(position) != 3:
+            return None
+        row = [float(v) for v in orientation[:3]]
+        col = [float(v) for v in orientation[3:]]
+        normal = (row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2], row[0] * col[1] - row[1] * col[0])
+        return sum(n * float(p) for n, p in zip(normal, position))
+    except (TypeError, ValueError):
+        return None
+
+
 def is_dicom_file(path: str | Path) -> bool:
     """True if the file carries the DICOM Part 10 preamble ("DICM" at byte 128)."""
     try:
@@ -136,6 +152,8 @@ def header_from_dataset(ds: pydicom.Dataset, source: str = "<dataset>") -> Dicom
         rows=_int(ds, "Rows"),
         columns=_int(ds, "Columns"),
         number_of_frames=_int(ds, "NumberOfFrames"),
+        instance_number=_int(ds, "InstanceNumber"),
+        slice_position=_slice_position(ds),
     )
 
 

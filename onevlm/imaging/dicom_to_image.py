@@ -1,6 +1,7 @@
 """DICOM pixel data to the RGB image a VLM sees: modality LUT, windowing, photometric handling.
 
-Grey-scale: the Modality LUT (rescale slope/intercept) then the file's VOI LUT or window; a file
+Grey-scale: the Modality LUT (rescale slope/intercept) then the file's VOI LUT or window; a CT
+without one gets a preset window for its anatomy (brain, lung, else soft tissue); any other file
 without one is windowed to its 0.5–99.5 percentile range. MONOCHROME1 is inverted so that
 dense structures are bright, as readers see them. Colour (RGB, YBR — pydicom converts to RGB —
 and PALETTE COLOR) keeps its colours. A multi-frame object gives its middle frame. Images larger
@@ -20,6 +21,21 @@ from onevlm.inputs.routing_input import RoutingInput
 
 MAX_SIDE = 1024
 PERCENTILES = (0.5, 99.5)
+
+#: CT window presets (centre, width) in Hounsfield units, by Body Part Examined.
+CT_WINDOWS = {"brain": (40.0, 80.0), "lung": (-600.0, 1500.0), "soft tissue": (40.0, 400.0)}
+CT_WINDOW_BY_BODY_PART = {"HEAD": "brain", "BRAIN": "brain", "SKULL": "brain", "CHEST": "lung", "LUNG": "lung", "THORAX": "lung"}
+
+
+def ct_preset(ds: pydicom.Dataset) -> tuple[float, float]:
+    """The preset (centre, width) for a CT slice that carries no window of its own."""
+    name = CT_WINDOW_BY_BODY_PART.get(str(ds.get("BodyPartExamined", "")).upper(), "soft tissue")
+    return CT_WINDOWS[name]
+
+
+def _apply_window(values: np.ndarray, centre: float, width: float) -> np.ndarray:
+    lo, hi = centre - width / 2.0, centre + width / 2.0
+    return ((np.clip(values, lo, hi) - lo) / (hi - lo) * 255.0 + 0.5).astype(np.uint8)
 
 
 class ImageConversionError(ValueError):
@@ -70,10 +86,13 @@ def dicom_to_image(path: str | Path) -> Image.Image:
         rgb = pixels if pixels.dtype == np.uint8 else _window_to_uint8(pixels.astype(np.float64))
         image = Image.fromarray(rgb, mode="RGB")
     else:
-        values = apply_modality_lut(pixels, ds)
-        has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
-        values = apply_voi_lut(values, ds) if has_voi else values
-        grey = _window_to_uint8(np.asarray(values, dtype=np.float64))
+        values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+        if "WindowCenter" in ds or "VOILUTSequence" in ds:
+            grey = _window_to_uint8(np.asarray(apply_voi_lut(values, ds), dtype=np.float64))
+        elif str(ds.get("Modality", "")).upper() == "CT":
+            grey = _apply_window(values, *ct_preset(ds))
+        else:
+            grey = _window_to_uint8(values)
         if photometric == "MONOCHROME1":
             grey = 255 - grey
         image = Image.fromarray(grey, mode="L").convert("RGB")
@@ -83,7 +102,12 @@ def dicom_to_image(path: str | Path) -> Image.Image:
 
 
 def load_image(item: RoutingInput) -> Image.Image:
-    """The RGB image of a routing input (DICOM or an ordinary image file)."""
+    """The RGB image of a routing input (DICOM or an ordinary image file).
+
+    An image attached to the input (a whole-slide thumbnail, say) is used as it is.
+    """
+    if item.image is not None:
+        return item.image
     if item.kind == "dicom":
         return dicom_to_image(item.path)
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -30,12 +30,16 @@ class RoutingInput:
         The DICOM header evidence (``None`` for ordinary images).
     hint:
         Optional user statement of the modality, used for ordinary images.
+    image:
+        The image to show a VLM when it is not simply the file's pixels (e.g. a whole-slide
+        thumbnail); ``None``: the backend reads the file.
     """
 
     path: Path
     kind: str
     header: DicomHeader | None = None
     hint: str | None = None
+    image: Image.Image | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ("dicom", "image"):

@@ -18,16 +18,17 @@ from pydicom.uid import generate_uid
 from onevlm import __version__
 from onevlm.reports import coding
 from onevlm.reports.routing_sr import ImageBox
+from onevlm.reports.source_attributes import evidence_ready
 
 SEG_SERIES_NUMBER = 9902
 SEG_DESCRIPTION = "onevlm boxes - research use only, not for clinical use"
 
 
-def seg_uids(source_series_uid: str) -> tuple[str, str]:
+def seg_uids(study_uid: str, source_series_uid: str) -> tuple[str, str]:
     """Deterministic (series, instance) UIDs of the box SEG for a source series."""
     return (
-        generate_uid(entropy_srcs=[source_series_uid, "onevlm-box-seg-series"]),
-        generate_uid(entropy_srcs=[source_series_uid, "onevlm-box-seg-instance"]),
+        generate_uid(entropy_srcs=[study_uid, source_series_uid, "onevlm-box-seg-series"]),
+        generate_uid(entropy_srcs=[study_uid, source_series_uid, "onevlm-box-seg-instance"]),
     )
 
 
@@ -76,9 +77,9 @@ def build_box_seg(source: pydicom.Dataset, boxes: Sequence[ImageBox]) -> hd.seg.
         )
         for i, label in enumerate(labels)
     ]
-    series_uid, instance_uid = seg_uids(str(source.SeriesInstanceUID))
+    series_uid, instance_uid = seg_uids(str(source.StudyInstanceUID), str(source.SeriesInstanceUID))
     seg = hd.seg.Segmentation(
-        source_images=[source],
+        source_images=[evidence_ready(source)],
         pixel_array=box_masks(source, boxes, labels),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

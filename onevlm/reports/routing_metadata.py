@@ -1,46 +1,61 @@
-"""``metadata.json``: the routing outcome per input, for a MONAI Deploy Workflow Manager to branch on.
+"""``metadata.json``: the routing outcome per series, for a MONAI Deploy Workflow Manager to branch on.
 
 Research use only: not for clinical use.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 DECISIONS_FILE = "decisions.jsonl"
 METADATA_FILE = "metadata.json"
 
 
-def metadata_entry(decision: Mapping[str, Any]) -> dict[str, Any]:
-    """The summary of one decision dict that a workflow manager can branch on."""
+def series_entry(decision: Mapping[str, Any] | None, *, study_instance_uid: str, series_instance_uid: str,
+                 dicom_modality: str, skipped: str | None = None, sr_file: str | None = None) -> dict[str, Any]:
+    """One series' entry: the router's answers, per-stage confidence and where it stopped.
+
+    ``decision`` is a :meth:`RoutingDecision.as_dict` record (``None`` for a skipped series).
+    """
+    decision = decision or {}
     reference = decision.get("reference") or {}
+    stages = decision.get("stages") or []
     stage_confidence: dict[str, float | None] = {"1": None, "2": None, "3": None}
-    for stage in decision.get("stages") or ():
+    for stage in stages:
         stage_confidence[str(stage["stage"])] = stage["confidence"]
+    routed = bool(decision.get("model_card_id"))
     return {
-        "input": decision.get("input"),
-        "sop_instance_uid": reference.get("sop_instance_uid"),
-        "series_instance_uid": reference.get("series_instance_uid"),
-        "study_instance_uid": reference.get("study_instance_uid"),
+        "study_instance_uid": study_instance_uid,
+        "series_instance_uid": series_instance_uid,
+        "dicom_modality": dicom_modality,
+        "routed_sop_instance_uid": reference.get("sop_instance_uid"),
+        "input": reference.get("file"),
         "modality": decision.get("modality"),
         "finding": decision.get("finding"),
         "model_card_id": decision.get("model_card_id"),
         "confidence": decision.get("confidence"),
         "stage_confidence": stage_confidence,
-        "stopped_early": decision.get("stopped_early", False),
+        "stopped_early": bool(decision.get("stopped_early", False)),
+        "stopped_at_stage": None if routed or not stages else stages[-1]["stage"],
         "stop_reason": decision.get("stop_reason"),
         "error": decision.get("error"),
+        "skipped": skipped,
+        "sr_file": sr_file,
         "not_for_clinical_use": True,
     }
 
 
-def build_metadata(decisions: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """The ``metadata.json`` document: a flag, counts and one entry per routed input."""
-    entries = [metadata_entry(d) for d in decisions]
+def build_metadata(entries: Sequence[Mapping[str, Any]], problems: Iterable[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """The ``metadata.json`` document: a flag, counts, one entry per series, unreadable files."""
+    entries = list(entries)
+    problems = list(problems)
     return {
         "not_for_clinical_use": True,
-        "count": len(entries),
+        "study_instance_uids": sorted({e["study_instance_uid"] for e in entries}),
+        "series": len(entries),
         "routed": sum(1 for e in entries if e["model_card_id"]),
-        "errors": sum(1 for e in entries if e["error"]),
-        "inputs": entries,
+        "skipped": sum(1 for e in entries if e["skipped"]),
+        "errors": sum(1 for e in entries if e["error"]) + len(problems),
+        "entries": entries,
+        "problems": problems,
     }

@@ -8,6 +8,9 @@ Content (TID 1500 "Imaging Measurement Report"):
   stage answers as coded qualitative evaluations (modality, finding, model card, outcome —
   early termination is an outcome), the router's confidence and per-stage confidences as
   numeric measurements, the stage-3 justification and a research-use statement as comments;
+  its first numeric measurement is INFERRED FROM the whole routed image (TID 300: a closed
+  POLYLINE along the image border), because OHIF 3.13 fails to load an SR that holds a
+  measurement group without any spatial coordinates — and so OHIF shows the routing group;
 - one planar ROI group (TID 1410) per bounding box: a closed POLYLINE referencing the source
   image (and frame), with a tracking identifier and UID so viewers (OHIF) can show it.
 
@@ -31,6 +34,7 @@ from pydicom.uid import generate_uid
 
 from onevlm import __version__
 from onevlm.reports import coding
+from onevlm.reports.source_attributes import evidence_ready
 from onevlm.router.decision import RoutingDecision
 
 SERIES_DESCRIPTION = "onevlm routing - research use only, not for clinical use"
@@ -76,11 +80,14 @@ class ImageBox:
         )
 
 
-def sr_uids(source_series_uid: str) -> tuple[str, str]:
-    """Deterministic (series, instance) UIDs of the routing SR for a source series."""
+def sr_uids(study_uid: str, source_series_uid: str) -> tuple[str, str]:
+    """Deterministic (series, instance) UIDs of the routing SR for a source series.
+
+    The study UID takes part because sample archives reuse series UIDs across studies.
+    """
     return (
-        generate_uid(entropy_srcs=[source_series_uid, "onevlm-routing-sr-series"]),
-        generate_uid(entropy_srcs=[source_series_uid, "onevlm-routing-sr-instance"]),
+        generate_uid(entropy_srcs=[study_uid, source_series_uid, "onevlm-routing-sr-series"]),
+        generate_uid(entropy_srcs=[study_uid, source_series_uid, "onevlm-routing-sr-instance"]),
     )
 
 
@@ -162,6 +169,36 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
     return group
 
 
+def _infer_from_whole_image(group, image: pydicom.Dataset) -> None:
+    """Let the group's first numeric measurement refer to the whole of ``image`` (TID 300 INFERRED FROM).
+
+    OHIF 3.13 reads every measurement group of the SR as an annotation and stops with a
+    TypeError on a group without any SCOORD (``coords[0]`` is undefined), which leaves the SR
+    viewport empty. The router answers about the whole routed image, so its region is the image
+    border: (0, 0) to (Columns, Rows), all frames of a multi-frame image. Nothing is added for an
+    instance without pixel extents (it is no image; OHIF shows no image for it either).
+    """
+    rows, columns = image.get("Rows"), image.get("Columns")
+    if not rows or not columns:
+        return
+    num = next((item for item in group[0].ContentSequence if item.ValueType == "NUM"), None)
+    if num is None:
+        return
+    region = hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.array(
+            [[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]], dtype=np.float32
+        ),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=image.SOPClassUID, referenced_sop_instance_uid=image.SOPInstanceUID
+        ),
+    )
+    if "ContentSequence" in num:
+        num.ContentSequence.append(region)
+    else:
+        num.ContentSequence = hd.sr.ContentSequence([region])
+
+
 def box_group(box: ImageBox, index: int, source: pydicom.Dataset, source_series_uid: str):
     """A TID 1410 planar ROI group: the box as a closed POLYLINE on its source image."""
     frames = [box.frame] if box.frame is not None else None
@@ -233,19 +270,29 @@ def build_routing_sr(
     )
     procedure = coding.acquisition_modality_code(str(routed_image.get("Modality", ""))) or GENERIC_IMAGING
     groups = [routing_group(decision, series_uid, card_captions)]
+    _infer_from_whole_image(groups[0], routed_image)
     groups += [box_group(box, i, routed_image, series_uid) for i, box in enumerate(boxes)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=procedure,
         imaging_measurements=groups,
     )
-    sr_series_uid, sr_instance_uid = sr_uids(series_uid)
+    sr_series_uid, sr_instance_uid = sr_uids(str(routed_image.StudyInstanceUID), series_uid)
+    try:
+        return _comprehensive_sr(evidence, report, sr_series_uid, sr_instance_uid)
+    except KeyError as exc:
+        # highdicom copies patient/study modules by the source's IOD; retired SOP classes have none.
+        name = pydicom.uid.UID(str(routed_image.SOPClassUID)).name
+        raise ValueError(f"highdicom cannot use a '{name}' instance as SR evidence (SOP class {exc})") from exc
+
+
+def _comprehensive_sr(evidence: Sequence[pydicom.Dataset], report, series_uid: str, instance_uid: str) -> hd.sr.Comprehensive3DSR:
     return hd.sr.Comprehensive3DSR(
-        evidence=list(evidence),
+        evidence=[evidence_ready(ds) for ds in evidence],
         content=report[0],
-        series_instance_uid=sr_series_uid,
+        series_instance_uid=series_uid,
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=sr_instance_uid,
+        sop_instance_uid=instance_uid,
         instance_number=1,
         manufacturer="onevlm",
         is_complete=True,

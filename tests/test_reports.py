@@ -1,0 +1,139 @@
+"""Routing SRs (TID 1500) and box SEGs: built with highdicom, valid per dciodvfy, read back."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from onevlm.inputs import load_input
+from onevlm.reports import coding
+from onevlm.reports.box_seg import build_box_seg
+from onevlm.reports.routing_sr import RESEARCH_STATEMENT, ImageBox, build_routing_sr, sr_uids
+
+from conftest import SAMPLES, pydicom_file
+from dicom_validation import dciodvfy_errors
+
+
+def _sr(router, path, boxes=(), tmp_path=None):
+    decision = router.route(load_input(path))
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    sr = build_routing_sr(decision, [header], header, boxes, {c.id: c.task_caption for c in router.cards})
+    out = tmp_path / f"{path.stem}_sr.dcm"
+    sr.save_as(out, enforce_file_format=True)
+    return decision, out
+
+
+def _evaluations(sr):
+    return {e.name.meaning: e.value for g in sr.content.get_image_measurement_groups() for e in g.get_qualitative_evaluations()}
+
+
+def _comments(sr):
+    texts = []
+    for item in sr.ContentSequence:
+        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements":
+            for group in item.ContentSequence:
+                texts += [c.TextValue for c in group.ContentSequence if c.ValueType == "TEXT"
+                          and c.ConceptNameCodeSequence[0].CodeValue == "121106"]
+    return texts
+
+
+def test_routed_series_sr(embedded_router, tmp_path):
+    box = ImageBox(100, 120, 220, 260, "intracranial hemorrhage", 0.83)
+    decision, path = _sr(embedded_router, SAMPLES / "ct_head_512_j2k.dcm", [box], tmp_path)
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.srread(path)
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    assert sr.VerificationFlag == "UNVERIFIED" and "not for clinical use" in sr.SeriesDescription
+    evaluations = _evaluations(sr)
+    assert evaluations["Imaging modality (router stage 1)"].meaning == "brain CT scan"
+    assert evaluations["Imaging modality (router stage 1)"].scheme_designator == "99ONEVLM"
+    assert evaluations["Primary finding (router stage 2)"] == coding.finding_code(decision.finding)
+    card = evaluations["Selected model card (router stage 3)"]
+    assert card.value == decision.model_card_id and card.meaning.startswith(decision.model_card_id + ":")
+    assert evaluations["Routing outcome"] == coding.OUTCOME_ROUTED
+    measurements = {m.name.meaning: m.value for g in sr.content.get_image_measurement_groups() for m in g.get_measurements()}
+    assert measurements["Router confidence"] == pytest.approx(decision.confidence)
+    assert measurements["Router confidence, stage 1"] == pytest.approx(decision.stages[0].confidence)
+    comments = _comments(sr)
+    assert RESEARCH_STATEMENT in comments
+    assert any(c.startswith("Justification: ") for c in comments)
+    # the box: a closed POLYLINE on the routed image, with a tracking identifier
+    (roi,) = sr.content.get_planar_roi_measurement_groups()
+    assert roi.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    data = roi.roi.value
+    assert data.shape == (5, 2) and np.array_equal(data[0], data[-1])
+    source = pydicom.dcmread(SAMPLES / "ct_head_512_j2k.dcm", stop_before_pixels=True)
+    assert roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert roi.tracking_identifier == "intracranial hemorrhage (1)"
+    # deterministic UIDs: routing the same series again gives the same SR identity
+    assert (sr.SeriesInstanceUID, sr.SOPInstanceUID) == sr_uids(source.StudyInstanceUID, source.SeriesInstanceUID)
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99ONEVLM"
+
+
+@pytest.mark.parametrize("name,outcome", [("mr_abdomen_liver.dcm", coding.OUTCOME_NOT_COVERED),
+                                          ("cr_extremity_j2k.dcm", coding.OUTCOME_NOT_COVERED)])
+def test_early_termination_is_stated(embedded_router, tmp_path, name, outcome):
+    decision, path = _sr(embedded_router, SAMPLES / name, tmp_path=tmp_path)
+    assert decision.stopped_early
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.srread(path)
+    evaluations = _evaluations(sr)
+    assert evaluations["Routing outcome"] == outcome
+    assert "Selected model card (router stage 3)" not in evaluations
+    assert any(c.startswith("Routing stopped: stage 1") for c in _comments(sr))
+
+
+def test_sr_from_a_series_with_legacy_header(embedded_router, tmp_path):
+    # a 1990s file without Patient ID: the SR still builds (empty Type 2 values) and validates
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    del ds.PatientID
+    ds.StudyTime = "11:20:00"
+    path = tmp_path / "legacy.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    _, sr_path = _sr(embedded_router, path, tmp_path=tmp_path)
+    assert dciodvfy_errors(sr_path) == []
+    sr = pydicom.dcmread(sr_path)
+    assert sr.PatientID == "" and sr.StudyTime == "112000"
+
+
+@pytest.mark.parametrize(
+    "name,boxes",
+    [
+        ("ct_head_512_j2k.dcm", [ImageBox(100, 120, 220, 260, "intracranial hemorrhage", 0.8), ImageBox(300, 300, 350, 340, "mass")]),
+        ("cr_chest_j2k.dcm", [ImageBox(500, 600, 900, 1000, "nodule", 0.6)]),  # projection image, no frame of reference
+        ("us_small_parts_j2k.dcm", [ImageBox(50, 60, 200, 180, "lymph node", 0.7)]),
+    ],
+)
+def test_box_seg(tmp_path, name, boxes):
+    source = pydicom.dcmread(SAMPLES / name)
+    seg = build_box_seg(source, boxes)
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    back = hd.seg.segread(path)
+    labels = list(dict.fromkeys(b.label for b in boxes))
+    assert [d.segment_label for d in back.SegmentSequence] == labels
+    for number, label in enumerate(labels, start=1):
+        mask = back.get_pixels_by_source_instance(
+            source_sop_instance_uids=[source.SOPInstanceUID], segment_numbers=[number]
+        )[0, ..., 0]
+        expected = np.zeros_like(mask)
+        for b in boxes:
+            if b.label == label:
+                expected[int(b.y0):int(b.y1), int(b.x0):int(b.x1)] = 1
+        assert np.array_equal(mask, expected)
+    assert "not for clinical use" in back.SeriesDescription
+
+
+def test_box_validation():
+    with pytest.raises(ValueError):
+        ImageBox(10, 10, 5, 20, "x")
+    with pytest.raises(ValueError):
+        ImageBox(0, 0, 5, 5, " ")
+    with pytest.raises(ValueError):
+        ImageBox(0, 0, 5, 5, "x", confidence=1.5)
+    source = pydicom.dcmread(SAMPLES / "ct_head_512_j2k.dcm")
+    with pytest.raises(ValueError, match="outside"):
+        build_box_seg(source, [ImageBox(600, 600, 700, 700, "x")])

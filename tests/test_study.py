@@ -1,0 +1,102 @@
+"""A study routed series by series: grouping, skipping, whole slides, SR outputs and metadata.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from onevlm.imaging.series import load_study
+from onevlm.study import route_study, write_study_outputs
+from onevlm.study.preparation import prepare_series
+
+from conftest import SAMPLES, pydicom_file
+from dicom_validation import dciodvfy_errors
+from wsi_fixtures import dicomize, make_pyramid_tiff
+
+
+def test_series_grouping_and_reading_order():
+    folder = pydicom_file("17106").parent  # four CT slices of one series, plus other series nearby
+    study = load_study([folder.parent])
+    ct = next(s for s in study.series if s.modality == "CT")
+    positions = [m.header.slice_position for m in ct.members]
+    assert len(ct.members) == 4 and positions == sorted(positions)
+    assert ct.representative() is ct.members[2]
+    assert all(len({m.header.series_instance_uid for m in s.members}) == 1 for s in study.series)
+
+
+def test_duplicates_and_problems_are_reported(tmp_path):
+    shutil.copy(SAMPLES / "ct_head_512_j2k.dcm", tmp_path / "a.dcm")
+    shutil.copy(SAMPLES / "ct_head_512_j2k.dcm", tmp_path / "b.dcm")  # same SOP Instance UID
+    (tmp_path / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
+    study = load_study([tmp_path])
+    assert len(study.series) == 1 and len(study.series[0].members) == 1
+    assert [p.path.name for p in study.problems] == ["broken.dcm"]
+    assert "broken.dcm" in study.problems[0].message
+
+
+def test_non_image_series_are_skipped_and_bad_pixels_isolated(tmp_path):
+    for name in ("rt_plan.dcm", "sr_simple_image_report.dcm", "ecg_waveform.dcm", "ct_head_512_j2k.dcm"):
+        shutil.copy(SAMPLES / name, tmp_path / name)
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.PixelData = ds.PixelData[:64]
+    ds.save_as(tmp_path / "truncated_pixels.dcm", enforce_file_format=True)
+    prepared = prepare_series(load_study([tmp_path]).series, decode_pixels=True)
+    by_file = {p.series.members[0].path.name: p for p in prepared}
+    for name, kind in (("rt_plan.dcm", "RT plan"), ("sr_simple_image_report.dcm", "structured report"),
+                       ("ecg_waveform.dcm", "waveform")):
+        assert by_file[name].skipped.startswith(f"not an image: {kind}")
+    assert by_file["truncated_pixels.dcm"].error.startswith("truncated_pixels.dcm: ")
+    assert by_file["ct_head_512_j2k.dcm"].item.image is not None  # decoded once, for the VLM
+
+
+def test_route_study_writes_sr_and_metadata(embedded_router, tmp_path):
+    study = route_study(embedded_router, [SAMPLES])
+    out = write_study_outputs(study, tmp_path / "out", embedded_router.cards)
+    meta = json.loads(out.metadata_file.read_text())
+    assert meta["not_for_clinical_use"] is True
+    assert meta["series"] == len(study.series)
+    entries = {e["input"]: e for e in meta["entries"] if e["input"]}
+    head = entries["ct_head_512_j2k.dcm"]
+    assert head["modality"] == "brain CT scan" and head["model_card_id"]
+    assert head["stage_confidence"]["3"] is not None and head["stopped_at_stage"] is None
+    liver = entries["mr_abdomen_liver.dcm"]
+    assert liver["modality"] == "Other" and liver["stopped_early"] and liver["stopped_at_stage"] == 1
+    skipped = [e for e in meta["entries"] if e["skipped"]]
+    assert {e["dicom_modality"] for e in skipped} == {"RTPLAN", "SR", "ECG", "SEG"}
+    # a retired SOP class (1994 ultrasound) cannot be SR evidence in highdicom: a clear error, the rest goes on
+    echo = entries["us_echocardiogram.dcm"]
+    assert echo["error"] and "Ultrasound Image Storage" in echo["error"] and echo["sr_file"] is None
+    assert len(out.sr_files) == meta["routed"] + sum(1 for e in meta["entries"] if e["stopped_early"] and not e["error"])
+    for path in out.sr_files.values():
+        assert dciodvfy_errors(path) == [], path.name
+        assert hd.sr.srread(path).VerificationFlag == "UNVERIFIED"
+    decisions = out.decisions_file.read_text().splitlines()
+    assert len(decisions) == sum(1 for e in meta["entries"] if not e["skipped"])
+
+
+@pytest.fixture(scope="module")
+def dicom_slide(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("slide")
+    tiff = make_pyramid_tiff(root / "slide.tiff")
+    folder = root / "dicom"
+    dicomize(tiff, folder)
+    return folder
+
+
+def test_whole_slide_series_is_routed_by_its_thumbnail(embedded_router, dicom_slide, tmp_path):
+    study = load_study([dicom_slide])
+    assert len(study.series) == 1
+    (prepared,) = prepare_series(study.series, decode_pixels=False)
+    assert prepared.error is None and prepared.item.image is not None
+    assert max(prepared.item.image.size) <= 1024
+    routing = route_study(embedded_router, [dicom_slide])
+    (result,) = routing.series
+    assert result.decision.error is None
+    out = write_study_outputs(routing, tmp_path / "out", embedded_router.cards)
+    (sr_path,) = out.sr_files.values()
+    assert dciodvfy_errors(sr_path) == []
