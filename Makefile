@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 # holoscan (MONAI Deploy) wants a large stack; harmless for everything else.
 RUN    := ulimit -s 32768 2>/dev/null; HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: demo test install install-dev clean device-wheels bench
+.PHONY: demo route-samples test install install-dev clean device-wheels bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,15 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-## demo: route every file in dicom_samples/ with the embedded default; decision log in out/
+## demo: the MONAI Deploy app over dicom_samples/ (embedded default): one routing SR per series in out/app/
 demo: install
+	@rm -rf out/app
+	$(RUN) $(BIN)/python -m apps.router_app -i dicom_samples -o out/app -l WARN
+	$(RUN) $(BIN)/onevlm summary out/app
+
+## route-samples: the router CLI over dicom_samples/, each stage's top-2 answers printed
+route-samples: install
 	@mkdir -p out
-	@rm -f out/decisions.jsonl
 	$(RUN) $(BIN)/onevlm route dicom_samples/ --log out/decisions.jsonl
 
 ## test: the whole pytest suite (slow end-to-end tests included)

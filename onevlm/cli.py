@@ -120,6 +120,35 @@ def _print_decision(decision, stream=None) -> None:
     print(f"  => model card: {outcome}" + (f"  confidence {conf:.4f}" if conf is not None else "") + extra, file=stream)
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    from onevlm.reports.routing_metadata import METADATA_FILE
+
+    path = Path(args.output_dir) / METADATA_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"error: {path}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{meta['series']} series: {meta['routed']} routed to a card, {meta['skipped']} skipped (not images), "
+          f"{meta['errors']} error(s)  [research use only, not for clinical use]")
+    for e in meta["entries"]:
+        label = e["input"] or e["series_instance_uid"]
+        if e["skipped"]:
+            outcome = f"skipped: {e['skipped']}"
+        elif e["error"]:
+            outcome = f"ERROR: {e['error']}"
+        elif e["model_card_id"]:
+            outcome = f"{e['modality']} / {e['finding']} -> {e['model_card_id']} (confidence {e['confidence']:.3f})"
+        else:
+            outcome = f"{e['modality']} -> no card ({e['stop_reason']})"
+        print(f"  {e['dicom_modality']:6s} {label:34s} {outcome}")
+        if e.get("sr_file"):
+            print(f"         SR: {e['sr_file']}")
+    for problem in meta.get("problems", []):
+        print(f"  unreadable: {problem['error']}")
+    return 0
+
+
 def cmd_synth_model(args: argparse.Namespace) -> int:
     from onevlm.vlm.synthetic import SIZES, build_synthetic_model
 
@@ -275,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON record per input")
     p.add_argument("--hint", help="modality hint for PNG/JPEG inputs (e.g. 'chest X-ray scan')")
     p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("summary", help="print the per-series routing outcome of an app output folder")
+    p.add_argument("output_dir", help="folder holding metadata.json (written by the MONAI Deploy app)")
+    p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("synth-model", help="write a synthetic Gemma 3 (MedGemma-architecture) model folder")
     p.add_argument("size", help="tiny (tests), small (CPU benchmark) or medgemma-4b-shape (GPU benchmark)")

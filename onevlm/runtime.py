@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 NOISY_LOGGERS = ("sentence_transformers", "transformers", "httpx", "huggingface_hub", "urllib3", "highdicom", "wsidicom")
 
@@ -22,6 +23,8 @@ def configure_runtime(log_level: int = logging.WARNING) -> None:
     import pydicom
 
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    # Source files often hold single-component patient names; derived objects copy them as is.
+    warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name")
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(max(log_level, logging.WARNING))
     try:

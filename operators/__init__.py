@@ -8,7 +8,7 @@ Research use only: nothing these operators emit or write is for clinical use.
 
 from operators.dicom_series_loader import DicomSeriesLoaderOperator
 from operators.router_operator import RouterOperator
-from operators.routing_sr_writer import RoutingSRWriterOperator
+from operators.dicom_results_writer import DicomResultsWriterOperator
 from operators.series_image import SeriesImageOperator
 
-__all__ = ["DicomSeriesLoaderOperator", "RouterOperator", "RoutingSRWriterOperator", "SeriesImageOperator"]
+__all__ = ["DicomSeriesLoaderOperator", "RouterOperator", "DicomResultsWriterOperator", "SeriesImageOperator"]

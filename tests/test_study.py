@@ -100,3 +100,31 @@ def test_whole_slide_series_is_routed_by_its_thumbnail(embedded_router, dicom_sl
     out = write_study_outputs(routing, tmp_path / "out", embedded_router.cards)
     (sr_path,) = out.sr_files.values()
     assert dciodvfy_errors(sr_path) == []
+
+
+def test_boxes_become_sr_regions_and_seg_or_annotations(embedded_router, dicom_slide, tmp_path):
+    from onevlm.reports.routing_sr import ImageBox
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(SAMPLES / "ct_head_512_j2k.dcm", inputs / "ct.dcm")
+    shutil.copytree(dicom_slide, inputs / "slide")
+    routing = route_study(embedded_router, [inputs])
+    series_uid = {r.series.modality: r.series.series_instance_uid for r in routing.series}
+    boxes = {series_uid["CT"]: [ImageBox(100, 120, 220, 260, "intracranial hemorrhage", 0.8)],
+             series_uid["SM"]: [ImageBox(64, 64, 320, 256, "tumor", 0.7), ImageBox(400, 300, 600, 500, "gland")]}
+    out = write_study_outputs(routing, tmp_path / "out", embedded_router.cards, boxes=boxes)
+    seg = hd.seg.segread(out.box_files[series_uid["CT"]])
+    assert seg.SegmentSequence[0].SegmentLabel == "intracranial hemorrhage"
+    ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(out.box_files[series_uid["SM"]]))
+    assert sorted(g.label for g in ann.get_annotation_groups()) == ["gland", "tumor"]
+    for uid, path in {**out.sr_files, **out.box_files}.items():
+        errors = dciodvfy_errors(path)
+        # dicom3tools 2022 flags CommonZCoordinateValue on 2D annotation groups even when absent
+        assert [e for e in errors if "CommonZCoordinateValue" not in e] == [], path
+    for uid, count in ((series_uid["CT"], 1), (series_uid["SM"], 2)):
+        sr = hd.sr.srread(out.sr_files[uid])
+        assert len(sr.content.get_planar_roi_measurement_groups()) == count
+    entries = {e["series_instance_uid"]: e for e in out.metadata["entries"]}
+    assert entries[series_uid["CT"]]["box_file"].startswith("seg/")
+    assert entries[series_uid["SM"]]["box_file"].startswith("annotations/")

@@ -22,8 +22,9 @@ Environment variables of this application:
     ``embedded`` or ``transformers``; by default ``transformers`` when ``-m`` (or
     ``HOLOSCAN_MODEL_PATH``) names a model folder, else ``embedded``.
 
-The output folder receives ``decisions.jsonl`` (one full decision record per input) and
-``metadata.json`` (one summary entry per input, for a workflow manager to branch on).
+The output folder receives ``sr/<SOP Instance UID>.dcm`` (one TID 1500 routing SR per routed
+series), ``decisions.jsonl`` (one decision record per routed series) and ``metadata.json`` (one
+entry per series, for a MONAI Deploy Workflow Manager to branch on).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application
 
 from onevlm.runtime import configure_runtime
-from operators import DicomSeriesLoaderOperator, RouterOperator, RoutingSRWriterOperator, SeriesImageOperator
+from operators import DicomSeriesLoaderOperator, RouterOperator, DicomResultsWriterOperator, SeriesImageOperator
 
 CARDS_ENV = "ONEVLM_CARDS"
 CUTOFFS_ENV = "ONEVLM_CUTOFFS"
@@ -93,7 +94,7 @@ class RouterApp(Application):
             name="router",
         )
         images = SeriesImageOperator(self, decode_pixels=router.reads_pixels, name="series_images")
-        writer = RoutingSRWriterOperator(self, output_folder=output_path, cards=router.cards, name="sr_writer")
+        writer = DicomResultsWriterOperator(self, output_folder=output_path, cards=router.cards, name="results_writer")
 
         self.add_flow(loader, images, {(loader.OUTPUT_NAME, images.INPUT_NAME)})
         self.add_flow(images, router, {(images.OUTPUT_NAME, router.INPUT_NAME)})

@@ -12,7 +12,8 @@ METADATA_FILE = "metadata.json"
 
 
 def series_entry(decision: Mapping[str, Any] | None, *, study_instance_uid: str, series_instance_uid: str,
-                 dicom_modality: str, skipped: str | None = None, sr_file: str | None = None) -> dict[str, Any]:
+                 dicom_modality: str, input_file: str | None = None, skipped: str | None = None,
+                 sr_file: str | None = None, box_file: str | None = None) -> dict[str, Any]:
     """One series' entry: the router's answers, per-stage confidence and where it stopped.
 
     ``decision`` is a :meth:`RoutingDecision.as_dict` record (``None`` for a skipped series).
@@ -29,7 +30,7 @@ def series_entry(decision: Mapping[str, Any] | None, *, study_instance_uid: str,
         "series_instance_uid": series_instance_uid,
         "dicom_modality": dicom_modality,
         "routed_sop_instance_uid": reference.get("sop_instance_uid"),
-        "input": reference.get("file"),
+        "input": reference.get("file") or input_file,
         "modality": decision.get("modality"),
         "finding": decision.get("finding"),
         "model_card_id": decision.get("model_card_id"),
@@ -41,6 +42,7 @@ def series_entry(decision: Mapping[str, Any] | None, *, study_instance_uid: str,
         "error": decision.get("error"),
         "skipped": skipped,
         "sr_file": sr_file,
+        "box_file": box_file,
         "not_for_clinical_use": True,
     }
 

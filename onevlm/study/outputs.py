@@ -7,17 +7,24 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import pydicom
+from pydicom.uid import generate_uid
 
 from onevlm.cards.repository import CardRepository
+from onevlm.reports.box_seg import build_box_seg
+from onevlm.reports.bulk_annotations import BoxAnnotation, build_box_annotations
 from onevlm.reports.routing_metadata import DECISIONS_FILE, METADATA_FILE, build_metadata, series_entry
-from onevlm.reports.routing_sr import build_routing_sr
+from onevlm.reports.routing_sr import ImageBox, build_routing_sr
+from onevlm.study.preparation import is_whole_slide_series
 from onevlm.study.routing import SeriesRouting, StudyRouting
 
 logger = logging.getLogger(__name__)
 
 SR_FOLDER = "sr"
+SEG_FOLDER = "seg"
+ANNOTATION_FOLDER = "annotations"
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,7 @@ class StudyOutputs:
     """What was written: SR files by series UID, and the two summary files."""
 
     sr_files: dict[str, Path]
+    box_files: dict[str, Path]
     decisions_file: Path
     metadata_file: Path
     metadata: dict
@@ -36,53 +44,80 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_series_sr(result: SeriesRouting, out_dir: Path, cards: CardRepository | None = None) -> Path:
-    """Build and write the routing SR of one routed series; returns its path."""
-    assert result.decision is not None and result.routed is not None
-    evidence = [pydicom.dcmread(m.path, stop_before_pixels=True) for m in result.series.members]
-    routed = next(ds for ds in evidence if str(ds.SOPInstanceUID) == result.routed.header.sop_instance_uid)
-    captions = {c.id: c.task_caption for c in cards} if cards is not None else None
-    sr = build_routing_sr(result.decision, evidence, routed, card_captions=captions)
-    folder = out_dir / SR_FOLDER
+def _save(dataset: pydicom.Dataset, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{sr.SOPInstanceUID}.dcm"
+    path = folder / f"{dataset.SOPInstanceUID}.dcm"
     tmp = path.with_name(f".{path.name}.tmp")
-    sr.save_as(tmp, enforce_file_format=True)
+    dataset.save_as(tmp, enforce_file_format=True)
     os.replace(tmp, path)
     return path
 
 
-def write_study_outputs(study: StudyRouting, out_dir: str | Path, cards: CardRepository | None = None) -> StudyOutputs:
-    """Write SRs, ``decisions.jsonl`` and ``metadata.json`` into ``out_dir`` (replacing earlier ones).
+def write_series_sr(result: SeriesRouting, out_dir: Path, cards: CardRepository | None = None,
+                    boxes: Sequence[ImageBox] = ()) -> Path:
+    """Build and write the routing SR of one routed series (with its boxes); returns its path."""
+    assert result.decision is not None and result.routed is not None
+    evidence = [pydicom.dcmread(m.path, stop_before_pixels=True) for m in result.series.members]
+    routed = next(ds for ds in evidence if str(ds.SOPInstanceUID) == result.routed.header.sop_instance_uid)
+    captions = {c.id: c.task_caption for c in cards} if cards is not None else None
+    sr = build_routing_sr(result.decision, evidence, routed, boxes=boxes, card_captions=captions)
+    return _save(sr, out_dir / SR_FOLDER)
 
-    A series whose SR cannot be built gets the error in its metadata entry; the others go on.
+
+def write_box_objects(result: SeriesRouting, boxes: Sequence[ImageBox], out_dir: Path) -> Path:
+    """Write a series' boxes as a SEG (radiology, endoscopy) or bulk annotations (whole slides)."""
+    assert result.routed is not None
+    if is_whole_slide_series(result.series):
+        source = pydicom.dcmread(result.routed.path, stop_before_pixels=True)
+        annotations = [BoxAnnotation(b.x0, b.y0, b.x1, b.y1, b.label, b.confidence) for b in boxes]
+        uid = generate_uid(entropy_srcs=[str(source.SOPInstanceUID), "onevlm-box-annotations"])
+        return _save(build_box_annotations(source, annotations, sop_instance_uid=uid), out_dir / ANNOTATION_FOLDER)
+    return _save(build_box_seg(pydicom.dcmread(result.routed.path), boxes), out_dir / SEG_FOLDER)
+
+
+def write_study_outputs(study: StudyRouting, out_dir: str | Path, cards: CardRepository | None = None,
+                        boxes: Mapping[str, Sequence[ImageBox]] | None = None) -> StudyOutputs:
+    """Write SRs, box objects, ``decisions.jsonl`` and ``metadata.json`` into ``out_dir``.
+
+    ``boxes`` maps a series UID to boxes on its routed image (from a specialty model): they go
+    into that series' SR and into a SEG or bulk-annotation object. A series whose objects cannot
+    be built gets the error in its metadata entry; the others go on.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    boxes = boxes or {}
     sr_files: dict[str, Path] = {}
+    box_files: dict[str, Path] = {}
     entries = []
     lines = []
     for result in study.series:
         series = result.series
         record = result.decision.as_dict() if result.decision is not None else None
-        sr_file = None
+        sr_file = box_file = None
+        series_boxes = boxes.get(series.series_instance_uid, ())
         if record is not None and record["error"] is None:
             try:
-                path = write_series_sr(result, out, cards)
+                path = write_series_sr(result, out, cards, series_boxes)
                 sr_files[series.series_instance_uid] = path
                 sr_file = str(path.relative_to(out))
+                if series_boxes:
+                    box_path = write_box_objects(result, series_boxes, out)
+                    box_files[series.series_instance_uid] = box_path
+                    box_file = str(box_path.relative_to(out))
             except Exception as exc:
-                record["error"] = f"routing SR could not be written: {type(exc).__name__}: {exc}"
+                record["error"] = f"result objects could not be written: {type(exc).__name__}: {exc}"
                 logger.error("series %s: %s", series.series_instance_uid, record["error"])
         if record is not None:
             lines.append(json.dumps(record, ensure_ascii=False))
         entries.append(series_entry(record, study_instance_uid=series.study_instance_uid,
                                     series_instance_uid=series.series_instance_uid,
-                                    dicom_modality=series.modality, skipped=result.skipped, sr_file=sr_file))
+                                    dicom_modality=series.modality, input_file=series.members[0].path.name,
+                                    skipped=result.skipped, sr_file=sr_file,
+                                    box_file=box_file))
     problems = [{"file": p.path.name, "error": p.message} for p in study.problems]
     metadata = build_metadata(entries, problems)
     decisions_file = out / DECISIONS_FILE
     metadata_file = out / METADATA_FILE
     _atomic_write(decisions_file, "".join(line + "\n" for line in lines))
     _atomic_write(metadata_file, json.dumps(metadata, indent=2) + "\n")
-    return StudyOutputs(sr_files, decisions_file, metadata_file, metadata)
+    return StudyOutputs(sr_files, box_files, decisions_file, metadata_file, metadata)

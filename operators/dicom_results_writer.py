@@ -1,0 +1,63 @@
+"""MONAI Deploy operator: a study's DICOM results — routing SRs, box SEGs / bulk annotations —
+plus decisions.jsonl and metadata.json.
+
+Research use only: not for clinical use.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
+
+from onevlm.cards.repository import CardRepository
+from onevlm.study.outputs import write_study_outputs
+
+
+class DicomResultsWriterOperator(Operator):
+    """Write one TID 1500 routing SR per routed series, box objects, and the study's summary files.
+
+    Named inputs:
+        routing: :class:`onevlm.study.routing.StudyRouting`.
+        boxes: optional ``Mapping[series UID, Sequence[ImageBox]]`` from a specialty model: the
+            boxes join the series' SR (closed POLYLINE regions) and become a DICOM SEG
+            (radiology, endoscopy) or Microscopy Bulk Simple Annotations (whole slides).
+    Named output:
+        outputs: :class:`onevlm.study.outputs.StudyOutputs` (optional downstream, e.g. an exporter).
+
+    Files in ``output_folder``: ``sr/``, ``seg/``, ``annotations/`` (``<SOP Instance UID>.dcm``;
+    VerificationFlag UNVERIFIED, not for clinical use), ``decisions.jsonl`` and ``metadata.json``
+    (per series: modality, finding, model_card_id, per-stage confidence, where it stopped, files;
+    for a MONAI Deploy Workflow Manager to branch on).
+    """
+
+    INPUT_NAME = "routing"
+    BOXES_NAME = "boxes"
+    OUTPUT_NAME = "outputs"
+
+    def __init__(self, fragment: Fragment, *args: Any, output_folder: str | Path,
+                 cards: CardRepository | None = None, **kwargs: Any) -> None:
+        self._logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
+        self.output_folder = Path(output_folder)
+        self.cards = cards
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input(self.INPUT_NAME)
+        spec.input(self.BOXES_NAME).condition(ConditionType.NONE)  # only a specialty app sends boxes
+        spec.output(self.OUTPUT_NAME).condition(ConditionType.NONE)  # no downstream needed
+
+    def compute(self, op_input, op_output, context) -> None:
+        routing = op_input.receive(self.INPUT_NAME)
+        try:
+            boxes = op_input.receive(self.BOXES_NAME)
+        except Exception:  # nothing connected
+            boxes = None
+        outputs = write_study_outputs(routing, self.output_folder, self.cards, boxes=boxes or {})
+        meta = outputs.metadata
+        self._logger.info("%d series: %d routed, %d skipped, %d error(s); %d SR, %d box object(s) in %s",
+                          meta["series"], meta["routed"], meta["skipped"], meta["errors"], len(outputs.sr_files),
+                          len(outputs.box_files), self.output_folder)
+        op_output.emit(outputs, self.OUTPUT_NAME)
