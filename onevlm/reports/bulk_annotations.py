@@ -14,7 +14,6 @@ Sequence. Research use only, not for clinical use: the object says so in its des
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,11 +26,11 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID, generate_uid
 
 from onevlm import __version__
+from onevlm.reports import coding
 
 logger = logging.getLogger(__name__)
 
-PRIVATE_SCHEME = "99ONEVLM"
-"""Coding Scheme Designator of onevlm's private codes (the "99" prefix marks a private scheme)."""
+PRIVATE_SCHEME = coding.SCHEME
 
 SERIES_DESCRIPTION = "onevlm slide boxes - research use only, not for clinical use"
 CONTENT_DESCRIPTION = "Model-detected regions. Research use only, not for clinical use"
@@ -123,11 +122,11 @@ def label_code(label: str) -> Code:
     Returns
     -------
     pydicom.sr.coding.Code
-        Code whose value is the first 16 hex digits of the label's SHA-256 (stable across runs
-        and machines; fits the SH value representation) and whose meaning is the label.
+        The same private finding code the routing SR and the box SEG give this label (stable
+        across runs and machines; see :func:`onevlm.reports.coding.private_code`).
     """
-    value = hashlib.sha256(label.encode("utf-8")).hexdigest()[:16].upper()
-    return Code(value, PRIVATE_SCHEME, label)
+    code = coding.private_code("FND", label)
+    return Code(code.value, code.scheme_designator, code.meaning)
 
 
 def label_codes(label: str) -> tuple[Code, Code]:
@@ -277,11 +276,7 @@ def build_box_annotations(
 
     coding_schemes = None
     if private_used:
-        coding_schemes = [hd.coding_schemes.CodingSchemeIdentificationItem(
-            designator=PRIVATE_SCHEME,
-            name="onevlm private codes",
-            responsible_organization="onevlm project",
-        )]
+        coding_schemes = [coding.scheme_item()]
 
     annotations = hd.ann.MicroscopyBulkSimpleAnnotations(
         source_images=[source],
