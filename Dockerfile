@@ -29,6 +29,9 @@ RUN pip install .
 COPY model_cards/ model_cards/
 COPY operators/ operators/
 COPY apps/ apps/
+# MAP manifests (hand-written to the MAP spec: see deploy/README.md) and the app description
+COPY deploy/map/app.json deploy/map/pkg.json /etc/holoscan/
+COPY app.yaml /var/holoscan/app.yaml
 
 RUN mkdir -p /var/holoscan/input /var/holoscan/output
 

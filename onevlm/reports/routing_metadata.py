@@ -58,6 +58,8 @@ def build_metadata(entries: Sequence[Mapping[str, Any]], problems: Iterable[Mapp
         "routed": sum(1 for e in entries if e["model_card_id"]),
         "skipped": sum(1 for e in entries if e["skipped"]),
         "errors": sum(1 for e in entries if e["error"]) + len(problems),
+        # top level, because workflow conditions read only top-level values of metadata.json
+        "model_card_ids": sorted({e["model_card_id"] for e in entries if e["model_card_id"]}),
         "entries": entries,
         "problems": problems,
     }
