@@ -34,8 +34,14 @@ route-samples: install
 	@mkdir -p out
 	$(RUN) $(BIN)/onevlm route dicom_samples/ --log out/decisions.jsonl
 
+# Node side of the tests: dcmjs (OHIF's DICOM library), the built OHIF viewer, playwright-core
+# (driving Debian's chromium; it never downloads a browser).
+JS_DEPS := tests/js/node_modules/.package-lock.json
+$(JS_DEPS): tests/js/package.json tests/js/package-lock.json
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
+
 ## test: the whole pytest suite (slow end-to-end tests included)
-test: install-dev
+test: install-dev $(JS_DEPS)
 	$(RUN) $(BIN)/python -m pytest -q
 
 ## bench: the CPU benchmarks (numbers go to bench/RESULTS.md by hand, with the date)

@@ -120,6 +120,16 @@ def _comment(text: str) -> hd.sr.TextContentItem:
     )
 
 
+def route_summary(decision: RoutingDecision) -> str:
+    """One line: ``onevlm route: <modality> / <finding> -> <card or outcome> (confidence p)``."""
+    parts = [decision.modality or "?"]
+    if decision.finding is not None:
+        parts.append(decision.finding)
+    target = decision.model_card_id or "no card"
+    confidence = f" (confidence {decision.confidence:.2f})" if decision.confidence is not None else ""
+    return f"onevlm route: {' / '.join(parts)} -> {target}{confidence}"
+
+
 def routing_group(decision: RoutingDecision, source_series_uid: str, card_captions: dict[str, str] | None = None):
     """The TID 1501 measurement group holding the routing decision."""
     card_captions = card_captions or {}
@@ -161,6 +171,8 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
         qualitative_evaluations=evaluations,
     )
     container = group[0]
+    # Viewers (OHIF) show a group's comments as its label: the first one says it all.
+    container.ContentSequence.append(_comment(route_summary(decision)))
     if decision.stop_reason:
         container.ContentSequence.append(_comment(f"Routing stopped: {decision.stop_reason}."))
     if len(decision.stages) == 3 and decision.stages[2].chosen_record.justification:
@@ -213,8 +225,8 @@ def box_group(box: ImageBox, index: int, source: pydicom.Dataset, source_series_
     )
     measurements = []
     if box.confidence is not None:
-        measurements.append(hd.sr.Measurement(name=coding.CONFIDENCE_CONCEPT, value=float(box.confidence), unit=coding.UNITLESS))
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        measurements.append(hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding, value=float(box.confidence), unit=coding.UNITLESS))
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(entropy_srcs=[source_series_uid, source.SOPInstanceUID, "box", str(index)]),
             identifier=f"{box.label} ({index + 1})"[:64],
@@ -223,6 +235,8 @@ def box_group(box: ImageBox, index: int, source: pydicom.Dataset, source_series_
         finding_type=coding.finding_code(box.label),
         measurements=measurements or None,
     )
+    group[0].ContentSequence.append(_comment(f"Finding: {box.label}"))  # the label viewers show
+    return group
 
 
 def build_routing_sr(

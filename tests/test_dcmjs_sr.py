@@ -1,0 +1,138 @@
+"""dcmjs (the JavaScript DICOM library OHIF uses) reads our routing SR: tests/js/parse_sr.mjs.
+
+Needs ``npm ci --prefix tests/js`` (make test runs it); fails, never skips, without it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from onevlm.reports import coding
+from onevlm.reports.routing_sr import RESEARCH_STATEMENT, SERIES_DESCRIPTION, ImageBox
+
+from conftest import SAMPLES, pydicom_file
+from ohif_support import require_node_modules, run_node, write_routing_sr
+
+BOXES = (
+    ImageBox(20, 30, 60, 70, "Mass", 0.87),
+    ImageBox(70, 60, 110, 100, "intracranial hemorrhage", 0.42),
+)
+UNITLESS = {"value": "1", "scheme": "UCUM", "meaning": "no units"}
+
+
+def parse(path: Path) -> dict:
+    require_node_modules("dcmjs")
+    result = run_node("parse_sr.mjs", str(path), timeout=60)
+    assert result.returncode == 0, f"parse_sr.mjs failed ({result.returncode}):\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def whole_image(header: pydicom.Dataset) -> list[list[float]]:
+    rows, columns = int(header.Rows), int(header.Columns)
+    return [[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]]
+
+
+def check_document(report: dict, header: pydicom.Dataset) -> list[dict]:
+    assert report["documentTitle"] == {"value": "126000", "scheme": "DCM", "meaning": "Imaging Measurement Report"}
+    assert report["templateIdentifier"] == "1500"
+    assert report["sopClassUID"] == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert report["studyInstanceUID"] == header.StudyInstanceUID
+    assert report["seriesDescription"] == SERIES_DESCRIPTION
+    assert report["verificationFlag"] == "UNVERIFIED" and report["completionFlag"] == "COMPLETE"
+    assert report["observerContext"]["Observer Type"] == "Device"
+    assert report["observerContext"]["Device Observer Name"] == "onevlm"
+    assert report["imagingMeasurements"] is not None, "no 'Imaging Measurements' container found by dcmjs"
+    return report["imagingMeasurements"]["measurementGroups"]
+
+
+def check_routing_region(routing: dict, header: pydicom.Dataset) -> None:
+    # The routing group's confidence is INFERRED FROM the whole routed image (OHIF needs a region).
+    (region,) = routing["scoords"]
+    assert region["inferredFrom"] == "Router confidence"
+    assert region["graphicType"] == "POLYLINE"
+    assert region["points"] == whole_image(header)
+    assert region["referencedSOPInstanceUID"] == header.SOPInstanceUID
+    assert region["referencedSOPClassUID"] == header.SOPClassUID
+
+
+def test_dcmjs_reads_routed_ct_with_two_boxes(embedded_router, tmp_path):
+    source = pydicom_file("CT_small.dcm")  # 128x128 uncompressed CT
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    decision, sr_path = write_routing_sr(embedded_router, source, tmp_path / "ct_sr.dcm", BOXES)
+    assert decision.model_card_id, "CT_small.dcm should route to a card"
+
+    report = parse(sr_path)
+    groups = check_document(report, header)
+    assert report["procedureReported"] == [{"value": "CT", "scheme": "DCM", "meaning": "Computed Tomography"}]
+    assert [g["trackingIdentifier"] for g in groups] == ["onevlm routing", "Mass (1)", "intracranial hemorrhage (2)"]
+    assert len({g["trackingUID"] for g in groups}) == 3 and all(groups[i]["trackingUID"] for i in range(3))
+
+    routing = groups[0]
+    evaluations = routing["qualitativeEvaluations"]
+    assert evaluations == {
+        "Imaging modality (router stage 1)": decision.modality,
+        "Primary finding (router stage 2)": coding.finding_code(decision.finding).meaning,
+        "Selected model card (router stage 3)": evaluations["Selected model card (router stage 3)"],
+        "Routing outcome": coding.OUTCOME_ROUTED.meaning,
+    }
+    assert evaluations["Selected model card (router stage 3)"].startswith(f"{decision.model_card_id}: ")
+    measurements = routing["measurements"]
+    assert measurements["Router confidence"]["value"] == pytest.approx(decision.confidence, rel=1e-9)
+    assert measurements["Router confidence"]["unit"] == UNITLESS
+    for stage in decision.stages:
+        assert measurements[f"Router confidence, stage {stage.stage}"]["value"] == pytest.approx(stage.confidence, rel=1e-9)
+    assert RESEARCH_STATEMENT in routing["comments"]
+    assert any(c.startswith("Justification: ") for c in routing["comments"])
+    assert routing["algorithm"]["Algorithm Name"] == ["onevlm model-card router"]
+    check_routing_region(routing, header)
+
+    for group, box in zip(groups[1:], BOXES):
+        (region,) = group["scoords"]
+        assert region.get("inferredFrom") is None  # TID 1410: the region belongs to the group
+        assert region["concept"] == "Image Region"
+        assert region["graphicType"] == "POLYLINE"
+        assert len(region["points"]) == 5 and region["points"][0] == region["points"][-1]
+        assert region["points"] == box.polyline().tolist()
+        assert region["referencedSOPInstanceUID"] == header.SOPInstanceUID
+        assert region["referencedSOPClassUID"] == header.SOPClassUID
+        assert region["referencedFrameNumbers"] == []
+        assert group["findings"] == [
+            {"value": coding.finding_code(box.label).value, "scheme": coding.finding_code(box.label).scheme_designator,
+             "meaning": coding.finding_code(box.label).meaning}
+        ]
+        assert group["measurements"]["Certainty of Finding"]["value"] == pytest.approx(box.confidence)
+        assert group["comments"] == [f"Finding: {box.label}"]
+
+    # dcmjs's own TID 1500 reader (adapters.Cornerstone3D.MeasurementReport.generateToolState)
+    # runs without error but recovers nothing: dcmjs 0.52 only picks up groups whose tracking
+    # identifier is "Cornerstone3DTools@^0.1.0:<Tool>", and its tools expect the TID 300 form
+    # (SCOORD under a NUM), not TID 1410. OHIF 3 uses @cornerstonejs/adapters instead.
+    adapter = report["dcmjsAdapter"]
+    assert adapter["available"]
+    assert adapter["asShipped"]["ok"], adapter["asShipped"]
+    assert adapter["asShipped"]["count"] == 0, f"dcmjs now recovers tool state from our SR: {adapter['asShipped']}"
+
+
+def test_dcmjs_reads_sr_of_series_stopped_early(embedded_router, tmp_path):
+    source = SAMPLES / "mr_abdomen_liver.dcm"  # MR of the liver: no card covers it -> Other
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    decision, sr_path = write_routing_sr(embedded_router, source, tmp_path / "mr_sr.dcm")
+    assert decision.stopped_early and decision.modality == "Other"
+
+    report = parse(sr_path)
+    (routing,) = check_document(report, header)
+    assert routing["trackingIdentifier"] == "onevlm routing"
+    assert routing["qualitativeEvaluations"] == {
+        "Imaging modality (router stage 1)": "Other",
+        "Routing outcome": coding.OUTCOME_NOT_COVERED.meaning,
+    }
+    assert routing["measurements"]["Router confidence"]["value"] == pytest.approx(decision.confidence, rel=1e-9)
+    assert set(routing["measurements"]) == {"Router confidence", "Router confidence, stage 1"}
+    assert any(c.startswith("Routing stopped: stage 1") for c in routing["comments"])
+    assert RESEARCH_STATEMENT in routing["comments"]
+    check_routing_region(routing, header)
+    assert report["dcmjsAdapter"]["asShipped"]["ok"]
