@@ -61,9 +61,14 @@ def make_pyramid_tiff(path: Path) -> Path:
 
 def dicomize(tiff: Path, folder: Path) -> list[Path]:
     """Convert ``tiff`` to DICOM WSI instances in ``folder`` with wsidicomizer; return the files."""
+    import pydicom
     from wsidicom.metadata import Patient, Study
     from wsidicomizer import WsiDicomizer
     from wsidicomizer.metadata import WsiDicomizerMetadata
+
+    # Importing wsidicomizer switches pydicom to its "future" mode process-wide (config.future_behavior()),
+    # which breaks pydicom 3's pixel_array for every later test: switch it back.
+    pydicom.config.future_behavior(False)
 
     folder.mkdir(parents=True, exist_ok=True)
     # Synthetic identifiers, so the study-level attributes viewers and DICOMDIRs want are set.

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 
 from onevlm.inputs.routing_input import RoutingInput
 
@@ -71,7 +71,8 @@ def dicom_to_image(path: str | Path) -> Image.Image:
         ds = pydicom.dcmread(path)
         if "PixelData" not in ds and "FloatPixelData" not in ds:
             raise ImageConversionError(f"{path.name}: no pixel data")
-        pixels = _frame(ds, ds.pixel_array)
+        # pydicom.pixels.pixel_array works whatever mode another library put pydicom in
+        pixels = _frame(ds, pixel_array(ds))
     except ImageConversionError:
         raise
     except Exception as exc:
