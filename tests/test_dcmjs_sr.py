@@ -12,7 +12,8 @@ import pydicom
 import pytest
 
 from onevlm.reports import coding
-from onevlm.reports.routing_sr import RESEARCH_STATEMENT, SERIES_DESCRIPTION, ImageBox
+from onevlm.reports.boxes import ImageBox
+from onevlm.reports.routing_sr import RESEARCH_STATEMENT, SERIES_DESCRIPTION
 
 from conftest import SAMPLES, pydicom_file
 from ohif_support import require_node_modules, run_node, write_routing_sr

@@ -21,7 +21,8 @@ import pydicom
 import pytest
 
 from onevlm.reports.box_seg import SEG_DESCRIPTION
-from onevlm.reports.routing_sr import SERIES_DESCRIPTION, ImageBox
+from onevlm.reports.boxes import ImageBox
+from onevlm.reports.routing_sr import SERIES_DESCRIPTION
 
 from conftest import SAMPLES, pydicom_file
 from ohif_support import (

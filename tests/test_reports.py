@@ -10,7 +10,8 @@ import pytest
 from onevlm.inputs import load_input
 from onevlm.reports import coding
 from onevlm.reports.box_seg import build_box_seg
-from onevlm.reports.routing_sr import RESEARCH_STATEMENT, ImageBox, build_routing_sr, sr_uids
+from onevlm.reports.boxes import ImageBox
+from onevlm.reports.routing_sr import RESEARCH_STATEMENT, build_routing_sr, sr_uids
 
 from conftest import SAMPLES, pydicom_file
 from dicom_validation import dciodvfy_errors

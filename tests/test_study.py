@@ -103,7 +103,7 @@ def test_whole_slide_series_is_routed_by_its_thumbnail(embedded_router, dicom_sl
 
 
 def test_boxes_become_sr_regions_and_seg_or_annotations(embedded_router, dicom_slide, tmp_path):
-    from onevlm.reports.routing_sr import ImageBox
+    from onevlm.reports.boxes import ImageBox
 
     inputs = tmp_path / "in"
     inputs.mkdir()

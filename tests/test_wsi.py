@@ -22,12 +22,12 @@ from PIL import Image
 from pydicom.sr.codedict import codes
 
 from onevlm.imaging.wsi import Tile, WholeSlideError, is_whole_slide, open_slide, tissue_fraction
+from onevlm.reports.boxes import ImageBox
 from onevlm.reports.bulk_annotations import (
     CONFIDENCE_CONCEPT,
     CONTENT_DESCRIPTION,
     PRIVATE_SCHEME,
     SERIES_DESCRIPTION,
-    BoxAnnotation,
     build_box_annotations,
     label_code,
 )
@@ -167,17 +167,17 @@ def test_bad_inputs_name_the_file(tmp_path: Path, slide_files: dict[str, Path]) 
 
 def test_box_annotation_validation() -> None:
     with pytest.raises(ValueError):
-        BoxAnnotation(10, 0, 10, 5, "tumor")
+        ImageBox(10, 0, 10, 5, "tumor")
     with pytest.raises(ValueError):
-        BoxAnnotation(0, 6, 10, 5, "tumor")
+        ImageBox(0, 6, 10, 5, "tumor")
     with pytest.raises(ValueError):
-        BoxAnnotation(-1, 0, 10, 5, "tumor")
+        ImageBox(-1, 0, 10, 5, "tumor")
     with pytest.raises(ValueError):
-        BoxAnnotation(0, 0, 10, 5, "  ")
+        ImageBox(0, 0, 10, 5, "  ")
     with pytest.raises(ValueError):
-        BoxAnnotation(0, 0, 10, 5, "tumor", confidence=1.5)
+        ImageBox(0, 0, 10, 5, "tumor", confidence=1.5)
     with pytest.raises(TypeError):
-        BoxAnnotation(0, 0, "10", 5, "tumor")  # type: ignore[arg-type]
+        ImageBox(0, 0, "10", 5, "tumor")  # type: ignore[arg-type]
     code = label_code("mitotic figure")
     assert code == label_code("mitotic figure") and len(code.value) <= 16
     assert code.scheme_designator == PRIVATE_SCHEME and code.meaning == "mitotic figure"
@@ -188,8 +188,8 @@ def test_bulk_annotations_validate_and_round_trip(slide_files: dict[str, Path], 
     with open_slide(slide_files["dicom"]) as slide:
         source = slide.source_dataset
     boxes = [
-        BoxAnnotation(100, 120, 300, 260, "tumor", confidence=0.875),
-        BoxAnnotation(500.5, 400, 620, 700.25, "mitotic figure", confidence=0.25),
+        ImageBox(100, 120, 300, 260, "tumor", confidence=0.875),
+        ImageBox(500.5, 400, 620, 700.25, "mitotic figure", confidence=0.25),
     ]
     ann = build_box_annotations(source, boxes, sop_instance_uid=hd.UID(), series_number=42)
     out = tmp_path / "boxes.dcm"
@@ -234,7 +234,7 @@ def test_bulk_annotations_validate_and_round_trip(slide_files: dict[str, Path], 
 def test_bulk_annotations_reproducible_and_validated(slide_files: dict[str, Path]) -> None:
     with open_slide(slide_files["dicom"]) as slide:
         source = slide.source_dataset
-    boxes = [BoxAnnotation(0, 0, 10, 10, "tissue"), BoxAnnotation(5, 5, 20, 30, "tissue", 0.5)]
+    boxes = [ImageBox(0, 0, 10, 10, "tissue"), ImageBox(5, 5, 20, 30, "tissue", 0.5)]
     uid = "1.2.826.0.1.3680043.8.498.1"
     first = build_box_annotations(source, boxes, sop_instance_uid=uid)
     second = build_box_annotations(source, boxes, sop_instance_uid=uid)
@@ -245,7 +245,7 @@ def test_bulk_annotations_reproducible_and_validated(slide_files: dict[str, Path
     _, values, _ = hd.ann.AnnotationGroup.from_dataset(group).get_measurements()
     assert np.isnan(values[0, 0]) and values[1, 0] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="outside"):
-        build_box_annotations(source, [BoxAnnotation(0, 0, LEVEL0_SIZE[0] + 1, 10, "tumor")])
+        build_box_annotations(source, [ImageBox(0, 0, LEVEL0_SIZE[0] + 1, 10, "tumor")])
     with pytest.raises(ValueError):
         build_box_annotations(source, [])
     not_volume = pydicom.Dataset()

@@ -62,13 +62,19 @@ def make_pyramid_tiff(path: Path) -> Path:
 def dicomize(tiff: Path, folder: Path) -> list[Path]:
     """Convert ``tiff`` to DICOM WSI instances in ``folder`` with wsidicomizer; return the files."""
     import pydicom
+
+    # Importing wsidicomizer switches pydicom to its "future" mode process-wide
+    # (config.future_behavior()): stricter writing validation and no Dataset.pixel_array fallback
+    # for every later test. Put pydicom's settings back as they were.
+    config = pydicom.config
+    saved = (config._use_future, config.INVALID_KEYWORD_BEHAVIOR,
+             config.settings.reading_validation_mode, config.settings.writing_validation_mode)
     from wsidicom.metadata import Patient, Study
     from wsidicomizer import WsiDicomizer
     from wsidicomizer.metadata import WsiDicomizerMetadata
 
-    # Importing wsidicomizer switches pydicom to its "future" mode process-wide (config.future_behavior()),
-    # which breaks pydicom 3's pixel_array for every later test: switch it back.
-    pydicom.config.future_behavior(False)
+    config._use_future, config.INVALID_KEYWORD_BEHAVIOR = saved[:2]
+    config.settings.reading_validation_mode, config.settings.writing_validation_mode = saved[2:]
 
     folder.mkdir(parents=True, exist_ok=True)
     # Synthetic identifiers, so the study-level attributes viewers and DICOMDIRs want are set.

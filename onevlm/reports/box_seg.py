@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 
 from onevlm import __version__
 from onevlm.reports import coding
-from onevlm.reports.routing_sr import ImageBox
+from onevlm.reports.boxes import ImageBox
 from onevlm.reports.source_attributes import evidence_ready
 
 SEG_SERIES_NUMBER = 9902

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
@@ -27,6 +26,7 @@ from pydicom.uid import UID, generate_uid
 
 from onevlm import __version__
 from onevlm.reports import coding
+from onevlm.reports.boxes import ImageBox
 
 logger = logging.getLogger(__name__)
 
@@ -65,50 +65,6 @@ def _check_lo(name: str, value: str) -> None:
     # LO: at most 64 characters, no backslash (value separator) and no control characters.
     if len(value) > 64 or "\\" in value or any(ord(c) < 32 for c in value):
         raise ValueError(f"{name} must be at most 64 printable characters without '\\', got {value!r}")
-
-
-@dataclass(frozen=True)
-class BoxAnnotation:
-    """An axis-aligned box on a slide, in level-0 pixels.
-
-    ``x0``/``x1`` are columns and ``y0``/``y1`` rows of the Total Pixel Matrix, measured from the
-    top-left corner of its top-left pixel (so a box covering pixels 0..9 is ``x0=0, x1=10``).
-    ``confidence`` is the model's score in [0, 1], or ``None`` when it has none.
-    """
-
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-    label: str
-    confidence: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("x0", "y0", "x1", "y1"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-            if not np.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
-        if not self.x0 < self.x1:
-            raise ValueError(f"x0 must be less than x1, got x0={self.x0}, x1={self.x1}")
-        if not self.y0 < self.y1:
-            raise ValueError(f"y0 must be less than y1, got y0={self.y0}, y1={self.y1}")
-        if not isinstance(self.label, str) or not self.label.strip():
-            raise ValueError("label must be a non-empty string")
-        _check_lo("label", self.label)
-        if self.confidence is not None:
-            if isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float, np.floating)):
-                raise TypeError(f"confidence must be a number or None, got {type(self.confidence).__name__}")
-            if not 0.0 <= self.confidence <= 1.0:
-                raise ValueError(f"confidence must be in [0, 1], got {self.confidence!r}")
-
-    def corners(self) -> np.ndarray:
-        """RECTANGLE graphic data: top-left, top-right, bottom-right, bottom-left (column, row)."""
-        return np.array(
-            [[self.x0, self.y0], [self.x1, self.y0], [self.x1, self.y1], [self.x0, self.y1]],
-            dtype=np.float64,
-        )
 
 
 def label_code(label: str) -> Code:
@@ -157,7 +113,7 @@ def _derived_uid(seed: str, *parts: str) -> UID:
 
 def build_box_annotations(
     source: pydicom.Dataset,
-    boxes: Sequence[BoxAnnotation],
+    boxes: Sequence[ImageBox],
     *,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
@@ -175,7 +131,7 @@ def build_box_annotations(
     source : pydicom.Dataset
         Header of the slide's level-0 VOLUME instance (``WholeSlide.source_dataset``); the
         object joins its study and references it.
-    boxes : sequence of BoxAnnotation
+    boxes : sequence of ImageBox
         At least one box, in level-0 pixels, each inside the source's Total Pixel Matrix.
     series_instance_uid, sop_instance_uid : str, optional
         UIDs for the new series and instance; generated when omitted. When
@@ -199,7 +155,7 @@ def build_box_annotations(
     Raises
     ------
     TypeError
-        If ``source`` is not a dataset or a box is not a :class:`BoxAnnotation`.
+        If ``source`` is not a dataset or a box is not a :class:`ImageBox`.
     ValueError
         If ``source`` is not a VL Whole Slide Microscopy VOLUME image, there are no boxes, a box
         lies outside the image, or a number or name is invalid.
@@ -212,10 +168,10 @@ def build_box_annotations(
     if len(image_type) < 3 or image_type[2] != "VOLUME":
         raise ValueError(f"source {source.get('SOPInstanceUID')} is not a VOLUME image (ImageType {image_type})")
     if not boxes:
-        raise ValueError("boxes must hold at least one BoxAnnotation")
+        raise ValueError("boxes must hold at least one ImageBox")
     for index, box in enumerate(boxes):
-        if not isinstance(box, BoxAnnotation):
-            raise TypeError(f"boxes[{index}] must be a BoxAnnotation, got {type(box).__name__}")
+        if not isinstance(box, ImageBox):
+            raise TypeError(f"boxes[{index}] must be a ImageBox, got {type(box).__name__}")
     for name, number in (("series_number", series_number), ("instance_number", instance_number)):
         if isinstance(number, bool) or not isinstance(number, int) or number < 1:
             raise ValueError(f"{name} must be a positive integer, got {number!r}")
@@ -247,7 +203,7 @@ def build_box_annotations(
         source=manufacturer,
     )
 
-    by_label: dict[str, list[BoxAnnotation]] = {}
+    by_label: dict[str, list[ImageBox]] = {}
     for box in boxes:  # dict keeps first-seen label order, so group numbers are stable
         by_label.setdefault(box.label, []).append(box)
 

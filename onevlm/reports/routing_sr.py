@@ -22,7 +22,6 @@ writes the same SR (a PACS keeps one copy).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Sequence
 
 import highdicom as hd
@@ -34,6 +33,7 @@ from pydicom.uid import generate_uid
 
 from onevlm import __version__
 from onevlm.reports import coding
+from onevlm.reports.boxes import ImageBox
 from onevlm.reports.source_attributes import evidence_ready
 from onevlm.router.decision import RoutingDecision
 
@@ -45,39 +45,6 @@ RESEARCH_STATEMENT = (
 SR_SERIES_NUMBER = 9901
 GENERIC_IMAGING = CodedConcept("363679005", "SCT", "Imaging")
 DEVICE_UID = generate_uid(entropy_srcs=["onevlm", "device"])
-
-
-@dataclass(frozen=True)
-class ImageBox:
-    """A bounding box on a source image, in pixel coordinates (column x, row y).
-
-    ``frame`` is the 1-based frame number for multi-frame images (``None`` for single-frame).
-    """
-
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-    label: str
-    confidence: float | None = None
-    frame: int | None = None
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.x0 < self.x1 and 0 <= self.y0 < self.y1):
-            raise ValueError(f"box ({self.x0}, {self.y0}, {self.x1}, {self.y1}) must have 0 <= x0 < x1 and 0 <= y0 < y1")
-        if not self.label.strip():
-            raise ValueError("box label must not be empty")
-        if self.confidence is not None and not 0.0 <= self.confidence <= 1.0:
-            raise ValueError(f"box confidence must lie in [0, 1], got {self.confidence}")
-        if self.frame is not None and self.frame < 1:
-            raise ValueError("frame numbers start at 1")
-
-    def polyline(self) -> np.ndarray:
-        """The closed rectangle: five (x, y) points, the first repeated last."""
-        return np.array(
-            [[self.x0, self.y0], [self.x1, self.y0], [self.x1, self.y1], [self.x0, self.y1], [self.x0, self.y0]],
-            dtype=np.float32,
-        )
 
 
 def sr_uids(study_uid: str, source_series_uid: str) -> tuple[str, str]:

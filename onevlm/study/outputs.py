@@ -14,9 +14,10 @@ from pydicom.uid import generate_uid
 
 from onevlm.cards.repository import CardRepository
 from onevlm.reports.box_seg import build_box_seg
-from onevlm.reports.bulk_annotations import BoxAnnotation, build_box_annotations
+from onevlm.reports.bulk_annotations import build_box_annotations
 from onevlm.reports.routing_metadata import DECISIONS_FILE, METADATA_FILE, build_metadata, series_entry
-from onevlm.reports.routing_sr import ImageBox, build_routing_sr
+from onevlm.reports.boxes import ImageBox
+from onevlm.reports.routing_sr import build_routing_sr
 from onevlm.study.preparation import is_whole_slide_series
 from onevlm.study.routing import SeriesRouting, StudyRouting
 
@@ -69,9 +70,8 @@ def write_box_objects(result: SeriesRouting, boxes: Sequence[ImageBox], out_dir:
     assert result.routed is not None
     if is_whole_slide_series(result.series):
         source = pydicom.dcmread(result.routed.path, stop_before_pixels=True)
-        annotations = [BoxAnnotation(b.x0, b.y0, b.x1, b.y1, b.label, b.confidence) for b in boxes]
         uid = generate_uid(entropy_srcs=[str(source.SOPInstanceUID), "onevlm-box-annotations"])
-        return _save(build_box_annotations(source, annotations, sop_instance_uid=uid), out_dir / ANNOTATION_FOLDER)
+        return _save(build_box_annotations(source, boxes, sop_instance_uid=uid), out_dir / ANNOTATION_FOLDER)
     return _save(build_box_seg(pydicom.dcmread(result.routed.path), boxes), out_dir / SEG_FOLDER)
 
 
