@@ -15,11 +15,12 @@ from typing import Sequence
 logger = logging.getLogger("onevlm")
 
 
-def _setup(verbose: int) -> None:
+def _setup(verbose: int, command: str = "") -> None:
     from onevlm.runtime import configure_runtime
 
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # The service reports what it does (stored, processed, exported) at INFO.
+    level = (logging.INFO if command == "serve" else logging.WARNING) - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
     configure_runtime(level)
 
@@ -146,6 +147,70 @@ def cmd_summary(args: argparse.Namespace) -> int:
             print(f"         SR: {e['sr_file']}")
     for problem in meta.get("problems", []):
         print(f"  unreadable: {problem['error']}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from onevlm.net.config import ConfigError, load_config
+    from onevlm.net.service import Service
+
+    try:
+        config = load_config(args.config)
+        service = Service(config)
+        service.start()
+    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"onevlm listening as {config.listener.ae_title} on {config.listener.host}:{service.listener.port} "
+          f"(spool {config.spool_dir}); research use only, not for clinical use", flush=True)
+    stop.wait()
+    service.stop()
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    import re
+
+    from onevlm.inputs.discovery import discover_files
+    from onevlm.dicom.header import is_dicom_file
+    from onevlm.net.sender import AssociationError, send_files
+
+    match = re.match(r"^([^@]{1,16})@([^:]+):(\d+)$", args.to)
+    if not match:
+        print(f"error: --to {args.to!r} must read AE_TITLE@HOST:PORT", file=sys.stderr)
+        return 2
+    files = [f for f in discover_files(args.paths) if is_dicom_file(f)]
+    if not files:
+        print("error: no DICOM files to send", file=sys.stderr)
+        return 1
+    try:
+        results = send_files(files, match.group(2), int(match.group(3)), match.group(1), args.aet)
+    except AssociationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"error: {r.path.name}: {r.error} (status {r.status})", file=sys.stderr)
+    print(f"sent {len(results) - len(failed)} of {len(results)} file(s) to {args.to}")
+    return 1 if failed else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from onevlm.net.config import ConfigError, load_config
+    from onevlm.net.service import read_status
+
+    try:
+        status = read_status(load_config(args.config))
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=None if args.json else 2))
     return 0
 
 
@@ -305,6 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hint", help="modality hint for PNG/JPEG inputs (e.g. 'chest X-ray scan')")
     p.set_defaults(func=cmd_route)
 
+    p = sub.add_parser("serve", help="run the DICOM listener service (C-STORE in, results out)")
+    p.add_argument("--config", required=True, help="service configuration (YAML); see config/onevlm-service.example.yaml")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("send", help="send DICOM files by C-STORE (each in its own transfer syntax)")
+    p.add_argument("paths", nargs="+", help="files or folders")
+    p.add_argument("--to", required=True, help="AE_TITLE@HOST:PORT of the receiving node")
+    p.add_argument("--aet", default="ONEVLM_SCU", help="our (calling) AE title")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("status", help="counts of the listener service (received, queued, processed, exported…)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("summary", help="print the per-series routing outcome of an app output folder")
     p.add_argument("output_dir", help="folder holding metadata.json (written by the MONAI Deploy app)")
     p.set_defaults(func=cmd_summary)
@@ -356,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup(args.verbose)
+    _setup(args.verbose, args.command)
     return int(args.func(args) or 0)
 
 

@@ -1,0 +1,260 @@
+"""Service configuration (YAML), validated: every error names the field."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # 1-16 printable characters, no backslash
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for the listener or a destination: our certificate/key, the CA to verify peers with."""
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require: bool = False
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """The Storage SCP."""
+
+    ae_title: str = "ONEVLM"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_ae_titles: tuple[str, ...] = ()
+    allowed_addresses: tuple[str, ...] = ()
+    max_associations: int = 16
+    max_pdu_bytes: int = 1_048_576
+    max_instance_bytes: int = 2_147_483_647
+    network_timeout_seconds: float = 60.0
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM node results are sent to by C-STORE."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What runs on a complete study: the router (and later the specialty model)."""
+
+    backend: str = "embedded"
+    model_dir: Path | None = None
+    cards_dir: Path | None = None
+    cutoffs: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything ``onevlm serve`` needs."""
+
+    spool_dir: Path
+    listener: ListenerConfig = field(default_factory=ListenerConfig)
+    group_by: str = "study"
+    idle_seconds: float = 5.0
+    destinations: tuple[Destination, ...] = ()
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+    max_export_attempts: int = 20
+    workers: int = 1
+    status_port: int | None = None
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    source: str = "<memory>"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.spool_dir / "journal.sqlite"
+
+
+def _err(source: str, where: str, problem: str) -> ConfigError:
+    return ConfigError(f"{source}: {where}: {problem}")
+
+
+def _mapping(value: Any, source: str, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _err(source, where, "must be a mapping")
+    return value
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], source: str, where: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise _err(source, f"{where}.{unknown[0]}" if where else unknown[0], "is not a known setting")
+
+
+def _ae(value: Any, source: str, where: str) -> str:
+    if not isinstance(value, str) or not AE_TITLE.match(value) or not value.strip():
+        raise _err(source, where, f"{value!r} is not an AE title (1-16 printable characters, no backslash)")
+    return value.strip()
+
+
+def _port(value: Any, source: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _err(source, where, f"{value!r} is not a TCP port (1-65535)")
+    return value
+
+
+def _positive(value: Any, source: str, where: str, integer: bool = False) -> float | int:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        raise _err(source, where, f"{value!r} must be a positive {'integer' if integer else 'number'}")
+    return value
+
+
+def _path(value: Any, source: str, where: str, base: Path, must_exist: bool = False) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _err(source, where, "must be a path")
+    path = Path(value)
+    path = path if path.is_absolute() else base / path
+    if must_exist and not path.exists():
+        raise _err(source, where, f"{path} does not exist")
+    return path
+
+
+def _tls(data: Any, source: str, where: str, base: Path) -> TlsConfig:
+    data = _mapping(data, source, where)
+    _check_keys(data, {"certificate", "private_key", "ca_certificates", "require"}, source, where)
+    tls = TlsConfig(
+        certificate=_path(data.get("certificate"), source, f"{where}.certificate", base, True),
+        private_key=_path(data.get("private_key"), source, f"{where}.private_key", base, True),
+        ca_certificates=_path(data.get("ca_certificates"), source, f"{where}.ca_certificates", base, True),
+        require=bool(data.get("require", False)),
+    )
+    if (tls.certificate is None) != (tls.private_key is None):
+        raise _err(source, where, "certificate and private_key go together")
+    return tls
+
+
+def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) -> ServiceConfig:
+    """Validate a parsed YAML document into a :class:`ServiceConfig`.
+
+    Relative paths are resolved against ``base`` (the config file's folder).
+    """
+    base = base or Path.cwd()
+    data = _mapping(data, source, "<document>")
+    _check_keys(data, {"spool_dir", "listener", "grouping", "destinations", "retry", "workers", "status_port",
+                       "pipeline"}, source, "")
+    if "spool_dir" not in data:
+        raise _err(source, "spool_dir", "is required")
+    spool = _path(data["spool_dir"], source, "spool_dir", base)
+
+    lst = _mapping(data.get("listener"), source, "listener")
+    _check_keys(lst, {"ae_title", "host", "port", "allowed_calling_ae_titles", "allowed_addresses",
+                      "max_associations", "max_pdu_bytes", "max_instance_bytes", "network_timeout_seconds", "tls"},
+                source, "listener")
+    allowed = lst.get("allowed_calling_ae_titles", [])
+    if not isinstance(allowed, list):
+        raise _err(source, "listener.allowed_calling_ae_titles", "must be a list of AE titles")
+    addresses = lst.get("allowed_addresses", [])
+    if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+        raise _err(source, "listener.allowed_addresses", "must be a list of IP addresses")
+    defaults = ListenerConfig()
+    listener = ListenerConfig(
+        ae_title=_ae(lst.get("ae_title", defaults.ae_title), source, "listener.ae_title"),
+        host=str(lst.get("host", defaults.host)),
+        port=_port(lst.get("port", defaults.port), source, "listener.port"),
+        allowed_calling_ae_titles=tuple(_ae(a, source, "listener.allowed_calling_ae_titles") for a in allowed),
+        allowed_addresses=tuple(addresses),
+        max_associations=int(_positive(lst.get("max_associations", defaults.max_associations), source,
+                                       "listener.max_associations", integer=True)),
+        max_pdu_bytes=int(_positive(lst.get("max_pdu_bytes", defaults.max_pdu_bytes), source,
+                                    "listener.max_pdu_bytes", integer=True)),
+        max_instance_bytes=int(_positive(lst.get("max_instance_bytes", defaults.max_instance_bytes), source,
+                                         "listener.max_instance_bytes", integer=True)),
+        network_timeout_seconds=float(_positive(lst.get("network_timeout_seconds", defaults.network_timeout_seconds),
+                                                source, "listener.network_timeout_seconds")),
+        tls=_tls(lst.get("tls"), source, "listener.tls", base),
+    )
+    if listener.tls.require and listener.tls.certificate is None:
+        raise _err(source, "listener.tls", "require: true needs a certificate and private_key")
+
+    grouping = _mapping(data.get("grouping"), source, "grouping")
+    _check_keys(grouping, {"by", "idle_seconds"}, source, "grouping")
+    group_by = grouping.get("by", "study")
+    if group_by not in ("study", "series"):
+        raise _err(source, "grouping.by", f"{group_by!r} must be 'study' or 'series'")
+    idle = float(_positive(grouping.get("idle_seconds", 5.0), source, "grouping.idle_seconds"))
+
+    destinations = []
+    raw_destinations = data.get("destinations", [])
+    if not isinstance(raw_destinations, list):
+        raise _err(source, "destinations", "must be a list")
+    for i, d in enumerate(raw_destinations):
+        where = f"destinations[{i}]"
+        d = _mapping(d, source, where)
+        _check_keys(d, {"name", "ae_title", "host", "port", "tls"}, source, where)
+        for key in ("name", "ae_title", "host", "port"):
+            if key not in d:
+                raise _err(source, f"{where}.{key}", "is required")
+        destinations.append(Destination(
+            name=str(d["name"]), ae_title=_ae(d["ae_title"], source, f"{where}.ae_title"), host=str(d["host"]),
+            port=_port(d["port"], source, f"{where}.port"), tls=_tls(d.get("tls"), source, f"{where}.tls", base),
+        ))
+    if len({d.name for d in destinations}) != len(destinations):
+        raise _err(source, "destinations", "names must be unique")
+
+    retry = _mapping(data.get("retry"), source, "retry")
+    _check_keys(retry, {"base_seconds", "max_seconds", "max_attempts"}, source, "retry")
+    pipe = _mapping(data.get("pipeline"), source, "pipeline")
+    _check_keys(pipe, {"backend", "model_dir", "cards_dir", "cutoffs"}, source, "pipeline")
+    backend = pipe.get("backend", "embedded")
+    if backend not in ("embedded", "transformers"):
+        raise _err(source, "pipeline.backend", f"{backend!r} must be 'embedded' or 'transformers'")
+    pipeline = PipelineConfig(
+        backend=backend,
+        model_dir=_path(pipe.get("model_dir"), source, "pipeline.model_dir", base, True),
+        cards_dir=_path(pipe.get("cards_dir"), source, "pipeline.cards_dir", base, True),
+        cutoffs=_path(pipe.get("cutoffs"), source, "pipeline.cutoffs", base, True),
+    )
+    if backend == "transformers" and pipeline.model_dir is None:
+        raise _err(source, "pipeline.model_dir", "is required for the transformers backend")
+    status_port = data.get("status_port")
+    return ServiceConfig(
+        spool_dir=spool,
+        listener=listener,
+        group_by=group_by,
+        idle_seconds=idle,
+        destinations=tuple(destinations),
+        retry_base_seconds=float(_positive(retry.get("base_seconds", 2.0), source, "retry.base_seconds")),
+        retry_max_seconds=float(_positive(retry.get("max_seconds", 300.0), source, "retry.max_seconds")),
+        max_export_attempts=int(_positive(retry.get("max_attempts", 20), source, "retry.max_attempts", integer=True)),
+        workers=int(_positive(data.get("workers", 1), source, "workers", integer=True)),
+        status_port=None if status_port is None else _port(status_port, source, "status_port"),
+        pipeline=pipeline,
+        source=source,
+    )
+
+
+def load_config(path: str | Path) -> ServiceConfig:
+    """Read and validate a YAML configuration file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_config(data, source=str(path), base=path.parent)

@@ -1,0 +1,242 @@
+"""The service's state in SQLite: received instances, study groups, the export outbox, counters.
+
+The spool's files are the durable record of what was acknowledged; the journal adds what was
+done with them. Every write commits before the caller goes on (WAL, synchronous FULL), so after
+a crash the journal and the spool are rescanned and nothing acknowledged is forgotten.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    group_key TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sop_class_uid TEXT,
+    calling_ae TEXT,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS groups (
+    group_key TEXT PRIMARY KEY,
+    status TEXT NOT NULL,            -- receiving | queued | processing | done | failed
+    last_received REAL NOT NULL,
+    received INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    group_key TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    status TEXT NOT NULL,            -- pending | sent | failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    sent_at REAL,
+    UNIQUE (sop_instance_uid, destination)
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+COUNTERS = ("received", "duplicates", "quarantined", "refused", "processed", "exported", "export_failures", "failed")
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    group_key: str
+    destination: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: Path
+    attempts: int
+
+
+class Journal:
+    """Thread-safe access to the service's SQLite journal."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _bump(self, db: sqlite3.Connection, name: str, by: int = 1) -> None:
+        db.execute("INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?",
+                   (name, by, by))
+
+    def count(self, name: str, by: int = 1) -> None:
+        with self._tx() as db:
+            self._bump(db, name, by)
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    def record_instance(self, sop_uid: str, group_key: str, path: Path, sop_class: str, calling_ae: str,
+                        now: float | None = None) -> bool:
+        """Record a stored instance; its group (re)opens for receiving. False for a duplicate."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
+                             (sop_uid, group_key, str(path), sop_class, calling_ae, now))
+            new = cur.rowcount == 1
+            self._bump(db, "received" if new else "duplicates")
+            db.execute(
+                "INSERT INTO groups(group_key, status, last_received, received, updated_at) VALUES (?, 'receiving', ?, ?, ?) "
+                "ON CONFLICT(group_key) DO UPDATE SET status = CASE WHEN status IN ('queued', 'processing') "
+                "THEN status ELSE 'receiving' END, last_received = ?, received = received + ?, updated_at = ?",
+                (group_key, now, int(new), now, now, int(new), now),
+            )
+            return new
+
+    def due_groups(self, idle_seconds: float, now: float | None = None) -> list[str]:
+        """Groups idle for ``idle_seconds``: mark them queued and return them."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = db.execute("SELECT group_key FROM groups WHERE status = 'receiving' AND last_received <= ?",
+                              (now - idle_seconds,)).fetchall()
+            keys = [r[0] for r in rows]
+            db.executemany("UPDATE groups SET status = 'queued', updated_at = ? WHERE group_key = ?",
+                           [(now, k) for k in keys])
+            return keys
+
+    def set_group(self, group_key: str, status: str, error: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE groups SET status = ?, error = ?, updated_at = ?, attempts = attempts + ? "
+                       "WHERE group_key = ?", (status, error, time.time(), int(status == "processing"), group_key))
+            if status == "done":
+                self._bump(db, "processed")
+            elif status == "failed":
+                self._bump(db, "failed")
+
+    def group_received_since(self, group_key: str, since: float) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT last_received FROM groups WHERE group_key = ?", (group_key,)).fetchone()
+        return bool(row and row[0] > since)
+
+    def recover(self, spool_files: list[tuple[str, Path]]) -> int:
+        """After a restart: unfinished groups go back to receiving; files missing from the journal
+        (acknowledged, then a crash before the journal write) are recorded. Returns files added."""
+        now = time.time()
+        added = 0
+        with self._tx() as db:
+            db.execute("UPDATE groups SET status = 'receiving', updated_at = ? WHERE status IN ('queued', 'processing')",
+                       (now,))
+            for group_key, path in spool_files:
+                cur = db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, '', 'recovered', ?)",
+                                 (path.stem, group_key, str(path), now))
+                if cur.rowcount:
+                    added += 1
+                    self._bump(db, "received")
+                    db.execute(
+                        "INSERT INTO groups(group_key, status, last_received, received, updated_at) "
+                        "VALUES (?, 'receiving', ?, 1, ?) ON CONFLICT(group_key) DO UPDATE SET "
+                        "status = 'receiving', received = received + 1, updated_at = ?",
+                        (group_key, now, now, now),
+                    )
+        return added
+
+    # -- exporting ------------------------------------------------------------------------------
+
+    def enqueue_export(self, group_key: str, destination: str, sop_uid: str, sop_class: str, path: Path,
+                       digest: str) -> bool:
+        """Queue a result file for a destination; the same content is never queued twice."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT digest FROM outbox WHERE sop_instance_uid = ? AND destination = ?",
+                             (sop_uid, destination)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO outbox(group_key, destination, sop_instance_uid, sop_class_uid, path, digest, "
+                           "status, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
+                           (group_key, destination, sop_uid, sop_class, str(path), digest, now))
+                return True
+            if row[0] != digest:  # the study grew and its result changed: send the new version
+                db.execute("UPDATE outbox SET digest = ?, path = ?, status = 'pending', attempts = 0, "
+                           "next_attempt_at = ?, last_error = NULL WHERE sop_instance_uid = ? AND destination = ?",
+                           (digest, str(path), now, sop_uid, destination))
+                return True
+            return False
+
+    def due_exports(self, now: float | None = None, limit: int = 200) -> list[OutboxItem]:
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, group_key, destination, sop_instance_uid, sop_class_uid, path, attempts FROM outbox "
+                "WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?", (now, limit)).fetchall()
+        return [OutboxItem(r[0], r[1], r[2], r[3], r[4], Path(r[5]), r[6]) for r in rows]
+
+    def mark_sent(self, item_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET status = 'sent', sent_at = ?, last_error = NULL WHERE id = ?",
+                       (time.time(), item_id))
+            self._bump(db, "exported")
+
+    def mark_failed_attempt(self, item_id: int, error: str, retry_at: float | None) -> None:
+        """Record a failed send; ``retry_at`` None gives up (status failed)."""
+        with self._tx() as db:
+            if retry_at is None:
+                db.execute("UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ? WHERE id = ?",
+                           (error, item_id))
+            else:
+                db.execute("UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id = ?",
+                           (retry_at, error, item_id))
+            self._bump(db, "export_failures")
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """Counts for the status command/endpoint."""
+        with self._lock:
+            counters = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+            groups = dict(self._db.execute("SELECT status, COUNT(*) FROM groups GROUP BY status").fetchall())
+            outbox = dict(self._db.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall())
+        return {
+            "received": counters.get("received", 0),
+            "duplicates": counters.get("duplicates", 0),
+            "quarantined": counters.get("quarantined", 0),
+            "refused": counters.get("refused", 0),
+            "queued": groups.get("receiving", 0) + groups.get("queued", 0) + groups.get("processing", 0),
+            "processed": groups.get("done", 0),
+            "failed": groups.get("failed", 0) + outbox.get("failed", 0),
+            "exported": outbox.get("sent", 0),
+            "export_pending": outbox.get("pending", 0),
+            "export_failures": counters.get("export_failures", 0),
+            "groups": groups,
+            "outbox": outbox,
+        }
+
+    def sent_count(self, sop_uid: str, destination: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM outbox WHERE sop_instance_uid = ? AND destination = ? "
+                                   "AND status = 'sent'", (sop_uid, destination)).fetchone()
+        return int(row[0])

@@ -1,0 +1,171 @@
+"""The Storage SCP: C-ECHO and C-STORE for every storage SOP class, acknowledging only what is stored.
+
+The C-STORE handler writes the encoded dataset to the spool (fsync, atomic rename) and records
+it before it returns Success; it does no inference. Failure to store answers 0xA700 (out of
+resources); a dataset we cannot parse is quarantined and answered 0xC000 (cannot understand).
+Calling AE titles are checked against an allow-list, the called AE title must match, source
+addresses can be restricted, and TLS can be required.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from typing import Callable
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from onevlm.net.config import ListenerConfig
+from onevlm.net.journal import Journal
+from onevlm.net.spool import Spool, SpoolError
+from onevlm.net.tls import server_context
+
+logger = logging.getLogger(__name__)
+
+#: Retired image storage SOP classes still found in archives (pynetdicom lists only current ones).
+RETIRED_STORAGE = (
+    "1.2.840.10008.5.1.4.1.1.3",  # Ultrasound Multi-frame Image Storage (Retired)
+    "1.2.840.10008.5.1.4.1.1.5",  # Nuclear Medicine Image Storage (Retired)
+    "1.2.840.10008.5.1.4.1.1.6",  # Ultrasound Image Storage (Retired)
+)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Disable Nagle's algorithm: without it every C-STORE response waits ~45 ms for an ACK."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # a socket already closed by the peer
+        pass
+
+
+class Listener:
+    """A running (or startable) Storage SCP bound to a spool and a journal."""
+
+    def __init__(self, config: ListenerConfig, spool: Spool, journal: Journal,
+                 on_stored: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.journal = journal
+        self.on_stored = on_stored
+        self._server = None
+        self._networks = [ipaddress.ip_network(a, strict=False) for a in config.allowed_addresses]
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.config.ae_title)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        for uid in RETIRED_STORAGE:
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(self.config.allowed_calling_ae_titles)
+        ae.maximum_associations = self.config.max_associations
+        ae.maximum_pdu_size = self.config.max_pdu_bytes
+        ae.network_timeout = self.config.network_timeout_seconds
+        ae.acse_timeout = min(30.0, self.config.network_timeout_seconds)
+        ae.dimse_timeout = self.config.network_timeout_seconds
+        return ae
+
+    def _address_allowed(self, host: str) -> bool:
+        if not self._networks:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self._networks)
+
+    def _handle_echo(self, event) -> int:
+        return SUCCESS
+
+    def _handle_store(self, event) -> int:
+        calling = event.assoc.requestor.ae_title
+        try:
+            size = len(event.request.DataSet.getvalue())
+        except Exception:
+            size = 0
+        if size > self.config.max_instance_bytes:
+            self.journal.count("refused")
+            logger.warning("event=refused reason=too_large bytes=%d calling_ae=%s", size, calling)
+            return OUT_OF_RESOURCES
+        try:
+            encoded = event.encoded_dataset(include_meta=True)
+        except Exception as exc:
+            self.journal.count("refused")
+            logger.warning("event=refused reason=unreadable calling_ae=%s error=%s", calling, exc)
+            return CANNOT_UNDERSTAND
+        try:
+            stored = self.spool.store(encoded)
+        except ValueError as exc:
+            path = self.spool.quarantine(encoded, f"calling AE {calling}: {exc}")
+            self.journal.count("quarantined")
+            logger.warning("event=quarantined file=%s calling_ae=%s reason=%s", path.name, calling, exc)
+            return CANNOT_UNDERSTAND
+        except SpoolError as exc:
+            logger.error("event=store_failed calling_ae=%s error=%s", calling, exc)
+            return OUT_OF_RESOURCES
+        try:
+            new = self.journal.record_instance(stored.sop_instance_uid, stored.group_key, stored.path,
+                                               stored.sop_class_uid, calling)
+        except Exception as exc:  # the file is durable; a restart's recovery records it
+            logger.error("event=journal_failed sop=%s error=%s", stored.sop_instance_uid, exc)
+            new = True
+        logger.info("event=%s sop=%s group=%s calling_ae=%s", "stored" if new else "duplicate",
+                    stored.sop_instance_uid, stored.group_key, calling)
+        if self.on_stored is not None:
+            self.on_stored(stored.group_key)
+        return SUCCESS
+
+    def _handle_rejected(self, event) -> None:
+        requestor = event.assoc.requestor
+        logger.warning("event=association_rejected address=%s calling_ae=%s called_ae=%s", requestor.address,
+                       requestor.ae_title, event.assoc.acceptor.ae_title)
+
+    def _handle_abort(self, event) -> None:
+        logger.info("event=association_aborted address=%s", event.assoc.requestor.address)
+
+    def start(self) -> None:
+        """Start serving in background threads (returns once the port is bound)."""
+        ae = self._make_ae()
+        handlers = [
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_REJECTED, self._handle_rejected),
+            (evt.EVT_ABORTED, self._handle_abort),
+        ]
+        server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers,
+                                 ssl_context=server_context(self.config.tls))
+        accept = server.get_request
+        allowed = self._address_allowed
+
+        def get_request():
+            sock, address = accept()
+            set_nodelay(sock)
+            return sock, address
+
+        def verify_request(request, client_address) -> bool:
+            if allowed(client_address[0]):
+                return True
+            logger.warning("event=connection_refused address=%s reason=address_not_allowed", client_address[0])
+            return False
+
+        server.get_request = get_request
+        server.verify_request = verify_request
+        self._server = server
+        logger.info("event=listening ae_title=%s host=%s port=%d tls=%s", self.config.ae_title, self.config.host,
+                    self.port, self.config.tls.certificate is not None)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server is not None else self.config.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

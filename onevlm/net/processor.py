@@ -1,0 +1,75 @@
+"""Run the pipeline on a complete group (study or series) and queue its results for export."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pydicom
+
+from onevlm.cards.repository import CardRepository
+from onevlm.net.config import Destination
+from onevlm.net.journal import Journal
+from onevlm.net.spool import Spool
+from onevlm.router.pipeline import Router
+from onevlm.study.outputs import write_study_outputs
+from onevlm.study.routing import route_study
+
+logger = logging.getLogger(__name__)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class GroupProcessor:
+    """Route a group's series, write its SRs, and put every result file in the outbox."""
+
+    def __init__(self, router: Router, cards: CardRepository, spool: Spool, journal: Journal,
+                 destinations: Sequence[Destination]) -> None:
+        self.router = router
+        self.cards = cards
+        self.spool = spool
+        self.journal = journal
+        self.destinations = destinations
+
+    def process(self, group_key: str) -> None:
+        """Process one queued group; its status ends ``done`` (or ``failed``, or ``receiving`` again
+        if instances arrived meanwhile)."""
+        started = time.time()
+        self.journal.set_group(group_key, "processing")
+        try:
+            study = route_study(self.router, [self.spool.group_folder(group_key)])
+            # Write next to the final folder, then swap it in: readers never see half the results.
+            final = self.spool.result_folder(group_key)
+            staging = final.with_name(f".{final.name}.staging")
+            shutil.rmtree(staging, ignore_errors=True)
+            outputs = write_study_outputs(study, staging, self.cards)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            queued = 0
+            for kind in ("sr", "seg", "annotations"):
+                for path in sorted((final / kind).glob("*.dcm")):
+                    header = pydicom.dcmread(path, stop_before_pixels=True)
+                    digest = _digest(path)
+                    for destination in self.destinations:
+                        queued += self.journal.enqueue_export(group_key, destination.name, str(header.SOPInstanceUID),
+                                                              str(header.SOPClassUID), path, digest)
+            meta = outputs.metadata
+            logger.info("event=processed group=%s series=%d routed=%d skipped=%d errors=%d queued_exports=%d "
+                        "seconds=%.2f", group_key, meta["series"], meta["routed"], meta["skipped"], meta["errors"],
+                        queued, time.time() - started)
+        except Exception as exc:
+            logger.exception("event=processing_failed group=%s", group_key)
+            self.journal.set_group(group_key, "failed", f"{type(exc).__name__}: {exc}")
+            return
+        if self.journal.group_received_since(group_key, started):
+            self.journal.set_group(group_key, "receiving")  # more arrived: process again after the idle time
+        else:
+            self.journal.set_group(group_key, "done")

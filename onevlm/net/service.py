@@ -1,0 +1,151 @@
+"""``onevlm serve``: the listener, study assembly, the pipeline workers and the exporter together.
+
+Threads: the pynetdicom server (one per association), an assembler that queues groups idle for
+``idle_seconds``, ``workers`` pipeline workers, one exporter, and an optional HTTP status
+endpoint (``GET /status`` → JSON counts). On start, partial writes are cleared and the journal
+is reconciled with the spool, so every acknowledged instance is processed after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from onevlm.backends import create_backend
+from onevlm.calibration.cutoffs import Cutoffs
+from onevlm.cards.repository import CardRepository, default_cards_dir
+from onevlm.net.config import ServiceConfig
+from onevlm.net.exporter import Exporter
+from onevlm.net.journal import Journal
+from onevlm.net.listener import Listener
+from onevlm.net.processor import GroupProcessor
+from onevlm.net.spool import Spool
+from onevlm.router.pipeline import Router
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2
+
+
+def build_router(config: ServiceConfig) -> tuple[Router, CardRepository]:
+    """The router the workers share; models load now, so a bad path fails at start-up."""
+    pipeline = config.pipeline
+    cards = CardRepository.load(pipeline.cards_dir or default_cards_dir())
+    options = {"model_dir": str(pipeline.model_dir)} if pipeline.model_dir else {}
+    backend = create_backend(pipeline.backend, cards, **options)
+    backend.warm_up()
+    cutoffs = Cutoffs.load(pipeline.cutoffs) if pipeline.cutoffs else Cutoffs()
+    return Router(cards, backend, cutoffs), cards
+
+
+class Service:
+    """The whole service; :meth:`start` returns once it listens, :meth:`stop` shuts it down."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.spool = Spool(config.spool_dir, config.group_by)
+        self.journal = Journal(config.journal_path)
+        self.router, self.cards = build_router(config)
+        self.listener = Listener(config.listener, self.spool, self.journal)
+        self.processor = GroupProcessor(self.router, self.cards, self.spool, self.journal, config.destinations)
+        self.exporter = Exporter(self.journal, config.destinations, config.listener.ae_title,
+                                 config.retry_base_seconds, config.retry_max_seconds, config.max_export_attempts)
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._status_server: ThreadingHTTPServer | None = None
+        self._pipeline_lock = threading.Lock()  # one model in memory: pipeline runs take turns
+
+    def start(self) -> None:
+        cleared = self.spool.clear_partial_writes()
+        recovered = self.journal.recover(self.spool.scan())
+        if cleared or recovered:
+            logger.info("event=recovered partial_writes_cleared=%d instances_recorded=%d", cleared, recovered)
+        self.listener.start()
+        self._spawn("assembler", self._assemble)
+        for n in range(self.config.workers):
+            self._spawn(f"worker-{n}", self._work)
+        if self.config.destinations:
+            self._spawn("exporter", self._export)
+        if self.config.status_port is not None:
+            self._start_status()
+
+    def _spawn(self, name: str, target) -> None:
+        thread = threading.Thread(target=target, name=f"onevlm-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _assemble(self) -> None:
+        while not self._stop.wait(POLL_SECONDS):
+            try:
+                for key in self.journal.due_groups(self.config.idle_seconds):
+                    logger.info("event=group_complete group=%s", key)
+                    self._queue.put(key)
+            except Exception:
+                logger.exception("event=assembler_error")
+
+    def _work(self) -> None:
+        while True:
+            key = self._queue.get()
+            if key is None:
+                return
+            with self._pipeline_lock:
+                self.processor.process(key)
+
+    def _export(self) -> None:
+        while not self._stop.wait(POLL_SECONDS):
+            try:
+                self.exporter.run_once()
+            except Exception:
+                logger.exception("event=exporter_error")
+
+    def status(self) -> dict:
+        return {**self.journal.status(), "quarantine_files": self.spool.quarantined(),
+                "listening": f"{self.config.listener.ae_title}@{self.config.listener.host}:{self.listener.port}"}
+
+    def _start_status(self) -> None:
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                if self.path.rstrip("/") not in ("/status", ""):
+                    self.send_error(404)
+                    return
+                body = json.dumps(service.status()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                return
+
+        self._status_server = ThreadingHTTPServer((self.config.listener.host, self.config.status_port), Handler)
+        self._spawn("status", self._status_server.serve_forever)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.listener.stop()
+        for _ in range(self.config.workers):
+            self._queue.put(None)
+        if self._status_server is not None:
+            self._status_server.shutdown()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self.journal.close()
+
+
+def read_status(config: ServiceConfig) -> dict:
+    """Status counts read from the journal (works whether or not the service runs)."""
+    if not config.journal_path.exists():
+        raise FileNotFoundError(f"no journal at {config.journal_path}: the service has not run with this spool")
+    journal = Journal(config.journal_path)
+    try:
+        return {**journal.status(), "quarantine_files": Spool(config.spool_dir, config.group_by).quarantined()}
+    finally:
+        journal.close()

@@ -1,0 +1,155 @@
+"""The durable spool: a received instance is on disk (fsync'd, atomically renamed) before it is acknowledged.
+
+Layout under ``spool_dir``::
+
+    incoming/<group key>/<SOP Instance UID>.dcm   acknowledged instances, by study (or series)
+    quarantine/<time>_<n>.dcm + .reason.txt        datasets we could not understand
+    results/<group key>/                           what the pipeline wrote for a group
+    tmp/                                           partial writes (never read; cleared at start)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+
+logger = logging.getLogger(__name__)
+
+_SAFE = re.compile(r"^[0-9.]{1,64}$")
+
+
+class SpoolError(OSError):
+    """An instance could not be stored (disk full, permissions…)."""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """What the spool knows about an acknowledged instance."""
+
+    path: Path
+    group_key: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _uid(value: object, name: str) -> str:
+    text = str(value or "").strip()
+    if not _SAFE.match(text):
+        raise ValueError(f"{name} {text!r} is not a valid UID")
+    return text
+
+
+class Spool:
+    """Durable storage of received instances and of the pipeline's results.
+
+    Parameters
+    ----------
+    root:
+        The spool folder (created if missing).
+    group_by:
+        ``study`` or ``series``: the key received instances are grouped under.
+    """
+
+    def __init__(self, root: str | Path, group_by: str = "study") -> None:
+        if group_by not in ("study", "series"):
+            raise ValueError("group_by must be 'study' or 'series'")
+        self.root = Path(root)
+        self.group_by = group_by
+        self.incoming = self.root / "incoming"
+        self.quarantine_dir = self.root / "quarantine"
+        self.results = self.root / "results"
+        self.tmp = self.root / "tmp"
+        for folder in (self.incoming, self.quarantine_dir, self.results, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._counter = itertools.count()
+
+    def clear_partial_writes(self) -> int:
+        """Remove leftovers of writes a crash interrupted (they were never acknowledged)."""
+        leftovers = list(self.tmp.iterdir())
+        for path in leftovers:
+            path.unlink(missing_ok=True) if path.is_file() else shutil.rmtree(path, ignore_errors=True)
+        return len(leftovers)
+
+    def _write_tmp(self, data: bytes) -> Path:
+        path = self.tmp / f"{uuid.uuid4().hex}.part"
+        with open(path, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return path
+
+    def store(self, encoded: bytes) -> StoredInstance:
+        """Store one encoded instance (DICOM Part 10 bytes) durably and return where it went.
+
+        Raises
+        ------
+        ValueError
+            If the bytes are not a DICOM dataset with Study/Series/SOP UIDs (the caller
+            quarantines and refuses it).
+        SpoolError
+            If writing failed (the caller answers "out of resources").
+        """
+        try:
+            tmp = self._write_tmp(encoded)
+        except OSError as exc:
+            raise SpoolError(f"cannot write to the spool: {exc}") from exc
+        try:
+            ds = pydicom.dcmread(tmp, stop_before_pixels=True)
+            study = _uid(ds.get("StudyInstanceUID"), "Study Instance UID")
+            series = _uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
+            sop = _uid(ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID"), "SOP Instance UID")
+            sop_class = str(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or "")
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            raise ValueError(f"cannot parse the dataset: {type(exc).__name__}: {exc}") from exc
+        group = study if self.group_by == "study" else series
+        folder = self.incoming / group
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"{sop}.dcm"
+            os.replace(tmp, target)  # atomic: a reader sees the whole file or none
+            _fsync_dir(folder)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise SpoolError(f"cannot move the instance into the spool: {exc}") from exc
+        return StoredInstance(target, group, study, series, sop, sop_class)
+
+    def quarantine(self, encoded: bytes, reason: str) -> Path:
+        """Keep an unparseable dataset with a reason file beside it (for a person to look at)."""
+        stem = f"{time.strftime('%Y%m%dT%H%M%S')}_{os.getpid()}_{next(self._counter)}"
+        path = self.quarantine_dir / f"{stem}.dcm"
+        path.write_bytes(encoded)
+        (self.quarantine_dir / f"{stem}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+        return path
+
+    def group_folder(self, group_key: str) -> Path:
+        return self.incoming / group_key
+
+    def result_folder(self, group_key: str) -> Path:
+        return self.results / group_key
+
+    def scan(self) -> list[tuple[str, Path]]:
+        """Every acknowledged instance on disk as ``(group key, path)`` (used to recover after a crash)."""
+        return [(p.parent.name, p) for p in sorted(self.incoming.glob("*/*.dcm"))]
+
+    def quarantined(self) -> int:
+        return len(list(self.quarantine_dir.glob("*.dcm")))
