@@ -14,7 +14,8 @@ import logging
 import socket
 from typing import Callable
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt, sop_class
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification
 
 from onevlm.net.config import ListenerConfig
@@ -24,12 +25,22 @@ from onevlm.net.tls import server_context
 
 logger = logging.getLogger(__name__)
 
-#: Retired image storage SOP classes still found in archives (pynetdicom lists only current ones).
-RETIRED_STORAGE = (
-    "1.2.840.10008.5.1.4.1.1.3",  # Ultrasound Multi-frame Image Storage (Retired)
-    "1.2.840.10008.5.1.4.1.1.5",  # Nuclear Medicine Image Storage (Retired)
-    "1.2.840.10008.5.1.4.1.1.6",  # Ultrasound Image Storage (Retired)
-)
+#: Retired image storage SOP classes still found in archives (pynetdicom knows only current ones).
+RETIRED_STORAGE = {
+    "1.2.840.10008.5.1.4.1.1.3": "UltrasoundMultiFrameImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.5": "NuclearMedicineImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.6": "UltrasoundImageStorageRetired",
+}
+
+
+def register_retired_storage() -> None:
+    """Teach pynetdicom that retired storage SOP classes are storage (else it aborts on them)."""
+    for uid, keyword in RETIRED_STORAGE.items():
+        if keyword not in sop_class.__dict__:
+            sop_class.register_uid(uid, keyword, StorageServiceClass)
+
+
+register_retired_storage()
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
