@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 # holoscan (MONAI Deploy) wants a large stack; harmless for everything else.
 RUN    := ulimit -s 32768 2>/dev/null; HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: demo route-samples test install install-dev clean device-wheels bench
+.PHONY: demo demo-app serve route-samples test install install-dev clean device-wheels bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,19 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-## demo: the MONAI Deploy app over dicom_samples/ (embedded default): one routing SR per series in out/app/
+## demo: the whole loop on loopback: scanner -> onevlm listener -> router -> SRs -> PACS stand-in
 demo: install
+	$(RUN) $(BIN)/python demo/pacs_loop.py
+
+## demo-app: the MONAI Deploy app over dicom_samples/ (embedded default): one routing SR per series in out/app/
+demo-app: install
 	@rm -rf out/app
 	$(RUN) $(BIN)/python -m apps.router_app -i dicom_samples -o out/app -l WARN
 	$(RUN) $(BIN)/onevlm summary out/app
+
+## serve: the listener service with the example configuration (config/onevlm-service.example.yaml)
+serve: install
+	$(RUN) $(BIN)/onevlm serve --config $(or $(CONFIG),config/onevlm-service.example.yaml)
 
 ## route-samples: the router CLI over dicom_samples/, each stage's top-2 answers printed
 route-samples: install

@@ -1,8 +1,10 @@
 """The service's state in SQLite: received instances, study groups, the export outbox, counters.
 
-The spool's files are the durable record of what was acknowledged; the journal adds what was
-done with them. Every write commits before the caller goes on (WAL, synchronous FULL), so after
-a crash the journal and the spool are rescanned and nothing acknowledged is forgotten.
+The spool's files are the durable record of what was acknowledged (fsync'd before the ack); the
+journal adds what was done with them. It runs in WAL mode with synchronous NORMAL: a crash can
+lose its last commits but never corrupt it, and on start :meth:`Journal.recover` rescans the
+spool, so nothing acknowledged is forgotten; an export that was sent but whose "sent" mark was
+lost is sent again with the same SOP Instance UID (a PACS keeps one copy).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class Journal:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ Layout under ``spool_dir``::
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import os
@@ -25,6 +26,7 @@ import pydicom
 logger = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"^[0-9.]{1,64}$")
+HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
 
 
 class SpoolError(OSError):
@@ -109,18 +111,18 @@ class Spool:
             If writing failed (the caller answers "out of resources").
         """
         try:
-            tmp = self._write_tmp(encoded)
-        except OSError as exc:
-            raise SpoolError(f"cannot write to the spool: {exc}") from exc
-        try:
-            ds = pydicom.dcmread(tmp, stop_before_pixels=True)
+            # Parse the header from memory first: what cannot be understood is never written here.
+            ds = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True, specific_tags=HEADER_TAGS)
             study = _uid(ds.get("StudyInstanceUID"), "Study Instance UID")
             series = _uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
             sop = _uid(ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID"), "SOP Instance UID")
             sop_class = str(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or "")
         except Exception as exc:
-            tmp.unlink(missing_ok=True)
             raise ValueError(f"cannot parse the dataset: {type(exc).__name__}: {exc}") from exc
+        try:
+            tmp = self._write_tmp(encoded)
+        except OSError as exc:
+            raise SpoolError(f"cannot write to the spool: {exc}") from exc
         group = study if self.group_by == "study" else series
         folder = self.incoming / group
         try:

@@ -1,0 +1,213 @@
+"""Ingest benchmark: files/s for 0.5 MB CT images sent by dcmtk storescu, side by side.
+
+Receivers, each on loopback, each fed by the same storescu (TCP_NODELAY=1):
+
+- ``onevlm``: our listener (spool with fsync + atomic rename, SQLite journal) — durable;
+- ``storescp``: dcmtk's storescp writing to disk (``--fork`` for several associations) — no fsync;
+- ``pynetdicom-default``: a plain pynetdicom Storage SCP as its documentation shows it
+  (decode the dataset, ``save_as``), Nagle's algorithm left on.
+
+Runs alternate between receivers, over one association and over four at once; medians and the
+ratios are printed. Research use only.
+
+    .venv/bin/python bench/ingest_bench.py --files 200 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pydicom  # noqa: E402
+from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+
+from onevlm.net.config import ListenerConfig  # noqa: E402
+from onevlm.net.journal import Journal  # noqa: E402
+from onevlm.net.listener import Listener  # noqa: E402
+from onevlm.net.spool import Spool  # noqa: E402
+
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_files(folder: Path, count: int) -> list[Path]:
+    """``count`` copies of a real 512×512 CT (≈0.5 MB, uncompressed), each a new instance."""
+    source = get_testdata_file("693_UNCR.dcm", download=False)
+    if source is None:
+        raise SystemExit("pydicom-data is needed (pip install pydicom-data)")
+    ds = pydicom.dcmread(source)
+    study = generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = ds.SeriesInstanceUID if i % 50 else generate_uid()
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = folder / f"ct_{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+class OnevlmReceiver:
+    name = "onevlm"
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+
+    def __enter__(self):
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.spool = Spool(self.work / "spool")
+        self.journal = Journal(self.work / "journal.sqlite")
+        self.listener = Listener(ListenerConfig(ae_title="RECEIVER", port=free_port(), max_associations=8),
+                                 self.spool, self.journal)
+        self.listener.start()
+        self.port = self.listener.port
+        return self
+
+    def __exit__(self, *exc):
+        self.listener.stop()
+        self.journal.close()
+
+    def received(self) -> int:
+        return self.journal.status()["received"]
+
+
+class StorescpReceiver:
+    name = "storescp"
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+
+    def __enter__(self):
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        self.port = free_port()
+        self.process = subprocess.Popen(["storescp", "--fork", "-aet", "RECEIVER", "-od", str(self.work), str(self.port)],
+                                        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port)
+        return self
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+    def received(self) -> int:
+        return len(list(self.work.glob("*")))
+
+
+class PynetdicomDefaultReceiver:
+    name = "pynetdicom-default"
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+
+    def __enter__(self):
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        self.port = free_port()
+        ae = AE(ae_title="RECEIVER")
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.maximum_associations = 8
+        folder = self.work
+
+        def handle_store(event):
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+            return 0x0000
+
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+    def received(self) -> int:
+        return len(list(self.work.glob("*.dcm")))
+
+
+def _wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def send(files: list[Path], port: int, associations: int) -> float:
+    """Seconds for ``associations`` storescu processes to send ``files`` between them."""
+    chunks = [files[i::associations] for i in range(associations)]
+    started = time.perf_counter()
+    processes = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", "RECEIVER", "127.0.0.1", str(port), *map(str, chunk)],
+                                  env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for chunk in chunks]
+    errors = [p.communicate()[1] for p in processes]
+    seconds = time.perf_counter() - started
+    for p, err in zip(processes, errors):
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    if shutil.which("storescu") is None or shutil.which("storescp") is None:
+        raise SystemExit("dcmtk (storescu, storescp) is needed: apt-get install dcmtk")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        files = make_files(root / "files", args.files)
+        receivers = [OnevlmReceiver(root / "onevlm"), StorescpReceiver(root / "storescp"),
+                     PynetdicomDefaultReceiver(root / "pynetdicom")]
+        rates: dict[tuple[str, int], list[float]] = {}
+        for _ in range(args.repeat):
+            for associations in (1, 4):
+                for receiver in receivers:
+                    with receiver as running:
+                        seconds = send(files, running.port, associations)
+                        got = running.received()
+                    if got != len(files):
+                        raise RuntimeError(f"{receiver.name}: {got} of {len(files)} files stored")
+                    rates.setdefault((receiver.name, associations), []).append(len(files) / seconds)
+    size = os.path.getsize(get_testdata_file("693_UNCR.dcm", download=False)) / 1e6
+    print(f"{args.files} CT files of {size:.2f} MB each, storescu with TCP_NODELAY=1, {args.repeat} alternating runs")
+    result = {}
+    for associations in (1, 4):
+        ours = statistics.median(rates[("onevlm", associations)])
+        print(f"  {associations} association(s):")
+        for receiver in receivers:
+            median = statistics.median(rates[(receiver.name, associations)])
+            result[f"{receiver.name}_{associations}"] = round(median, 1)
+            print(f"    {receiver.name:20s} {median:7.1f} files/s   onevlm / this = {ours / median:5.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
