@@ -2,7 +2,8 @@
 
 Receivers, each on loopback, each fed by the same storescu (TCP_NODELAY=1):
 
-- ``onevlm``: our listener (spool with fsync + atomic rename, SQLite journal) — durable;
+- ``onevlm``: our listener (spool with fsync + atomic rename, SQLite journal) — durable; also with
+  ``listener.processes: 2`` (two processes on one port, SO_REUSEPORT);
 - ``storescp``: dcmtk's storescp writing to disk (``--fork`` for several associations) — no fsync;
 - ``pynetdicom-default``: a plain pynetdicom Storage SCP as its documentation shows it
   (decode the dataset, ``save_as``), Nagle's algorithm left on.
@@ -34,7 +35,6 @@ import pydicom  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
-from onevlm.net.config import ListenerConfig  # noqa: E402
 from onevlm.net.journal import Journal  # noqa: E402
 from onevlm.net.listener import Listener  # noqa: E402
 from onevlm.net.spool import Spool  # noqa: E402
@@ -69,23 +69,35 @@ def make_files(folder: Path, count: int) -> list[Path]:
 
 
 class OnevlmReceiver:
-    name = "onevlm"
+    """Our listener (spool + journal; no pipeline), ``processes`` processes on one port."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, processes: int = 1) -> None:
         self.work = work
+        self.processes = processes
+        self.name = "onevlm" if processes == 1 else f"onevlm x{processes} processes"
 
     def __enter__(self):
+        from onevlm.net.config import parse_config
+        from onevlm.net.listener_process import start_listener_processes
+
         shutil.rmtree(self.work, ignore_errors=True)
-        self.spool = Spool(self.work / "spool")
-        self.journal = Journal(self.work / "journal.sqlite")
-        self.listener = Listener(ListenerConfig(ae_title="RECEIVER", port=free_port(), max_associations=8),
-                                 self.spool, self.journal)
+        self.port = free_port()
+        config = parse_config({"spool_dir": str(self.work / "spool"),
+                               "listener": {"ae_title": "RECEIVER", "port": self.port, "max_associations": 8,
+                                            "processes": self.processes}})
+        self.spool = Spool(config.spool_dir)
+        self.journal = Journal(config.journal_path)
+        self.listener = Listener(config.listener, self.spool, self.journal, reuse_port=self.processes > 1)
         self.listener.start()
-        self.port = self.listener.port
+        self.children, self.stop = start_listener_processes(config, self.processes - 1) if self.processes > 1 else ([], None)
         return self
 
     def __exit__(self, *exc):
         self.listener.stop()
+        if self.stop is not None:
+            self.stop.set()
+            for child in self.children:
+                child.join(10)
         self.journal.close()
 
     def received(self) -> int:
@@ -183,8 +195,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         files = make_files(root / "files", args.files)
-        receivers = [OnevlmReceiver(root / "onevlm"), StorescpReceiver(root / "storescp"),
-                     PynetdicomDefaultReceiver(root / "pynetdicom")]
+        receivers = [OnevlmReceiver(root / "onevlm"), OnevlmReceiver(root / "onevlm2", processes=2),
+                     StorescpReceiver(root / "storescp"), PynetdicomDefaultReceiver(root / "pynetdicom")]
         rates: dict[tuple[str, int], list[float]] = {}
         for _ in range(args.repeat):
             for associations in (1, 4):

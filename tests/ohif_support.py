@@ -243,6 +243,13 @@ class Orthanc:
         with urllib.request.urlopen(self.url + path, timeout=10) as response:
             return json.loads(response.read())
 
+    def post_json(self, path: str, body: dict):
+        """POST a JSON body to the REST API; returns the decoded answer."""
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
     def store(self, path: Path) -> dict:
         """POST one DICOM file to ``/instances``; returns Orthanc's answer (ID, Status...)."""
         request = urllib.request.Request(

@@ -39,6 +39,7 @@ class ListenerConfig:
     max_pdu_bytes: int = 1_048_576
     max_instance_bytes: int = 2_147_483_647
     network_timeout_seconds: float = 60.0
+    processes: int = 1
     tls: TlsConfig = field(default_factory=TlsConfig)
 
 
@@ -163,7 +164,8 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
 
     lst = _mapping(data.get("listener"), source, "listener")
     _check_keys(lst, {"ae_title", "host", "port", "allowed_calling_ae_titles", "allowed_addresses",
-                      "max_associations", "max_pdu_bytes", "max_instance_bytes", "network_timeout_seconds", "tls"},
+                      "max_associations", "max_pdu_bytes", "max_instance_bytes", "network_timeout_seconds", "processes",
+                      "tls"},
                 source, "listener")
     allowed = lst.get("allowed_calling_ae_titles", [])
     if not isinstance(allowed, list):
@@ -186,8 +188,11 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
                                          "listener.max_instance_bytes", integer=True)),
         network_timeout_seconds=float(_positive(lst.get("network_timeout_seconds", defaults.network_timeout_seconds),
                                                 source, "listener.network_timeout_seconds")),
+        processes=int(_positive(lst.get("processes", 1), source, "listener.processes", integer=True)),
         tls=_tls(lst.get("tls"), source, "listener.tls", base),
     )
+    if listener.processes > 1 and lst.get("port", defaults.port) == 0:
+        raise _err(source, "listener.port", "several listener processes need a fixed port (not 0)")
     if listener.tls.require and listener.tls.certificate is None:
         raise _err(source, "listener.tls", "require: true needs a certificate and private_key")
 

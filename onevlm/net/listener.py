@@ -12,11 +12,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import threading
 from typing import Callable
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt, sop_class
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from onevlm.net.config import ListenerConfig
 from onevlm.net.journal import Journal
@@ -55,17 +57,57 @@ def set_nodelay(sock: socket.socket) -> None:
         pass
 
 
+class AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, plus: TCP_NODELAY on every accepted socket, an address
+    allow-list checked before any byte is read, and (``reuse_port``) SO_REUSEPORT so several
+    listener processes share one port and the kernel spreads associations across them."""
+
+    reuse_port = False
+    allowed_networks: tuple = ()
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self):
+        sock, address = super().get_request()
+        set_nodelay(sock)
+        return sock, address
+
+    def verify_request(self, request, client_address) -> bool:
+        if not self.allowed_networks:
+            return True
+        try:
+            address = ipaddress.ip_address(client_address[0])
+        except ValueError:
+            return False
+        if any(address in network for network in self.allowed_networks):
+            return True
+        logger.warning("event=connection_refused address=%s reason=address_not_allowed", client_address[0])
+        return False
+
+
+class ReusePortAssociationServer(AssociationServer):
+    reuse_port = True
+
+
 class Listener:
-    """A running (or startable) Storage SCP bound to a spool and a journal."""
+    """A running (or startable) Storage SCP bound to a spool and a journal.
+
+    ``reuse_port``: bind with SO_REUSEPORT (several listener processes on one port).
+    """
 
     def __init__(self, config: ListenerConfig, spool: Spool, journal: Journal,
-                 on_stored: Callable[[str], None] | None = None) -> None:
+                 on_stored: Callable[[str], None] | None = None, reuse_port: bool = False) -> None:
         self.config = config
         self.spool = spool
         self.journal = journal
         self.on_stored = on_stored
+        self.reuse_port = reuse_port
         self._server = None
-        self._networks = [ipaddress.ip_network(a, strict=False) for a in config.allowed_addresses]
+        self._thread: threading.Thread | None = None
+        self._networks = tuple(ipaddress.ip_network(a, strict=False) for a in config.allowed_addresses)
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
@@ -82,15 +124,6 @@ class Listener:
         ae.acse_timeout = min(30.0, self.config.network_timeout_seconds)
         ae.dimse_timeout = self.config.network_timeout_seconds
         return ae
-
-    def _address_allowed(self, host: str) -> bool:
-        if not self._networks:
-            return True
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address in network for network in self._networks)
 
     def _handle_echo(self, event) -> int:
         return SUCCESS
@@ -150,25 +183,16 @@ class Listener:
             (evt.EVT_REJECTED, self._handle_rejected),
             (evt.EVT_ABORTED, self._handle_abort),
         ]
-        server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers,
-                                 ssl_context=server_context(self.config.tls))
-        accept = server.get_request
-        allowed = self._address_allowed
-
-        def get_request():
-            sock, address = accept()
-            set_nodelay(sock)
-            return sock, address
-
-        def verify_request(request, client_address) -> bool:
-            if allowed(client_address[0]):
-                return True
-            logger.warning("event=connection_refused address=%s reason=address_not_allowed", client_address[0])
-            return False
-
-        server.get_request = get_request
-        server.verify_request = verify_request
+        server_class = ReusePortAssociationServer if self.reuse_port else AssociationServer
+        server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
+                                ssl_context=server_context(self.config.tls), server_class=server_class)
+        server.allowed_networks = self._networks
+        # What AE.start_server does besides make_server: the AE counts its active associations
+        # (for maximum_associations) through its servers, and shutdown() removes the server again.
+        ae._servers.append(server)
         self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="onevlm-scp", daemon=True)
+        self._thread.start()
         logger.info("event=listening ae_title=%s host=%s port=%d tls=%s", self.config.ae_title, self.config.host,
                     self.port, self.config.tls.certificate is not None)
 

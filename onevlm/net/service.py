@@ -50,7 +50,9 @@ class Service:
         self.spool = Spool(config.spool_dir, config.group_by)
         self.journal = Journal(config.journal_path)
         self.router, self.cards = build_router(config)
-        self.listener = Listener(config.listener, self.spool, self.journal)
+        self.listener = Listener(config.listener, self.spool, self.journal, reuse_port=config.listener.processes > 1)
+        self._listener_processes: list = []
+        self._listener_stop = None
         self.processor = GroupProcessor(self.router, self.cards, self.spool, self.journal, config.destinations)
         self.exporter = Exporter(self.journal, config.destinations, config.listener.ae_title,
                                  config.retry_base_seconds, config.retry_max_seconds, config.max_export_attempts)
@@ -66,6 +68,11 @@ class Service:
         if cleared or recovered:
             logger.info("event=recovered partial_writes_cleared=%d instances_recorded=%d", cleared, recovered)
         self.listener.start()
+        if self.config.listener.processes > 1:
+            from onevlm.net.listener_process import start_listener_processes
+
+            self._listener_processes, self._listener_stop = start_listener_processes(
+                self.config, self.config.listener.processes - 1)
         self._spawn("assembler", self._assemble)
         for n in range(self.config.workers):
             self._spawn(f"worker-{n}", self._work)
@@ -131,6 +138,10 @@ class Service:
     def stop(self) -> None:
         self._stop.set()
         self.listener.stop()
+        if self._listener_stop is not None:
+            self._listener_stop.set()
+            for process in self._listener_processes:
+                process.join(timeout=10)
         for _ in range(self.config.workers):
             self._queue.put(None)
         if self._status_server is not None:
