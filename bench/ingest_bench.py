@@ -190,6 +190,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    from onevlm.runtime import configure_runtime
+
+    configure_runtime()  # as `onevlm serve` runs: lenient header reading, quiet third-party logs
     if shutil.which("storescu") is None or shutil.which("storescp") is None:
         raise SystemExit("dcmtk (storescu, storescp) is needed: apt-get install dcmtk")
     with tempfile.TemporaryDirectory() as tmp:
