@@ -71,8 +71,15 @@ class AssociationServer(ThreadedAssociationServer):
         super().server_bind()
 
     def get_request(self):
-        sock, address = super().get_request()
+        # Not super().get_request(): pynetdicom does the TLS handshake there, in the one thread that
+        # accepts connections, on a socket without a timeout, so a peer that connects and never
+        # starts the handshake blocks every other association. Here the handshake happens on the
+        # first read, in the association's own thread, and a silent peer times out.
+        sock, address = self.socket.accept()
+        sock.settimeout(self.ae.network_timeout)
         set_nodelay(sock)
+        if self.ssl_context:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
 
     def verify_request(self, request, client_address) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -23,8 +24,23 @@ from onevlm.study.routing import route_study
 logger = logging.getLogger(__name__)
 
 
+#: Attributes stamped with the time a result object was written: they differ on every run.
+_CREATION_TIMES = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
+
+
 def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """SHA-256 of a result file's content without its creation times, so processing a group again
+    with the same instances gives the same digest and the unchanged result is not queued again."""
+    ds = pydicom.dcmread(path)
+    for keyword in _CREATION_TIMES:
+        if keyword in ds:
+            delattr(ds, keyword)
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            del item.ContributionDateTime
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
 class GroupProcessor:

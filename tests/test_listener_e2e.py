@@ -1,0 +1,282 @@
+"""End to end: scanner (dcmtk storescu, ``onevlm send``) → onevlm listener service → PACS (Orthanc).
+
+Each test starts its own peers on loopback with free ports and stops them, also on failure:
+Orthanc as the destination PACS, the service in-process or as ``onevlm serve`` (a real child
+process, configured by a YAML file the test writes). Test data are copies of real CT images
+with fresh UIDs. Research use only.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from conftest import SAMPLES
+from dicom_peers import (
+    ONEVLM,
+    REPO,
+    Pacs,
+    ServeProcess,
+    journal_query,
+    journal_status,
+    listener_port,
+    make_copies,
+    onevlm_status,
+    pydicom_file,
+    running_service,
+    service_config,
+    spool_files,
+    storescu,
+    storescu_acknowledged,
+    storescu_popen,
+    wait_until,
+    write_service_config,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def series_uids(paths: list[Path]) -> set[str]:
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID) for p in paths}
+
+
+def sr_evidence_studies(pacs: Pacs, orthanc_id: str) -> set[str]:
+    """Study UIDs the SR's Current Requested Procedure Evidence references (read from the stored file)."""
+    import io
+    import urllib.request
+
+    with urllib.request.urlopen(f"{pacs.url}/instances/{orthanc_id}/file", timeout=30) as response:
+        sr = pydicom.dcmread(io.BytesIO(response.read()))
+    return {str(item.StudyInstanceUID) for item in sr.CurrentRequestedProcedureEvidenceSequence}
+
+
+def all_routing_srs_arrived(pacs: Pacs, expected: dict[str, int]):
+    """``pacs.routing_srs()`` once every study has (at least) its expected number of routing SRs."""
+    found = pacs.routing_srs()
+    if all(len(found.get(study, [])) >= count for study, count in expected.items()):
+        return found
+    return None
+
+
+# --------------------------------------------------------------------------- 7. scanner → service → PACS
+
+
+def test_scanner_to_service_to_pacs_with_onevlm_serve(tmp_path):
+    spool = tmp_path / "spool"
+    studies = make_copies(pydicom_file("CT_small.dcm"), tmp_path / "data", studies=3, per_study=6, series_per_study=2)
+    j2k = SAMPLES / "ct_head_512_j2k.dcm"  # JPEG 2000: storescu cannot send it without codecs, onevlm send can
+    j2k_header = pydicom.dcmread(j2k, stop_before_pixels=True)
+    expected = {study: len(series_uids(paths)) for study, paths in studies.items()}
+    expected[str(j2k_header.StudyInstanceUID)] = 1
+    total = sum(len(p) for p in studies.values()) + 1
+
+    with Pacs(tmp_path / "pacs") as pacs:
+        config = write_service_config(tmp_path / "service.yaml", spool, destinations=[pacs.destination()],
+                                      listener={"allowed_calling_ae_titles": ["STORESCU", "SCANNER1"]})
+        serve = ServeProcess(config, tmp_path / "serve.log")
+        with serve:
+            port = listener_port(config)
+            sent = storescu([p for paths in studies.values() for p in paths], port)
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+            assert len(storescu_acknowledged(sent.stdout + sent.stderr)) == total - 1
+            send = subprocess.run([*ONEVLM, "send", str(j2k), "--to", f"ONEVLM@127.0.0.1:{port}", "--aet", "SCANNER1"],
+                                  capture_output=True, text=True, timeout=120, cwd=REPO)
+            assert send.returncode == 0, send.stdout + send.stderr
+            assert "sent 1 of 1" in send.stdout
+
+            found = wait_until(lambda: all_routing_srs_arrived(pacs, expected), 120, 0.5,
+                               lambda: f"the routing SRs in Orthanc ({serve.log_tail()})")
+            for study, count in expected.items():
+                srs = found[study]
+                assert len(srs) == count, f"study {study}: {len(srs)} SRs for {count} image series"
+                for sr in srs:
+                    assert sr["SeriesDescription"].startswith("onevlm routing")
+                    assert sr_evidence_studies(pacs, sr["OrthancID"]) == {study}
+            assert set(found) == set(expected), "an SR for a study nobody sent"
+            assert spool_files(spool) == {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                                          for paths in studies.values() for p in paths} | {str(j2k_header.SOPInstanceUID)}
+
+            wait_until(lambda: journal_status(config)["exported"] == sum(expected.values()), 30,
+                       message="the exports to be recorded")
+            status = onevlm_status(config)
+            assert status["received"] == total and status["duplicates"] == 0
+            assert status["processed"] == len(expected) and status["failed"] == 0
+            assert status["export_pending"] == 0 and status["quarantine_files"] == 0
+        assert serve.process.returncode == 0, serve.log_tail()  # SIGTERM: a clean stop
+        assert "event=exported" in serve.log_path.read_text()
+
+    # `onevlm status` reads the journal with the service stopped, too (indented JSON without --json)
+    shown = subprocess.run([*ONEVLM, "status", "--config", str(config)], capture_output=True, text=True, timeout=60,
+                           cwd=REPO)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["exported"] == sum(expected.values())
+    assert "\n  " in shown.stdout
+
+
+# --------------------------------------------------------------------------- 8. concurrency
+
+
+def test_concurrent_associations(tmp_path):
+    spool = tmp_path / "spool"
+    studies = make_copies(pydicom_file("693_UNCR.dcm"), tmp_path / "data", studies=4, per_study=52)
+    files = [p for paths in studies.values() for p in paths]
+    senders = 4
+    # every sender sends a quarter of every study, so all four studies receive on four associations at once
+    shares = [[p for paths in studies.values() for p in paths[k::senders]] for k in range(senders)]
+    with Pacs(tmp_path / "pacs") as pacs:
+        config = service_config(spool, destinations=[pacs.destination()], grouping={"by": "study", "idle_seconds": 2})
+        with running_service(config) as service:
+            port = service.listener.port
+            started = time.monotonic()
+            processes = [storescu_popen(share, port, tmp_path / f"storescu{k}.log") for k, share in enumerate(shares)]
+            try:
+                codes = [p.wait(timeout=180) for p in processes]
+            finally:
+                for p in processes:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+            seconds = time.monotonic() - started
+            logs = [(tmp_path / f"storescu{k}.log").read_text() for k in range(senders)]
+            assert codes == [0] * senders, "\n".join(log[-2000:] for log in logs)
+            acknowledged = [p for log in logs for p in storescu_acknowledged(log)]
+            assert sorted(acknowledged) == sorted(files)
+            print(f"{len(files)} instances on {senders} associations in {seconds:.1f} s")
+
+            assert spool_files(spool) == {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                                          for p in files}
+            journaled = journal_query(spool, "SELECT group_key, COUNT(*) FROM instances GROUP BY group_key")
+            assert dict(journaled) == {study: len(paths) for study, paths in studies.items()}
+            assert service.status()["received"] == len(files)
+
+            found = wait_until(lambda: all_routing_srs_arrived(pacs, {s: 1 for s in studies}), 120, 0.5,
+                               "one routing SR per study in Orthanc")
+            wait_until(lambda: service.status()["exported"] == len(studies), 30, message="exports recorded")
+            time.sleep(1.5)  # anything sent twice would arrive now
+            found = pacs.routing_srs()
+            assert {study: len(srs) for study, srs in found.items()} == {study: 1 for study in studies}
+            assert pacs.count_instances() == len(studies)
+            status = service.status()
+            assert (status["processed"], status["exported"], status["export_pending"], status["failed"]) == \
+                (len(studies), len(studies), 0, 0)
+            sent = journal_query(spool, "SELECT COUNT(*) FROM outbox WHERE status = 'sent'")[0][0]
+            assert sent == len(studies)
+            attempts = dict(journal_query(spool, "SELECT group_key, attempts FROM groups"))
+            exported = dict(journal_query(spool, "SELECT name, value FROM counters"))["exported"]
+            if all(a == 1 for a in attempts.values()):  # each study processed once: each SR sent once
+                assert exported == len(studies)
+
+
+def _spool_paths(spool: Path) -> list[Path]:
+    return sorted((spool / "incoming").glob("*/*.dcm"))
+
+
+# --------------------------------------------------------------------------- 9. crash safety
+
+
+def test_kill_9_mid_burst_loses_nothing_acknowledged(tmp_path):
+    spool = tmp_path / "spool"
+    studies = make_copies(pydicom_file("693_UNCR.dcm"), tmp_path / "data", studies=3, per_study=50)
+    files = [p for paths in studies.values() for p in paths]
+    uid_of = {p: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+    with Pacs(tmp_path / "pacs") as pacs:
+        config = write_service_config(tmp_path / "service.yaml", spool, destinations=[pacs.destination()],
+                                      grouping={"by": "study", "idle_seconds": 1})
+        port = listener_port(config)
+        serve = ServeProcess(config, tmp_path / "serve.log")
+        burst = None
+        try:
+            serve.start()
+            burst = storescu_popen(files, port, tmp_path / "burst.log")
+            wait_until(lambda: len(spool_files(spool)) >= 40 or burst.poll() is not None, 60, 0.02,
+                       "40 instances in the spool")
+            serve.kill()
+            assert burst.wait(timeout=60) != 0, "storescu finished before the kill: nothing was tested"
+            acknowledged = storescu_acknowledged((tmp_path / "burst.log").read_text())
+            assert 40 <= len(acknowledged) < len(files)
+            on_disk = spool_files(spool)
+            missing = {uid_of[p] for p in acknowledged} - on_disk
+            assert not missing, f"{len(missing)} acknowledged instances are not in the spool after kill -9"
+
+            print(f"killed after {len(acknowledged)} acknowledged, {len(on_disk)} in the spool, "
+                  f"{len(journal_query(spool, 'SELECT 1 FROM instances'))} journaled")
+            serve.start()  # recovery: partial writes cleared, unjournaled files recorded
+            again = storescu(files, port, timeout=180)  # resend everything; duplicates are fine
+            assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+
+            found = wait_until(lambda: all_routing_srs_arrived(pacs, {s: 1 for s in studies}), 120, 0.5,
+                               lambda: f"one routing SR per study in Orthanc ({serve.log_tail()})")
+            wait_until(lambda: (lambda s: s["processed"] == len(studies) and s["export_pending"] == 0)(
+                journal_status(config)), 60, 0.5, "every study processed and exported")
+            time.sleep(1.5)
+            found = pacs.routing_srs()
+        finally:
+            if burst is not None and burst.poll() is None:
+                burst.kill()
+                burst.wait()
+            serve.stop()
+
+        assert spool_files(spool) == set(uid_of.values())
+        assert {uid_of[p] for p in acknowledged} <= spool_files(spool)
+        for path in _spool_paths(spool):  # every file in the spool is whole
+            ds = pydicom.dcmread(path)
+            assert len(ds.PixelData) == ds.Rows * ds.Columns * ds.BitsAllocated // 8, path.name
+        assert list((spool / "tmp").iterdir()) == []
+        status = onevlm_status(config)
+        assert status["received"] == len(files)
+        assert status["processed"] == len(studies) and status["failed"] == 0 and status["queued"] == 0
+        groups = dict(journal_query(spool, "SELECT group_key, status FROM groups"))
+        assert groups == {study: "done" for study in studies}
+        assert {study: len(srs) for study, srs in found.items()} == {study: 1 for study in studies}
+        sr_uids = [sr["SOPInstanceUID"] for sr in pacs.sr_instances()]
+        assert len(sr_uids) == len(set(sr_uids)) == len(studies), Counter(sr_uids)
+        assert pacs.count_instances() == len(studies)
+        attempts = dict(journal_query(spool, "SELECT group_key, attempts FROM groups"))
+        exported = dict(journal_query(spool, "SELECT name, value FROM counters"))["exported"]
+        if all(a == 1 for a in attempts.values()):  # each study processed once: each SR sent once
+            assert exported == len(studies)
+
+
+# --------------------------------------------------------------------------- 10. export retry
+
+
+def test_export_retries_until_the_pacs_comes_up(tmp_path):
+    spool = tmp_path / "spool"
+    studies = make_copies(pydicom_file("CT_small.dcm"), tmp_path / "data", studies=1, per_study=4)
+    (study_uid, files), = studies.items()
+    pacs = Pacs(tmp_path / "pacs")  # ports chosen, not started yet: the destination is down
+    config = service_config(spool, destinations=[pacs.destination()],
+                            retry={"base_seconds": 0.2, "max_seconds": 1, "max_attempts": 1000})
+    try:
+        with running_service(config) as service:
+            sent = storescu(files, service.listener.port)
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+
+            def failing() -> bool:
+                rows = journal_query(spool, "SELECT status, attempts, last_error FROM outbox")
+                return len(rows) == 1 and rows[0][0] == "pending" and rows[0][1] >= 3
+
+            wait_until(failing, 60, 0.2, "three failed export attempts")
+            status = service.status()
+            assert status["export_pending"] == 1 and status["exported"] == 0
+            assert status["export_failures"] >= 3 and status["processed"] == 1
+            (error,), = journal_query(spool, "SELECT last_error FROM outbox")
+            assert "PACS" in error
+
+            pacs.start()
+            found = wait_until(lambda: all_routing_srs_arrived(pacs, {study_uid: 1}), 60, 0.3, "the SR in Orthanc")
+            wait_until(lambda: service.status()["exported"] == 1, 30, message="the export to be recorded")
+            status = service.status()
+            assert status["export_pending"] == 0 and status["failed"] == 0
+            (attempts, state), = journal_query(spool, "SELECT attempts, status FROM outbox")
+            assert state == "sent" and attempts >= 3
+            assert len(found[study_uid]) == 1
+            assert pacs.count_instances() == 1
+    finally:
+        pacs.stop()
