@@ -435,3 +435,23 @@ def test_restart_recovers_the_spool_and_requeues_only_changed_results(tmp_path):
     sr = pydicom.dcmread(next((spool / "results" / grown[0] / "sr").glob("*.dcm")))
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
     assert {item.ReferencedSOPInstanceUID for item in evidence} == {str(header(p).SOPInstanceUID) for p in grown[1]}
+
+
+def test_several_listener_processes_share_the_port(tmp_path):
+    """listener.processes: 2 — two processes on one port (SO_REUSEPORT) store into one spool."""
+    from dicom_peers import storescu_popen
+
+    studies = make_copies(pydicom_file("CT_small.dcm"), tmp_path / "copies", studies=4, per_study=10)
+    config = service_config(tmp_path / "spool", listener={"processes": 2}, grouping={"by": "study", "idle_seconds": 60})
+    with running_service(config) as service:
+        assert len(service._listener_processes) == 1 and service._listener_processes[0].is_alive()
+        senders = [storescu_popen(paths, service.listener.port, tmp_path / f"storescu{i}.log")
+                   for i, paths in enumerate(studies.values())]
+        for sender in senders:
+            assert sender.wait(timeout=120) == 0
+        expected = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for ps in studies.values() for p in ps}
+        stored = {p.stem for p in incoming(tmp_path / "spool")}
+        assert stored == expected and len(expected) == 40
+        assert service.status()["received"] == 40  # both processes write the one journal
+        child = service._listener_processes[0]
+    assert not child.is_alive()  # stopped with the service
