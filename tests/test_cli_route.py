@@ -133,3 +133,15 @@ def test_console_script_routes_every_sample(tmp_path):
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == len(list(SAMPLES.glob("*.dcm")))
     assert all(r["error"] is None for r in records)
+
+
+def test_evaluate_shipped_sample_labels(tmp_path, capsys):
+    """dicom_samples/labels.csv: stage-1 truth for every sample; '?' rows have no final label."""
+    out = tmp_path / "eval"
+    assert main(["router", "evaluate", str(SAMPLES / "labels.csv"), "-o", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    baseline = summary["baseline"]
+    assert baseline["stage_accuracy"]["1"] == {"accuracy": pytest.approx(15 / 16), "n": 16}
+    assert baseline["final_n"] == 10  # the 6 routed image rows carry '?'
+    assert baseline["stage_accuracy"]["2"]["n"] == 0  # no finding labels
+    capsys.readouterr()

@@ -28,6 +28,7 @@ from onevlm.router.runner import route_files
 logger = logging.getLogger(__name__)
 
 LABEL_COLUMNS = ("path", "modality", "finding", "card")
+UNLABELLED = ""  # a "?" in the card column: no gold final answer
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class LabelledInput:
 def read_labels(path: str | Path) -> list[LabelledInput]:
     """Read LABELS.csv (columns path, modality, finding, card); paths are relative to the file.
 
-    An empty ``card`` means the gold final answer is ``None``.
+    An empty ``card`` means the gold final answer is ``None``; ``?`` means the row has no final
+    label (it counts for stage 1 and 2 only). An empty ``finding`` skips stage 2 for the row.
     """
     path = Path(path)
     with path.open(newline="", encoding="utf-8") as handle:
@@ -63,7 +65,7 @@ def read_labels(path: str | Path) -> list[LabelledInput]:
                     path=target if target.is_absolute() else path.parent / target,
                     modality=(record["modality"] or "").strip(),
                     finding=(record["finding"] or "").strip(),
-                    card=(record["card"] or "").strip() or NONE,
+                    card=UNLABELLED if (record["card"] or "").strip() == "?" else ((record["card"] or "").strip() or NONE),
                 )
             )
     if not rows:
@@ -80,6 +82,9 @@ class CachingBackend:
 
     def identity(self) -> dict[str, Any]:
         return self.backend.identity()
+
+    def warm_up(self) -> None:
+        self.backend.warm_up()
 
     @staticmethod
     def _key(item: RoutingInput, request: StageRequest) -> tuple:
@@ -103,6 +108,7 @@ class MethodReport:
     stage_correct: dict[int, int] = field(default_factory=dict)
     stage_total: dict[int, int] = field(default_factory=dict)
     final_correct: int = 0
+    final_n: int = 0
     n: int = 0
     failed: int = 0
     ece: EceResult | None = None
@@ -112,8 +118,8 @@ class MethodReport:
         return self.stage_correct.get(stage, 0) / total if total else None
 
     @property
-    def final_accuracy(self) -> float:
-        return self.final_correct / self.n if self.n else 0.0
+    def final_accuracy(self) -> float | None:
+        return self.final_correct / self.final_n if self.final_n else None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +128,7 @@ class MethodReport:
                 str(s): {"accuracy": self.accuracy(s), "n": self.stage_total.get(s, 0)} for s in (1, 2, 3)
             },
             "final_accuracy": self.final_accuracy,
+            "final_n": self.final_n,
             "n": self.n,
             "failed": self.failed,
             "ece": self.ece.ece if self.ece else None,
@@ -151,6 +158,9 @@ def score(name: str, rows: Sequence[LabelledInput], decisions: Sequence[RoutingD
                 continue
             report.stage_total[stage.stage] = report.stage_total.get(stage.stage, 0) + 1
             report.stage_correct[stage.stage] = report.stage_correct.get(stage.stage, 0) + int(_same(stage.chosen, gold))
+        if row.card == UNLABELLED:
+            continue
+        report.final_n += 1
         correct = int(_same(decision.final_label, row.card))
         report.final_correct += correct
         if decision.confidence is not None:
@@ -275,8 +285,8 @@ def summary_markdown(baseline: MethodReport, cutoff: MethodReport, n: int, fitte
         "",
         "| Method | Final accuracy | ECE (10 right-closed bins) |",
         "|---|---|---|",
-        f"| Baseline (no cutoff) | {baseline.final_accuracy:.4f} | {_fmt(baseline.ece.ece if baseline.ece else None)} |",
-        f"| Cutoff | {cutoff.final_accuracy:.4f} | {_fmt(cutoff.ece.ece if cutoff.ece else None)} |",
+        f"| Baseline (no cutoff) | {_fmt(baseline.final_accuracy)} | {_fmt(baseline.ece.ece if baseline.ece else None)} |",
+        f"| Cutoff | {_fmt(cutoff.final_accuracy)} | {_fmt(cutoff.ece.ece if cutoff.ece else None)} |",
         "",
     ]
     return "\n".join(lines)
