@@ -157,6 +157,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from onevlm.net.config import ConfigError, load_config
     from onevlm.net.service import Service
 
+    if args.log_json:
+        from onevlm.net.log_format import use_json_logs
+
+        use_json_logs()
     try:
         config = load_config(args.config)
         service = Service(config)
@@ -372,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the DICOM listener service (C-STORE in, results out)")
     p.add_argument("--config", required=True, help="service configuration (YAML); see config/onevlm-service.example.yaml")
+    p.add_argument("--log-json", action="store_true", help="one JSON object per log line (for log collectors)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("send", help="send DICOM files by C-STORE (each in its own transfer syntax)")

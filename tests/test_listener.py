@@ -455,3 +455,16 @@ def test_several_listener_processes_share_the_port(tmp_path):
         assert service.status()["received"] == 40  # both processes write the one journal
         child = service._listener_processes[0]
     assert not child.is_alive()  # stopped with the service
+
+
+def test_json_log_lines_carry_the_event_fields():
+    import json
+    import logging
+
+    from onevlm.net.log_format import JsonFormatter
+
+    record = logging.LogRecord("onevlm.net.listener", logging.INFO, __file__, 1,
+                               "event=stored sop=%s group=%s calling_ae=%s", ("1.2.3", "1.2", "SCANNER"), None)
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["event"], line["sop"], line["group"], line["calling_ae"]) == ("stored", "1.2.3", "1.2", "SCANNER")
+    assert line["level"] == "INFO" and line["time"].endswith("Z")
