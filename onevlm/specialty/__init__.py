@@ -1,0 +1,1 @@
+"""The specialty role: one VLM fine-tuned per specialty (QLoRA), serving several tasks chosen by the prompt."""
