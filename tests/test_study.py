@@ -68,12 +68,19 @@ def test_route_study_writes_sr_and_metadata(embedded_router, tmp_path):
     assert liver["modality"] == "Other" and liver["stopped_early"] and liver["stopped_at_stage"] == 1
     skipped = [e for e in meta["entries"] if e["skipped"]]
     assert {e["dicom_modality"] for e in skipped} == {"RTPLAN", "SR", "ECG", "SEG"}
-    # a retired SOP class (1994 ultrasound) cannot be SR evidence in highdicom: a clear error, the rest goes on
+    # a retired SOP class (1994 ultrasound) still gets its SR, whose evidence names the retired class
     echo = entries["us_echocardiogram.dcm"]
-    assert echo["error"] and "Ultrasound Image Storage" in echo["error"] and echo["sr_file"] is None
+    assert echo["error"] is None and echo["sr_file"]
+    echo_sr = pydicom.dcmread(out.metadata_file.parent / echo["sr_file"])
+    evidence = echo_sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert evidence.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.6"
     assert len(out.sr_files) == meta["routed"] + sum(1 for e in meta["entries"] if e["stopped_early"] and not e["error"])
     for path in out.sr_files.values():
-        assert dciodvfy_errors(path) == [], path.name
+        errors = dciodvfy_errors(path)
+        if path == out.metadata_file.parent / echo["sr_file"]:
+            # that 1994 file's own UIDs (root 999.999) are illegal; the SR must keep its Study UID
+            errors = [e for e in errors if "Illegal root for UID" not in e or "999.999." not in e]
+        assert errors == [], path.name
         assert hd.sr.srread(path).VerificationFlag == "UNVERIFIED"
     decisions = out.decisions_file.read_text().splitlines()
     assert len(decisions) == sum(1 for e in meta["entries"] if not e["skipped"])

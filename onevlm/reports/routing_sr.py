@@ -34,7 +34,12 @@ from pydicom.uid import generate_uid
 from onevlm import __version__
 from onevlm.reports import coding
 from onevlm.reports.boxes import ImageBox
-from onevlm.reports.source_attributes import evidence_ready
+from onevlm.reports.source_attributes import (
+    RETIRED_TO_CURRENT,
+    as_current_sop_class,
+    evidence_ready,
+    restore_referenced_sop_classes,
+)
 from onevlm.router.decision import RoutingDecision
 
 SERIES_DESCRIPTION = "onevlm routing - research use only, not for clinical use"
@@ -268,8 +273,10 @@ def build_routing_sr(
 
 
 def _comprehensive_sr(evidence: Sequence[pydicom.Dataset], report, series_uid: str, instance_uid: str) -> hd.sr.Comprehensive3DSR:
-    return hd.sr.Comprehensive3DSR(
-        evidence=[evidence_ready(ds) for ds in evidence],
+    retired = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in evidence
+               if str(ds.get("SOPClassUID", "")) in RETIRED_TO_CURRENT}
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[as_current_sop_class(evidence_ready(ds)) for ds in evidence],
         content=report[0],
         series_instance_uid=series_uid,
         series_number=SR_SERIES_NUMBER,
@@ -282,3 +289,6 @@ def _comprehensive_sr(evidence: Sequence[pydicom.Dataset], report, series_uid: s
         series_description=SERIES_DESCRIPTION,
         coding_schemes=[coding.scheme_item()],
     )
+    if retired:  # the evidence references must name the classes the instances really have
+        restore_referenced_sop_classes(sr.get("CurrentRequestedProcedureEvidenceSequence"), retired)
+    return sr

@@ -22,6 +22,12 @@ TYPE2_PATIENT_STUDY = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
     "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
 )
+#: Retired image SOP classes and the current class with the same Patient/Study modules.
+RETIRED_TO_CURRENT = {
+    "1.2.840.10008.5.1.4.1.1.3": "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame (Retired)
+    "1.2.840.10008.5.1.4.1.1.5": "1.2.840.10008.5.1.4.1.1.20",  # Nuclear Medicine (Retired)
+    "1.2.840.10008.5.1.4.1.1.6": "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound (Retired)
+}
 DATE_KEYWORDS = ("StudyDate", "SeriesDate", "ContentDate", "AcquisitionDate", "PatientBirthDate")
 TIME_KEYWORDS = ("StudyTime", "SeriesTime", "ContentTime", "AcquisitionTime")
 _DATE = re.compile(r"^\d{8}$")
@@ -60,3 +66,29 @@ def evidence_ready(ds: pydicom.Dataset) -> pydicom.Dataset:
     for keyword, value in changes.items():
         setattr(completed, keyword, value)
     return completed
+
+
+def as_current_sop_class(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds``, or for a retired SOP class a copy presented as its current successor.
+
+    highdicom copies Patient and Study attributes by the source's IOD and knows no retired IOD;
+    the modules copied are the same. Callers must put the original SOP Class UID back into any
+    reference they build from the copy (see :func:`restore_referenced_sop_classes`).
+    """
+    current = RETIRED_TO_CURRENT.get(str(ds.get("SOPClassUID", "")))
+    if current is None:
+        return ds
+    presented = copy.deepcopy(ds)
+    presented.SOPClassUID = current
+    return presented
+
+
+def restore_referenced_sop_classes(sequence, originals: dict[str, str]) -> None:
+    """Set ReferencedSOPClassUID back to the original class of each instance, recursively."""
+    for item in sequence or ():
+        uid = str(item.get("ReferencedSOPInstanceUID", ""))
+        if uid in originals and "ReferencedSOPClassUID" in item:
+            item.ReferencedSOPClassUID = originals[uid]
+        for element in item:
+            if element.VR == "SQ":
+                restore_referenced_sop_classes(element.value, originals)
