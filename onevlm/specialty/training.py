@@ -163,6 +163,7 @@ class TrainingSettings:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = True
+    attn_implementation: str = "sdpa"
     seed: int = 0
     eval_batch_size: int = 8
     eval_max_new_tokens: int | None = None
@@ -761,7 +762,8 @@ def finetune(base_dir: str | Path, examples_train: Sequence[TaskExample], exampl
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
 
-    loaded = load_model(base_dir, LoadOptions(device=str(device), dtype=load_dtype, quantize=settings.quantize))
+    loaded = load_model(base_dir, LoadOptions(device=str(device), dtype=load_dtype, quantize=settings.quantize,
+                                              attn_implementation=settings.attn_implementation))
     encoder = ExampleEncoder(loaded.processor, _image_token_id(loaded.model))
     _check_answers(loaded.processor.tokenizer, [*examples_train, *examples_val])
     model = _prepare_model(loaded, settings)
