@@ -334,6 +334,159 @@ def cmd_router_evaluate(args: argparse.Namespace) -> int:
     return 0 if not summary["baseline"]["failed"] else 1
 
 
+# -- specialty models: finetune / evaluate-specialty ------------------------------------------
+
+
+def _specialty_data(args: argparse.Namespace):
+    from onevlm.specialty.data_sources import resolve_data, resolve_specialty
+
+    config = resolve_specialty(args.specialty)
+    if not args.data:
+        raise ValueError(f"specialty {config.specialty}: no --data given (a data folder or NAME=PATH per dataset: "
+                         f"{', '.join(e.dataset for e in config.datasets)})")
+    return config, resolve_data(config, args.data, allow_missing=args.allow_missing)
+
+
+def _specialty_errors() -> tuple[type[BaseException], ...]:
+    from onevlm.specialty.manifest import ManifestError
+    from onevlm.vlm.loading import ModelLoadError
+
+    return (ValueError, OSError, ModelLoadError, ManifestError)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from onevlm.specialty.manifest import manifest_path
+    from onevlm.specialty.training import TrainingSettings, finetune
+    from onevlm.vlm.loading import check_model_dir
+
+    try:
+        base = check_model_dir(args.model)
+        config, data = _specialty_data(args)
+        markers = args.markers or config.option_markers
+        train = data.examples("train", markers, limit=args.train_limit)
+        val = data.examples("val", markers, limit=args.val_limit)
+        if not train:
+            raise ValueError(f"specialty {config.specialty}: the data holds no training examples")
+        given = {"max_steps": args.max_steps, "epochs": args.epochs, "batch_size": args.batch_size,
+                 "gradient_accumulation_steps": args.grad_accum, "learning_rate": args.lr,
+                 "warmup_ratio": args.warmup_ratio, "checkpoint_every": args.checkpoint_every,
+                 "eval_batch_size": args.eval_batch_size, "max_val_examples": args.max_val_examples}
+        settings = TrainingSettings(
+            specialty=config.specialty, quantize=args.quantize, device=args.device, dtype=args.dtype,
+            dataset_weights=config.dataset_weights(), seed=args.seed,
+            gradient_checkpointing=not args.no_gradient_checkpointing, progress=not args.no_progress,
+            **{k: v for k, v in given.items() if v is not None})
+        result = finetune(base, train, val, args.out, settings, resume=args.resume)
+    except _specialty_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    res = result.manifest.results
+    counts = ", ".join(f"{name} {n}" for name, n in _counts(train).items())
+    print(f"fine-tuned specialty {config.specialty} ({settings.quantize}, markers {markers}): {res['steps']} steps "
+          f"on {len(train)} training examples ({counts}); final train loss {_pct_or_na(res['train_loss'], False)}")
+    if res.get("val_accuracy") is not None:
+        per = ", ".join(f"{k} {v:.3f}" for k, v in res.get("val_accuracy_per_dataset", {}).items())
+        print(f"final val accuracy: {res['val_accuracy']:.3f} on {res['val_examples']} examples ({per}); "
+              f"{res['val_unparseable']} unparseable")
+    else:
+        print("final val accuracy: n/a (no validation examples)")
+    print(f"adapter:  {result.adapter_dir}")
+    print(f"manifest: {manifest_path(result.adapter_dir)}  (research use only, not for clinical use)")
+    return 0
+
+
+def _counts(examples) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for ex in examples:
+        counts[ex.dataset] = counts.get(ex.dataset, 0) + 1
+    return counts
+
+
+def _pct_or_na(value, pct: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if pct else f"{value:.4f}"
+
+
+def cmd_evaluate_specialty(args: argparse.Namespace) -> int:
+    from onevlm.specialty.evaluation import evaluate_specialty
+    from onevlm.vlm.loading import check_model_dir
+
+    try:
+        base = check_model_dir(args.model)
+        if args.adapter is not None and not Path(args.adapter).is_dir():
+            raise ValueError(f"--adapter {args.adapter}: no such adapter folder")
+        _, data = _specialty_data(args)
+        evaluate_specialty(data, base, args.output, adapter_dir=args.adapter, split=args.split, limit=args.limit,
+                           markers=args.markers, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                           progress=not args.no_progress)
+    except _specialty_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(Path(args.output, "table4.md").read_text(encoding="utf-8"))
+    print(f"written to {args.output}/ (table4.md, results.json, predictions.jsonl, confusion/)")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_specialty_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--specialty", required=True,
+                   help="a shipped specialty (gastroenterology, hematology, ophthalmology, pathology, radiology) "
+                        "or a mixture YAML file")
+    p.add_argument("--data", action="append", default=[], metavar="FOLDER|NAME=PATH",
+                   help="a data folder searched by conventional names (<name>.npz, <name>_<size>.npz, PolypSet/, "
+                        "DeepLesion/, IDC/) or one dataset's file or folder; repeatable")
+    p.add_argument("--allow-missing", action="store_true", help="skip datasets not found (warn) instead of failing")
+    p.add_argument("--model", required=True, help="the base model folder (e.g. medgemma-4b-it)")
+    p.add_argument("--markers", choices=("letters", "numbers"),
+                   help="option markers of the lettered tasks (default: the mixture's; evaluate: the adapter's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_specialty_parsers(sub) -> None:
+    p = sub.add_parser("finetune", help="QLoRA fine-tune a specialty adapter (research use only)")
+    _add_specialty_data_args(p)
+    p.add_argument("--out", required=True, help="adapter folder (adapter, onevlm_adapter.json, checkpoints/)")
+    p.add_argument("--quantize", choices=("nf4", "none"), default="nf4", help="nf4: QLoRA (default); none: LoRA")
+    p.add_argument("--max-steps", type=_positive_int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=float, help="passes over the training data (default 1)")
+    p.add_argument("--batch-size", type=_positive_int, help="examples per micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step (default 4)")
+    p.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
+    p.add_argument("--warmup-ratio", type=float, help="share of steps of linear warm-up (default 0.03)")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint period in steps (default 100; 0: none)")
+    p.add_argument("--eval-batch-size", type=_positive_int, help="final validation generation batch (default 8)")
+    p.add_argument("--max-val-examples", type=_positive_int, help="predict at most this many validation examples")
+    p.add_argument("--train-limit", type=_positive_int, help="first N training examples of each dataset only")
+    p.add_argument("--val-limit", type=_positive_int, help="first N validation examples of each dataset only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, more GPU memory")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate-specialty",
+                       help="table 4: base model zero-shot vs fine-tuned adapter on a specialty's test data")
+    _add_specialty_data_args(p)
+    p.add_argument("--adapter", help="adapter folder from 'onevlm finetune' (omit: base model only)")
+    p.add_argument("-o", "--output", required=True, help="report folder (table4.md, results.json, predictions, PNGs)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test")
+    p.add_argument("--limit", type=_positive_int, help="first N examples of each dataset only")
+    p.add_argument("--quantize", choices=("nf4", "none"),
+                   help="how to load the base (default: as the adapter was trained; none without adapter)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts generated together")
+    p.add_argument("--max-new-tokens", type=_positive_int, help="answer-length bound (default per task kind)")
+    p.set_defaults(func=cmd_evaluate_specialty)
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -435,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit", action="store_true", help="fit cutoffs on these rows (in-sample) instead of --cutoffs")
     p.add_argument("-o", "--output", default="out/evaluation", help="report folder")
     p.set_defaults(func=cmd_router_evaluate)
+
+    _add_specialty_parsers(sub)
     return parser
 
 

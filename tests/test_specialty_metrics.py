@@ -21,7 +21,7 @@ def test_multilabel_scores():
     pred = [{0, 2}, {1}, None]
     s = multilabel_scores(gold, pred, 3)
     assert s["subset_accuracy"] == pytest.approx(1 / 3)
-    assert s["label_accuracy"] == pytest.approx(7 / 9)
+    assert s["label_accuracy"] == pytest.approx(5 / 9)  # the unparseable row is wrong on all 3 labels
     assert s["unparseable"] == 1
 
 
@@ -30,9 +30,9 @@ def test_localisation_scores():
     shifted = NormalisedBox(0.15, 0.1, 0.55, 0.5, 0)  # IoU 0.35/0.45 = 0.778
     far = NormalisedBox(0.6, 0.6, 0.9, 0.9, 0)
     assert iou(a, shifted) == pytest.approx(0.35 * 0.4 / (0.16 + 0.16 - 0.35 * 0.4))
-    s = localisation_scores([[a], [a], [], [a]], [[shifted], [far], [], [shifted, far]])
-    # image 1 matched; 2 wrong place; 3 no box and none predicted: right; 4 extra box: wrong
-    assert s["bbox_localisation_accuracy"] == pytest.approx(2 / 4)
+    s = localisation_scores([[a], [a], [], [a], []], [[shifted], [far], [], [shifted, far], None])
+    # 1 matched; 2 wrong place; 3 no box, none predicted: right; 4 extra box: wrong; 5 unparseable: wrong
+    assert s["bbox_localisation_accuracy"] == pytest.approx(2 / 5)
     assert s["region_localisation_accuracy"] == pytest.approx(2 / 3)
 
 

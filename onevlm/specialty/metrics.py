@@ -2,10 +2,12 @@
 
 - classification / grading / region classification: accuracy, F1 macro, F1 weighted; an
   unparseable answer counts as wrong (it is its own "class" -1, never coerced).
-- multi-label (ChestMNIST): exact-match (subset) accuracy, micro/macro F1, mean per-label accuracy.
+- multi-label (ChestMNIST): exact-match (subset) accuracy, micro/macro F1, mean per-label accuracy;
+  an unparseable answer counts as wrong on every label.
 - detection: bounding-box localisation accuracy = share of images whose every gold box is matched
   by a predicted box of IoU ≥ 0.5 (one-to-one, greedy by IoU) and that predict no extra box, an
-  image without gold boxes being correct iff nothing is predicted; region localisation accuracy =
+  image without gold boxes being correct iff nothing is predicted (an unparseable answer is always
+  wrong); region localisation accuracy =
   share of gold boxes whose centre lies inside some predicted box (a looser "did it look in the
   right place" measure, as the paper reports both).
 """
@@ -56,14 +58,16 @@ def multilabel_scores(gold: Sequence[set[int]], predicted: Sequence[set[int] | N
     """Subset accuracy, micro/macro F1 and mean per-label accuracy for multi-label findings."""
     from sklearn.metrics import accuracy_score, f1_score
 
-    def matrix(rows: Sequence[set[int] | None]) -> np.ndarray:
+    def matrix(rows: Sequence[set[int]]) -> np.ndarray:
         out = np.zeros((len(rows), n_labels), dtype=int)
         for i, row in enumerate(rows):
-            for label in row or ():
+            for label in row:
                 out[i, label] = 1
         return out
 
-    y, p = matrix(gold), matrix(predicted)
+    y = matrix(gold)
+    # An unparseable answer is wrong on every label: it stands for the complement of the truth.
+    p = np.array([1 - y[i] if row is None else matrix([row])[0] for i, row in enumerate(predicted)]).reshape(y.shape)
     return {
         "n": len(gold),
         "subset_accuracy": float(accuracy_score(y, p)),
@@ -104,9 +108,10 @@ def localisation_scores(gold: Sequence[Sequence[NormalisedBox]], predicted: Sequ
     image_ok = 0
     region_hits = region_total = 0
     for gold_boxes, pred_boxes in zip(gold, predicted):
+        parsed = pred_boxes is not None
         pred_boxes = list(pred_boxes or ())
         matched = _matched(gold_boxes, pred_boxes, threshold)
-        image_ok += int(matched == len(gold_boxes) == len(pred_boxes))
+        image_ok += int(parsed and matched == len(gold_boxes) == len(pred_boxes))
         for g in gold_boxes:
             region_total += 1
             cx, cy = (g.x0 + g.x1) / 2, (g.y0 + g.y1) / 2
