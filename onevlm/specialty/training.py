@@ -19,7 +19,7 @@ Multi-GPU
 ---------
 The loop runs through ``accelerate.Accelerator``; on one GPU or the CPU nothing needs setting
 up. For data-parallel training over several GPUs, launch the same entry point with
-``accelerate launch --num_processes N your_script.py`` (the script calls :func:`finetune`): each
+``accelerate launch --num_processes N -m onevlm finetune ...`` (the CLI calls :func:`finetune`): each
 process loads its own 4-bit copy on its own GPU, takes every N-th micro-batch of the shared
 data stream and gradients are all-reduced; the main process alone writes checkpoints, the
 adapter and the manifest, and runs the final validation. The effective batch is
