@@ -104,6 +104,16 @@ class OnevlmReceiver:
         return self.journal.status()["received"]
 
 
+def dcmtk_tool(name: str) -> str | None:
+    """dcmtk's ``name``: pynetdicom installs same-named apps into the virtual environment's bin."""
+    venv_bin = Path(sys.executable).parent.resolve()
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder) / name
+        if folder and Path(folder).resolve() != venv_bin and candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
 class StorescpReceiver:
     name = "storescp"
 
@@ -114,7 +124,7 @@ class StorescpReceiver:
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
         self.port = free_port()
-        self.process = subprocess.Popen(["storescp", "--fork", "-aet", "RECEIVER", "-od", str(self.work), str(self.port)],
+        self.process = subprocess.Popen([dcmtk_tool("storescp"), "--fork", "-aet", "RECEIVER", "-od", str(self.work), str(self.port)],
                                         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port)
         return self
@@ -174,7 +184,7 @@ def send(files: list[Path], port: int, associations: int) -> float:
     """Seconds for ``associations`` storescu processes to send ``files`` between them."""
     chunks = [files[i::associations] for i in range(associations)]
     started = time.perf_counter()
-    processes = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", "RECEIVER", "127.0.0.1", str(port), *map(str, chunk)],
+    processes = [subprocess.Popen([dcmtk_tool("storescu"), "-aet", "BENCH", "-aec", "RECEIVER", "127.0.0.1", str(port), *map(str, chunk)],
                                   env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for chunk in chunks]
     errors = [p.communicate()[1] for p in processes]
     seconds = time.perf_counter() - started
@@ -193,7 +203,7 @@ def main() -> None:
     from onevlm.runtime import configure_runtime
 
     configure_runtime()  # as `onevlm serve` runs: lenient header reading, quiet third-party logs
-    if shutil.which("storescu") is None or shutil.which("storescp") is None:
+    if dcmtk_tool("storescu") is None or dcmtk_tool("storescp") is None:
         raise SystemExit("dcmtk (storescu, storescp) is needed: apt-get install dcmtk")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

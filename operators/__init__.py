@@ -10,5 +10,7 @@ from operators.dicom_series_loader import DicomSeriesLoaderOperator
 from operators.router_operator import RouterOperator
 from operators.dicom_results_writer import DicomResultsWriterOperator
 from operators.series_image import SeriesImageOperator
+from operators.specialty_operator import SpecialtyOperator
 
-__all__ = ["DicomSeriesLoaderOperator", "RouterOperator", "DicomResultsWriterOperator", "SeriesImageOperator"]
+__all__ = ["DicomSeriesLoaderOperator", "RouterOperator", "DicomResultsWriterOperator", "SeriesImageOperator",
+           "SpecialtyOperator"]

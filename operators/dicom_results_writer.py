@@ -13,6 +13,7 @@ from typing import Any
 from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
 
 from onevlm.cards.repository import CardRepository
+from onevlm.study.execution import ExecutedStudy
 from onevlm.study.outputs import write_study_outputs
 
 
@@ -20,10 +21,12 @@ class DicomResultsWriterOperator(Operator):
     """Write one TID 1500 routing SR per routed series, box objects, and the study's summary files.
 
     Named inputs:
-        routing: :class:`onevlm.study.routing.StudyRouting`.
-        boxes: optional ``Mapping[series UID, Sequence[ImageBox]]`` from a specialty model: the
-            boxes join the series' SR (closed POLYLINE regions) and become a DICOM SEG
-            (radiology, endoscopy) or Microscopy Bulk Simple Annotations (whole slides).
+        routing: :class:`onevlm.study.routing.StudyRouting` (router app) or
+            :class:`onevlm.study.execution.ExecutedStudy` (route -> execute app: each SR also
+            carries its card's result or why it did not run; detected boxes join the SR as
+            closed POLYLINE regions and become a DICOM SEG, or Microscopy Bulk Simple
+            Annotations for whole slides).
+        boxes: optional ``Mapping[series UID, Sequence[ImageBox]]`` from another model.
     Named output:
         outputs: :class:`onevlm.study.outputs.StudyOutputs` (optional downstream, e.g. an exporter).
 
@@ -55,9 +58,12 @@ class DicomResultsWriterOperator(Operator):
             boxes = op_input.receive(self.BOXES_NAME)
         except Exception:  # nothing connected
             boxes = None
-        outputs = write_study_outputs(routing, self.output_folder, self.cards, boxes=boxes or {})
+        execution = None
+        if isinstance(routing, ExecutedStudy):
+            routing, execution = routing.routing, routing.execution
+        outputs = write_study_outputs(routing, self.output_folder, self.cards, boxes=boxes or {}, execution=execution)
         meta = outputs.metadata
-        self._logger.info("%d series: %d routed, %d skipped, %d error(s); %d SR, %d box object(s) in %s",
-                          meta["series"], meta["routed"], meta["skipped"], meta["errors"], len(outputs.sr_files),
-                          len(outputs.box_files), self.output_folder)
+        self._logger.info("%d series: %d routed, %d executed, %d skipped, %d error(s); %d SR, %d box object(s) in %s",
+                          meta["series"], meta["routed"], meta["executed"], meta["skipped"], meta["errors"],
+                          len(outputs.sr_files), len(outputs.box_files), self.output_folder)
         op_output.emit(outputs, self.OUTPUT_NAME)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pydicom
+import pytest
 import yaml
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -107,6 +108,16 @@ def make_copies(source: str | Path, out_dir: Path, studies: int, per_study: int,
 # --------------------------------------------------------------------------- dcmtk
 
 
+def dcmtk_tool(name: str) -> str:
+    """The dcmtk program ``name`` (pynetdicom installs same-named apps into the virtual environment's bin)."""
+    venv_bin = Path(sys.executable).parent.resolve()
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder) / name
+        if folder and Path(folder).resolve() != venv_bin and candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    pytest.fail(f"dcmtk's {name} is missing: install the Debian package dcmtk (.ci/run does)")
+
+
 def _dcmtk_env() -> dict[str, str]:
     # dcmtk reads TCP_NODELAY from the environment: without it each C-STORE waits for a delayed ACK.
     return {**os.environ, "TCP_NODELAY": "1"}
@@ -114,7 +125,7 @@ def _dcmtk_env() -> dict[str, str]:
 
 def storescu_args(files: Sequence[Path], port: int, aet: str = "STORESCU", called: str = "ONEVLM",
                   extra: Sequence[str] = ()) -> list[str]:
-    return ["storescu", "-v", "-aet", aet, "-aec", called, "-ta", "10", "-to", "10", *extra,
+    return [dcmtk_tool("storescu"), "-v", "-aet", aet, "-aec", called, "-ta", "10", "-to", "10", *extra,
             "127.0.0.1", str(port), *[str(f) for f in files]]
 
 
@@ -159,7 +170,7 @@ def storescu_acknowledged(output: str) -> list[Path]:
 
 
 def echoscu(port: int, aet: str = "ECHOSCU", called: str = "ONEVLM", timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(["echoscu", "-v", "-aet", aet, "-aec", called, "-ta", "10", "-to", "10", "127.0.0.1",
+    return subprocess.run([dcmtk_tool("echoscu"), "-v", "-aet", aet, "-aec", called, "-ta", "10", "-to", "10", "127.0.0.1",
                            str(port)], capture_output=True, text=True, timeout=timeout, env=_dcmtk_env())
 
 

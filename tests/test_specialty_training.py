@@ -456,7 +456,7 @@ def test_manifest_records_base_tasks_data_settings_and_results(nf4_run, tiny_dir
     assert manifest.specialty == "test" and manifest.prompt_version == TASK_PROMPT_VERSION
     assert manifest.tasks == [{"dataset": "colours", "task": "classification",
                                "prompt_id": prompt_id("classification", "numbers"), "markers": "numbers",
-                               "class_names": list(COLOURS)}]
+                               "class_names": list(COLOURS), "description": COLOUR_INFO.description}]
     assert manifest.data == {"colours": {
         "train": {"examples": 24, "classes": {name: 6 for name in COLOURS}},
         "val": {"examples": 8, "classes": {name: 2 for name in COLOURS}},

@@ -80,7 +80,7 @@ class RouterApp(Application):
         configure_runtime()
         input_path = Path(app_context.input_path)
         output_path = Path(app_context.output_path)
-        backend, options = backend_choice(app_context.model_path)
+        backend, options = self.router_backend(app_context.model_path)
         self._logger.info("routing %s -> %s with the %s backend (research use only, not for clinical use)",
                           input_path, output_path, backend)
 
@@ -98,7 +98,16 @@ class RouterApp(Application):
 
         self.add_flow(loader, images, {(loader.OUTPUT_NAME, images.INPUT_NAME)})
         self.add_flow(images, router, {(images.OUTPUT_NAME, router.INPUT_NAME)})
-        self.add_flow(router, writer, {(router.OUTPUT_NAME, writer.INPUT_NAME)})
+        last, port = self.after_router(router, app_context)
+        self.add_flow(last, writer, {(port, writer.INPUT_NAME)})
+
+    def router_backend(self, model_path: str | Path | None) -> tuple[str, dict]:
+        """The router's backend and its options (see :func:`backend_choice`)."""
+        return backend_choice(model_path)
+
+    def after_router(self, router: RouterOperator, app_context) -> tuple[object, str]:
+        """The operator and output port whose result the writer receives (here: the router's)."""
+        return router, router.OUTPUT_NAME
 
 
 def main() -> None:

@@ -55,13 +55,24 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class SpecialtyConfig:
+    """The specialty model (route -> execute): the base VLM and its adapters, loaded once."""
+
+    base_model_dir: Path
+    adapters: tuple[Path, ...]
+    quantize: str | None = None
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
-    """What runs on a complete study: the router (and later the specialty model)."""
+    """What runs on a complete study: the router, and the specialty model when configured."""
 
     backend: str = "embedded"
     model_dir: Path | None = None
     cards_dir: Path | None = None
     cutoffs: Path | None = None
+    specialty: SpecialtyConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,30 @@ def _tls(data: Any, source: str, where: str, base: Path) -> TlsConfig:
     return tls
 
 
+def _specialty(data: Any, source: str, base: Path) -> SpecialtyConfig | None:
+    if data is None:
+        return None
+    where = "pipeline.specialty"
+    data = _mapping(data, source, where)
+    _check_keys(data, {"base_model_dir", "adapters", "quantize", "device"}, source, where)
+    if "base_model_dir" not in data:
+        raise _err(source, f"{where}.base_model_dir", "is required")
+    model = _path(data["base_model_dir"], source, f"{where}.base_model_dir", base, True)
+    if not (model / "config.json").is_file():
+        raise _err(source, f"{where}.base_model_dir", f"{model} is not a model folder (no config.json)")
+    adapters = data.get("adapters")
+    if not isinstance(adapters, list) or not adapters:
+        raise _err(source, f"{where}.adapters", "must list adapter folders (each an adapter or a folder of adapters)")
+    folders = tuple(_path(a, source, f"{where}.adapters[{i}]", base, True) for i, a in enumerate(adapters))
+    quantize = data.get("quantize")
+    if quantize is not None and quantize not in ("nf4", "none"):
+        raise _err(source, f"{where}.quantize", f"{quantize!r} must be 'nf4' or 'none'")
+    device = str(data.get("device", "auto"))
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise _err(source, f"{where}.device", f"{device!r} must be auto, cpu, cuda or cuda:N")
+    return SpecialtyConfig(base_model_dir=model, adapters=folders, quantize=quantize, device=device)
+
+
 def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) -> ServiceConfig:
     """Validate a parsed YAML document into a :class:`ServiceConfig`.
 
@@ -224,7 +259,7 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
     retry = _mapping(data.get("retry"), source, "retry")
     _check_keys(retry, {"base_seconds", "max_seconds", "max_attempts"}, source, "retry")
     pipe = _mapping(data.get("pipeline"), source, "pipeline")
-    _check_keys(pipe, {"backend", "model_dir", "cards_dir", "cutoffs"}, source, "pipeline")
+    _check_keys(pipe, {"backend", "model_dir", "cards_dir", "cutoffs", "specialty"}, source, "pipeline")
     backend = pipe.get("backend", "embedded")
     if backend not in ("embedded", "transformers"):
         raise _err(source, "pipeline.backend", f"{backend!r} must be 'embedded' or 'transformers'")
@@ -233,6 +268,7 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
         model_dir=_path(pipe.get("model_dir"), source, "pipeline.model_dir", base, True),
         cards_dir=_path(pipe.get("cards_dir"), source, "pipeline.cards_dir", base, True),
         cutoffs=_path(pipe.get("cutoffs"), source, "pipeline.cutoffs", base, True),
+        specialty=_specialty(pipe.get("specialty"), source, base),
     )
     if backend == "transformers" and pipeline.model_dir is None:
         raise _err(source, "pipeline.model_dir", "is required for the transformers backend")

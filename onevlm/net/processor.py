@@ -1,4 +1,8 @@
-"""Run the pipeline on a complete group (study or series) and queue its results for export."""
+"""Run the pipeline on a complete group (study or series) and queue its results for export.
+
+The pipeline is the router, then, when the service has a specialty model, route -> execute: each
+routed card that an adapter can run runs, and its result joins the SR (boxes: also a SEG).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from onevlm.net.config import Destination
 from onevlm.net.journal import Journal
 from onevlm.net.spool import Spool
 from onevlm.router.pipeline import Router
+from onevlm.study.execution import execute_study
 from onevlm.study.outputs import write_study_outputs
 from onevlm.study.routing import route_study
 
@@ -44,11 +49,12 @@ def _digest(path: Path) -> str:
 
 
 class GroupProcessor:
-    """Route a group's series, write its SRs, and put every result file in the outbox."""
+    """Route a group's series (and run their cards), write its SRs, and put every result file in the outbox."""
 
     def __init__(self, router: Router, cards: CardRepository, spool: Spool, journal: Journal,
-                 destinations: Sequence[Destination]) -> None:
+                 destinations: Sequence[Destination], specialty=None) -> None:
         self.router = router
+        self.specialty = specialty
         self.cards = cards
         self.spool = spool
         self.journal = journal
@@ -61,11 +67,12 @@ class GroupProcessor:
         self.journal.set_group(group_key, "processing")
         try:
             study = route_study(self.router, [self.spool.group_folder(group_key)])
+            execution = execute_study(self.specialty, study, self.cards) if self.specialty is not None else None
             # Write next to the final folder, then swap it in: readers never see half the results.
             final = self.spool.result_folder(group_key)
             staging = final.with_name(f".{final.name}.staging")
             shutil.rmtree(staging, ignore_errors=True)
-            outputs = write_study_outputs(study, staging, self.cards)
+            outputs = write_study_outputs(study, staging, self.cards, execution=execution)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
@@ -78,9 +85,9 @@ class GroupProcessor:
                         queued += self.journal.enqueue_export(group_key, destination.name, str(header.SOPInstanceUID),
                                                               str(header.SOPClassUID), path, digest)
             meta = outputs.metadata
-            logger.info("event=processed group=%s series=%d routed=%d skipped=%d errors=%d queued_exports=%d "
-                        "seconds=%.2f", group_key, meta["series"], meta["routed"], meta["skipped"], meta["errors"],
-                        queued, time.time() - started)
+            logger.info("event=processed group=%s series=%d routed=%d executed=%d skipped=%d errors=%d "
+                        "queued_exports=%d seconds=%.2f", group_key, meta["series"], meta["routed"], meta["executed"],
+                        meta["skipped"], meta["errors"], queued, time.time() - started)
         except Exception as exc:
             logger.exception("event=processing_failed group=%s", group_key)
             self.journal.set_group(group_key, "failed", f"{type(exc).__name__}: {exc}")

@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 from onevlm.backends import create_backend
 from onevlm.calibration.cutoffs import Cutoffs
@@ -29,6 +28,20 @@ from onevlm.router.pipeline import Router
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
+
+
+def build_specialty_model(config: ServiceConfig):
+    """The specialty model (base + every adapter) when the pipeline names one, else ``None``."""
+    specialty = config.pipeline.specialty
+    if specialty is None:
+        return None
+    from onevlm.specialty.execution import SpecialtyModel
+    from onevlm.vlm.loading import LoadOptions
+
+    options = LoadOptions(device=specialty.device, quantize=specialty.quantize) if specialty.quantize else None
+    if options is None and specialty.device != "auto":
+        options = LoadOptions(device=specialty.device, quantize="nf4")
+    return SpecialtyModel.from_folders(specialty.base_model_dir, specialty.adapters, options=options)
 
 
 def build_router(config: ServiceConfig) -> tuple[Router, CardRepository]:
@@ -53,7 +66,9 @@ class Service:
         self.listener = Listener(config.listener, self.spool, self.journal, reuse_port=config.listener.processes > 1)
         self._listener_processes: list = []
         self._listener_stop = None
-        self.processor = GroupProcessor(self.router, self.cards, self.spool, self.journal, config.destinations)
+        self.specialty = build_specialty_model(config)
+        self.processor = GroupProcessor(self.router, self.cards, self.spool, self.journal, config.destinations,
+                                        specialty=self.specialty)
         self.exporter = Exporter(self.journal, config.destinations, config.listener.ae_title,
                                  config.retry_base_seconds, config.retry_max_seconds, config.max_export_attempts)
         self._queue: queue.Queue[str | None] = queue.Queue()

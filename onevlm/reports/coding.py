@@ -15,7 +15,7 @@ from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
 SCHEME = "99ONEVLM"
-SCHEME_NAME = "onevlm router concepts (private, research use only)"
+SCHEME_NAME = "onevlm router and specialty model concepts (private, research use only)"
 
 #: Concept names of the routing report's content items.
 MODALITY_CONCEPT = CodedConcept("RTR-MODALITY", SCHEME, "Imaging modality (router stage 1)")
@@ -34,6 +34,22 @@ OUTCOME_NOT_MEDICAL = CodedConcept("RTR-STOP-NONE", SCHEME, "Stopped early: not 
 OUTCOME_NOT_COVERED = CodedConcept("RTR-STOP-OTHER", SCHEME, "Stopped early: no card covers the modality")
 OUTCOME_OUT_OF_SET = CodedConcept("RTR-STOP-OOS", SCHEME, "Stopped: answer outside the admissible set")
 OUTCOME_NO_CARD = CodedConcept("RTR-NO-CARD", SCHEME, "No candidate model card fits")
+
+#: The specialty model's part (route -> execute): whether the card ran, and its answer.
+EXECUTION_CONCEPT = CodedConcept("SPC-STATUS", SCHEME, "Specialty model execution")
+EXECUTION_STATUS = {
+    "executed": CodedConcept("SPC-EXECUTED", SCHEME, "Executed by the specialty model"),
+    "unparseable": CodedConcept("SPC-UNPARSEABLE", SCHEME, "Specialty model answer not parseable"),
+    "not-executable": CodedConcept("SPC-NOT-EXEC", SCHEME, "Model card not executable here"),
+    "failed": CodedConcept("SPC-FAILED", SCHEME, "Specialty model failed"),
+}
+TASK_CONCEPT = CodedConcept("SPC-TASK", SCHEME, "Specialty task")
+CLASS_CONCEPT = CodedConcept("SPC-CLASS", SCHEME, "Class (specialty model)")
+GRADE_CONCEPT = CodedConcept("SPC-GRADE", SCHEME, "Grade (specialty model)")
+PRESENT_FINDING_CONCEPT = CodedConcept("SPC-FINDING", SCHEME, "Finding present (specialty model)")
+NO_FINDING_PRESENT = CodedConcept("SPC-NONE", SCHEME, "None of the task's findings present")
+REGION_COUNT_CONCEPT = CodedConcept("SPC-NREGIONS", SCHEME, "Regions found (specialty model)")
+REGION_UNIT = CodedConcept("{regions}", "UCUM", "regions")
 
 ANSWER_NONE = CodedConcept("RTR-NONE", SCHEME, "None")
 ANSWER_OTHER = CodedConcept("RTR-OTHER", SCHEME, "Other")
@@ -92,6 +108,16 @@ def card_code(card_id: str, caption: str | None = None) -> CodedConcept:
         return ANSWER_NONE
     meaning = f"{card_id}: {caption}" if caption else card_id
     return CodedConcept(card_id, SCHEME, _meaning(meaning))
+
+
+def task_code(specialty: str, task: str) -> CodedConcept:
+    """The specialty task that ran (``<specialty>/<task>``), a stable private code."""
+    return private_code("TSK", f"{specialty}/{task}")
+
+
+def grade_code(grade: int, name: str) -> CodedConcept:
+    """A grading answer: ``grade <n>: <name>``, a stable private code."""
+    return private_code("GRD", f"grade {grade}: {name}")
 
 
 def acquisition_modality_code(dicom_modality: str) -> CodedConcept | None:

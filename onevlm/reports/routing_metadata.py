@@ -13,10 +13,12 @@ METADATA_FILE = "metadata.json"
 
 def series_entry(decision: Mapping[str, Any] | None, *, study_instance_uid: str, series_instance_uid: str,
                  dicom_modality: str, input_file: str | None = None, skipped: str | None = None,
-                 sr_file: str | None = None, box_file: str | None = None) -> dict[str, Any]:
-    """One series' entry: the router's answers, per-stage confidence and where it stopped.
+                 sr_file: str | None = None, box_file: str | None = None,
+                 execution: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One series' entry: the router's answers, per-stage confidence, where it stopped, the card's result.
 
-    ``decision`` is a :meth:`RoutingDecision.as_dict` record (``None`` for a skipped series).
+    ``decision`` is a :meth:`RoutingDecision.as_dict` record (``None`` for a skipped series);
+    ``execution`` a :meth:`SpecialtyResult.as_dict` record when a specialty model was asked.
     """
     decision = decision or {}
     reference = decision.get("reference") or {}
@@ -43,6 +45,7 @@ def series_entry(decision: Mapping[str, Any] | None, *, study_instance_uid: str,
         "skipped": skipped,
         "sr_file": sr_file,
         "box_file": box_file,
+        "execution": dict(execution) if execution is not None else None,
         "not_for_clinical_use": True,
     }
 
@@ -60,6 +63,7 @@ def build_metadata(entries: Sequence[Mapping[str, Any]], problems: Iterable[Mapp
         "errors": sum(1 for e in entries if e["error"]) + len(problems),
         # top level, because workflow conditions read only top-level values of metadata.json
         "model_card_ids": sorted({e["model_card_id"] for e in entries if e["model_card_id"]}),
+        "executed": sum(1 for e in entries if (e.get("execution") or {}).get("status") == "executed"),
         "entries": entries,
         "problems": problems,
     }

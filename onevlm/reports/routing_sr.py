@@ -11,6 +11,11 @@ Content (TID 1500 "Imaging Measurement Report"):
   its first numeric measurement is INFERRED FROM the whole routed image (TID 300: a closed
   POLYLINE along the image border), because OHIF 3.13 fails to load an SR that holds a
   measurement group without any spatial coordinates — and so OHIF shows the routing group;
+- with a specialty model (route -> execute), the same group also holds the execution: status
+  (executed, not executable here, unparseable, failed), the task, and the answer as coded
+  values (class, grade, findings present, number of regions), with the answer's summary in the
+  first comment and the reason in another when the card did not run; the algorithm parameters
+  name the adapter and prompt (the group keeps its one whole-image SCOORD: see above);
 - one planar ROI group (TID 1410) per bounding box: a closed POLYLINE referencing the source
   image (and frame), with a tracking identifier and UID so viewers (OHIF) can show it.
 
@@ -41,11 +46,12 @@ from onevlm.reports.source_attributes import (
     restore_referenced_sop_classes,
 )
 from onevlm.router.decision import RoutingDecision
+from onevlm.specialty.execution import SpecialtyResult
 
 SERIES_DESCRIPTION = "onevlm routing - research use only, not for clinical use"
 RESEARCH_STATEMENT = (
-    "Research use only: not for clinical use. Produced by an automated model-card router (onevlm); "
-    "not verified by a person."
+    "Research use only: not for clinical use. Produced by onevlm (an automated model-card router and "
+    "specialty model); not verified by a person."
 )
 SR_SERIES_NUMBER = 9901
 GENERIC_IMAGING = CodedConcept("363679005", "SCT", "Imaging")
@@ -102,8 +108,44 @@ def route_summary(decision: RoutingDecision) -> str:
     return f"onevlm route: {' / '.join(parts)} -> {target}{confidence}"
 
 
-def routing_group(decision: RoutingDecision, source_series_uid: str, card_captions: dict[str, str] | None = None):
-    """The TID 1501 measurement group holding the routing decision."""
+def execution_summary(result: SpecialtyResult) -> str:
+    """The specialty part of the group's label: the answer, or that the card did not run."""
+    if result.executed:
+        return f"result: {result.summary().split(': ', 1)[1]}"
+    return {"not-executable": "not executable here", "unparseable": "answer not parseable",
+            "failed": "specialty model failed"}[result.status]
+
+
+def _execution_items(result: SpecialtyResult) -> tuple[list, list]:
+    """Qualitative evaluations and numeric measurements of a specialty result."""
+    evaluations = [hd.sr.QualitativeEvaluation(name=coding.EXECUTION_CONCEPT, value=coding.EXECUTION_STATUS[result.status])]
+    measurements = []
+    if result.specialty and result.task:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=coding.TASK_CONCEPT,
+                                                       value=coding.task_code(result.specialty, result.task)))
+    if not result.executed:
+        return evaluations, measurements
+    if result.task_kind == "detection":
+        measurements.append(hd.sr.Measurement(name=coding.REGION_COUNT_CONCEPT, value=float(len(result.boxes)),
+                                              unit=coding.REGION_UNIT))
+    elif result.task_kind == "multilabel":
+        if result.labels:
+            evaluations += [hd.sr.QualitativeEvaluation(name=coding.PRESENT_FINDING_CONCEPT, value=coding.finding_code(label))
+                            for label in result.labels]
+        else:
+            evaluations.append(hd.sr.QualitativeEvaluation(name=coding.PRESENT_FINDING_CONCEPT,
+                                                           value=coding.NO_FINDING_PRESENT))
+    elif result.task_kind == "grading":
+        evaluations.append(hd.sr.QualitativeEvaluation(name=coding.GRADE_CONCEPT,
+                                                       value=coding.grade_code(int(result.grade), result.labels[0])))
+    else:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=coding.CLASS_CONCEPT, value=coding.finding_code(result.labels[0])))
+    return evaluations, measurements
+
+
+def routing_group(decision: RoutingDecision, source_series_uid: str, card_captions: dict[str, str] | None = None,
+                  execution: SpecialtyResult | None = None):
+    """The TID 1501 measurement group holding the routing decision (and the card's execution)."""
     card_captions = card_captions or {}
     evaluations = []
     for stage in decision.stages:
@@ -131,20 +173,36 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
         f"cutoffs: {json.dumps(decision.cutoffs)}",
         f"prompts: {', '.join(s.prompt_id for s in decision.stages)}",
     ]
+    name = "onevlm model-card router"
+    if execution is not None:
+        more_evaluations, more_measurements = _execution_items(execution)
+        evaluations += more_evaluations
+        measurements += more_measurements
+        name = "onevlm model-card router and specialty model"
+        if execution.specialty:
+            parameters += [f"specialty adapter: {json.dumps(execution.adapter, sort_keys=True, default=str)}",
+                           f"specialty prompt: {execution.prompt_id}"]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(entropy_srcs=[source_series_uid, "onevlm-routing-group"]),
             identifier="onevlm routing",
         ),
         algorithm_id=hd.sr.AlgorithmIdentification(
-            name="onevlm model-card router", version=__version__, parameters=parameters, manufacturer="onevlm"
+            name=name, version=__version__, parameters=parameters, manufacturer="onevlm"
         ),
         measurements=measurements,
         qualitative_evaluations=evaluations,
     )
     container = group[0]
     # Viewers (OHIF) show a group's comments as its label: the first one says it all.
-    container.ContentSequence.append(_comment(route_summary(decision)))
+    label = route_summary(decision)
+    if execution is not None:
+        label = f"{label}; {execution_summary(execution)}"
+    container.ContentSequence.append(_comment(label))
+    if execution is not None:
+        container.ContentSequence.append(_comment(f"Specialty model: {execution.summary()}"))
+        if execution.answer is not None:
+            container.ContentSequence.append(_comment(f"Specialty model answer: {execution.answer}"))
     if decision.stop_reason:
         container.ContentSequence.append(_comment(f"Routing stopped: {decision.stop_reason}."))
     if len(decision.stages) == 3 and decision.stages[2].chosen_record.justification:
@@ -217,6 +275,7 @@ def build_routing_sr(
     routed_image: pydicom.Dataset,
     boxes: Sequence[ImageBox] = (),
     card_captions: dict[str, str] | None = None,
+    execution: SpecialtyResult | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the routing SR of one series.
 
@@ -233,6 +292,9 @@ def build_routing_sr(
         Bounding boxes on ``routed_image`` (from a specialty model), if any.
     card_captions:
         Card ID to caption, to spell out the chosen card in the code meaning.
+    execution:
+        The specialty model's result for the chosen card (route -> execute), if it was asked:
+        executed, or why not.
 
     Returns
     -------
@@ -255,7 +317,7 @@ def build_routing_sr(
         ),
     )
     procedure = coding.acquisition_modality_code(str(routed_image.get("Modality", ""))) or GENERIC_IMAGING
-    groups = [routing_group(decision, series_uid, card_captions)]
+    groups = [routing_group(decision, series_uid, card_captions, execution)]
     _infer_from_whole_image(groups[0], routed_image)
     groups += [box_group(box, i, routed_image, series_uid) for i, box in enumerate(boxes)]
     report = hd.sr.MeasurementReport(

@@ -46,7 +46,8 @@ class AdapterManifest:
         Identity of the base model (:func:`onevlm.vlm.loading.load_model`'s ``identity``), with
         at least ``fingerprint``, ``model_type`` and ``model_class``.
     tasks:
-        One entry per dataset: ``dataset``, ``task``, ``prompt_id``, ``markers``, ``class_names``.
+        One entry per dataset: ``dataset``, ``task``, ``prompt_id``, ``markers``, ``class_names``
+        and ``description`` (the dataset line of the prompt; inference must render it the same).
     prompt_version:
         :data:`onevlm.specialty.tasks.TASK_PROMPT_VERSION` at training time.
     data:
@@ -121,6 +122,8 @@ def validate_manifest(obj: Mapping[str, Any]) -> None:
         names = _require(task, "class_names", list, f"tasks[{i}].")
         if not names or not all(isinstance(n, str) for n in names):
             raise ManifestError(f"manifest field 'tasks[{i}].class_names' must be a non-empty list of strings")
+        if not isinstance(task.get("description", ""), str):
+            raise ManifestError(f"manifest field 'tasks[{i}].description' must be a string")
     _require(obj, "data", dict)
     _require(obj, "training", dict)
     results = _require(obj, "results", dict)
@@ -177,11 +180,11 @@ def read_manifest(adapter_dir: str | Path) -> AdapterManifest:
 
 
 def task_entries(examples: Iterable[TaskExample]) -> list[dict[str, Any]]:
-    """One entry per dataset (in order of first appearance): task, prompt id, markers, classes."""
+    """One entry per dataset (in order of first appearance): task, prompt id, markers, classes, description."""
     entries: dict[str, dict[str, Any]] = {}
     for ex in examples:
         entry = {"dataset": ex.dataset, "task": ex.task, "prompt_id": ex.prompt_id, "markers": ex.markers,
-                 "class_names": list(ex.info.class_names)}
+                 "class_names": list(ex.info.class_names), "description": ex.info.description}
         previous = entries.setdefault(ex.dataset, entry)
         if previous != entry:
             raise ValueError(f"dataset {ex.dataset!r} appears with two different tasks, prompts or class lists")

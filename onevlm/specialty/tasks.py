@@ -377,6 +377,67 @@ def _dataset_line(info: DatasetInfo) -> str:
     return f"{info.name} ({info.description.strip()})" if info.description.strip() else info.name
 
 
+def user_prompt(info: DatasetInfo, markers: str = "letters", region: NormalisedBox | None = None) -> str:
+    """The user turn of ``info``'s task, exactly as training examples and inference queries get it.
+
+    Parameters
+    ----------
+    info:
+        The dataset (name, description, class names); its ``task_type`` selects the template.
+    markers:
+        Option marker style of the lettered tasks.
+    region:
+        The region of a ``region-classification`` task (required there, refused elsewhere).
+    """
+    validate_info(info, markers)
+    task, names = info.task_type, info.class_names
+    if (task == "region-classification") != (region is not None):
+        raise ValueError(f"{info.name}: a region is given exactly for region-classification tasks")
+    dataset = _dataset_line(info)
+    if task == "classification":
+        return CLASSIFICATION_TEMPLATE.format(dataset=dataset, options=_options(names, markers),
+                                              marker_word=_marker_word(markers))
+    if task == "grading":
+        return GRADING_TEMPLATE.format(dataset=dataset, options=_grades(names))
+    if task == "multilabel":
+        return MULTILABEL_TEMPLATE.format(dataset=dataset, findings="\n".join(f"- {n}" for n in names))
+    if task == "detection":
+        return DETECTION_TEMPLATE.format(dataset=dataset, classes="\n".join(f"- {n}" for n in names))
+    return REGION_TEMPLATE.format(dataset=dataset, colour=REGION_COLOUR_NAME, box=format_box(region),
+                                  options=_options(names, markers), marker_word=_marker_word(markers))
+
+
+def build_query(info: DatasetInfo, image: Image.Image, markers: str = "letters",
+                region: NormalisedBox | None = None) -> TaskExample:
+    """An inference query: the task's prompt for ``image``, with no gold answer.
+
+    The prompt is the one :func:`build_example` renders for training, so a fine-tuned adapter
+    sees the text it learnt. ``answer`` is empty and ``target`` is :class:`Unparseable`.
+
+    Parameters
+    ----------
+    info:
+        The task's dataset (as recorded in the adapter manifest).
+    image:
+        The image to answer about (converted to RGB; for region classification the region is
+        drawn on a copy).
+    markers:
+        Option marker style the adapter was trained with.
+    region:
+        The region of a region-classification task.
+    """
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
+    rgb = image.convert("RGB")
+    if region is not None:
+        region = _rounded(region, info.name)
+    user = user_prompt(info, markers, region)
+    shown = draw_region(rgb, region) if region is not None else rgb
+    return TaskExample(info=info, split="query", prompt_id=prompt_id(info.task_type, markers), system=SYSTEM_PROMPT,
+                       user=user, answer="", load_image=lambda: shown, target=Unparseable("an inference query"),
+                       markers=markers)
+
+
 def build_example(info: DatasetInfo, sample: LabelledImage, markers: str = "letters") -> TaskExample:
     """Render one sample as the prompt and answer of its dataset's task.
 
@@ -403,40 +464,34 @@ def build_example(info: DatasetInfo, sample: LabelledImage, markers: str = "lett
     validate_info(info, markers)
     _check_sample(info, sample)
     task, names = info.task_type, info.class_names
-    pid = prompt_id(task, markers)
-    dataset = _dataset_line(info)
     load = _rgb_loader(sample)
+    region = None
     if task == "classification":
         label = _single_label(info, sample)
-        user = CLASSIFICATION_TEMPLATE.format(dataset=dataset, options=_options(names, markers),
-                                              marker_word=_marker_word(markers))
         answer, target, target_names = option_marker(label, markers), label, (names[label],)
     elif task == "grading":
         label = _single_label(info, sample)
-        user = GRADING_TEMPLATE.format(dataset=dataset, options=_grades(names))
         answer, target, target_names = str(label), label, (names[label],)
     elif task == "multilabel":
         present = sorted(set(sample.labels))
-        user = MULTILABEL_TEMPLATE.format(dataset=dataset, findings="\n".join(f"- {n}" for n in names))
         answer = ", ".join(names[i] for i in present) if present else NONE_ANSWER
         target = frozenset(present)
         target_names = tuple(names[i] for i in present) or (NONE_ANSWER,)
     elif task == "detection":
         boxes = tuple(_reading_order(_rounded(b, info.name) for b in sample.boxes))
-        user = DETECTION_TEMPLATE.format(dataset=dataset, classes="\n".join(f"- {n}" for n in names))
         answer = "\n".join(f"{names[b.label]} {format_box(b)}" for b in boxes) if boxes else NONE_ANSWER
         target, target_names = boxes, tuple(names[b.label] for b in boxes) or (NONE_ANSWER,)
     else:  # region-classification
         if len(sample.boxes) != 1:
             raise ValueError(f"{info.name} ({sample.split}): a region-classification sample needs exactly one box, "
                              f"got {len(sample.boxes)}")
-        box = _rounded(sample.boxes[0], info.name)
-        if sample.labels and tuple(sample.labels) != (box.label,):
+        region = _rounded(sample.boxes[0], info.name)
+        if sample.labels and tuple(sample.labels) != (region.label,):
             raise ValueError(f"{info.name} ({sample.split}): the sample's labels disagree with its region's label")
-        user = REGION_TEMPLATE.format(dataset=dataset, colour=REGION_COLOUR_NAME, box=format_box(box),
-                                      options=_options(names, markers), marker_word=_marker_word(markers))
-        answer, target, target_names = option_marker(box.label, markers), box.label, (names[box.label],)
-        load = _region_loader(sample, box)
+        answer, target, target_names = option_marker(region.label, markers), region.label, (names[region.label],)
+        load = _region_loader(sample, region)
+    user = user_prompt(info, markers, region)
+    pid = prompt_id(task, markers)
     return TaskExample(info=info, split=sample.split, prompt_id=pid, system=SYSTEM_PROMPT, user=user, answer=answer,
                        load_image=load, target=target, target_names=target_names, markers=markers)
 

@@ -1,4 +1,9 @@
-"""Write a routed study's results: one routing SR per routed series, decisions.jsonl, metadata.json."""
+"""Write a routed study's results: one routing SR per routed series, box objects, decisions.jsonl, metadata.json.
+
+With a specialty model (route -> execute) each routed series' SR also carries its card's result
+or the reason the card did not run, detected boxes become a SEG (or bulk annotations for a
+slide), and the result is in the series' ``decisions.jsonl`` record and ``metadata.json`` entry.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ from onevlm.reports.bulk_annotations import build_box_annotations
 from onevlm.reports.routing_metadata import DECISIONS_FILE, METADATA_FILE, build_metadata, series_entry
 from onevlm.reports.boxes import ImageBox
 from onevlm.reports.routing_sr import build_routing_sr
+from onevlm.specialty.execution import SpecialtyResult
 from onevlm.study.preparation import is_whole_slide_series
+from onevlm.study.execution import StudyExecution
 from onevlm.study.routing import SeriesRouting, StudyRouting
 
 logger = logging.getLogger(__name__)
@@ -55,13 +62,13 @@ def _save(dataset: pydicom.Dataset, folder: Path) -> Path:
 
 
 def write_series_sr(result: SeriesRouting, out_dir: Path, cards: CardRepository | None = None,
-                    boxes: Sequence[ImageBox] = ()) -> Path:
-    """Build and write the routing SR of one routed series (with its boxes); returns its path."""
+                    boxes: Sequence[ImageBox] = (), execution: SpecialtyResult | None = None) -> Path:
+    """Build and write the routing SR of one routed series (with its boxes and specialty result)."""
     assert result.decision is not None and result.routed is not None
     evidence = [pydicom.dcmread(m.path, stop_before_pixels=True) for m in result.series.members]
     routed = next(ds for ds in evidence if str(ds.SOPInstanceUID) == result.routed.header.sop_instance_uid)
     captions = {c.id: c.task_caption for c in cards} if cards is not None else None
-    sr = build_routing_sr(result.decision, evidence, routed, boxes=boxes, card_captions=captions)
+    sr = build_routing_sr(result.decision, evidence, routed, boxes=boxes, card_captions=captions, execution=execution)
     return _save(sr, out_dir / SR_FOLDER)
 
 
@@ -76,16 +83,22 @@ def write_box_objects(result: SeriesRouting, boxes: Sequence[ImageBox], out_dir:
 
 
 def write_study_outputs(study: StudyRouting, out_dir: str | Path, cards: CardRepository | None = None,
-                        boxes: Mapping[str, Sequence[ImageBox]] | None = None) -> StudyOutputs:
+                        boxes: Mapping[str, Sequence[ImageBox]] | None = None,
+                        execution: StudyExecution | None = None) -> StudyOutputs:
     """Write SRs, box objects, ``decisions.jsonl`` and ``metadata.json`` into ``out_dir``.
 
-    ``boxes`` maps a series UID to boxes on its routed image (from a specialty model): they go
-    into that series' SR and into a SEG or bulk-annotation object. A series whose objects cannot
-    be built gets the error in its metadata entry; the others go on.
+    ``boxes`` maps a series UID to boxes on its routed image: they go into that series' SR and
+    into a SEG or bulk-annotation object. ``execution`` holds the specialty results per series
+    (and their boxes, which join ``boxes``). A series whose objects cannot be built gets the
+    error in its metadata entry; the others go on.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    boxes = boxes or {}
+    boxes = dict(boxes or {})
+    results = execution.results if execution is not None else {}
+    if execution is not None:
+        for uid, found in execution.boxes.items():
+            boxes[uid] = (*boxes.get(uid, ()), *found)
     sr_files: dict[str, Path] = {}
     box_files: dict[str, Path] = {}
     entries = []
@@ -95,9 +108,12 @@ def write_study_outputs(study: StudyRouting, out_dir: str | Path, cards: CardRep
         record = result.decision.as_dict() if result.decision is not None else None
         sr_file = box_file = None
         series_boxes = boxes.get(series.series_instance_uid, ())
+        specialty = results.get(series.series_instance_uid)
+        if record is not None and specialty is not None:
+            record["execution"] = specialty.as_dict()
         if record is not None and record["error"] is None:
             try:
-                path = write_series_sr(result, out, cards, series_boxes)
+                path = write_series_sr(result, out, cards, series_boxes, specialty)
                 sr_files[series.series_instance_uid] = path
                 sr_file = str(path.relative_to(out))
                 if series_boxes:
@@ -113,7 +129,7 @@ def write_study_outputs(study: StudyRouting, out_dir: str | Path, cards: CardRep
                                     series_instance_uid=series.series_instance_uid,
                                     dicom_modality=series.modality, input_file=series.members[0].path.name,
                                     skipped=result.skipped, sr_file=sr_file,
-                                    box_file=box_file))
+                                    box_file=box_file, execution=record.get("execution") if record else None))
     problems = [{"file": p.path.name, "error": p.message} for p in study.problems]
     metadata = build_metadata(entries, problems)
     decisions_file = out / DECISIONS_FILE

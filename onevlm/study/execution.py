@@ -1,0 +1,96 @@
+"""Route → execute for a study: each routed series' card runs its task on the series' routed image.
+
+The specialty model answers about the image the router chose for the series (its middle image,
+the middle frame of a multi-frame object). Boxes come back in normalised coordinates and are
+placed on that image's pixel grid here, ready for the SR, SEG and bulk annotations. Research use
+only: not for clinical use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from onevlm.cards.repository import CardRepository
+from onevlm.imaging.dicom_to_image import load_image
+from onevlm.reports.boxes import ImageBox
+from onevlm.specialty.execution import FAILED, SpecialtyModel, SpecialtyResult, not_executable
+from onevlm.study.preparation import is_whole_slide_series
+from onevlm.study.routing import SeriesRouting, StudyRouting
+
+logger = logging.getLogger(__name__)
+
+#: Why whole slides are not run: the shipped pathology tasks classify small patches.
+WHOLE_SLIDE_REASON = ("whole-slide images are not run: the specialty tasks answer about single patches or frames, "
+                      "and slide tiling is not part of this deployment")
+
+
+@dataclass(frozen=True)
+class StudyExecution:
+    """Per series UID: the specialty result of its routed card, and its boxes on the routed image."""
+
+    results: dict[str, SpecialtyResult] = field(default_factory=dict)
+    boxes: dict[str, tuple[ImageBox, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExecutedStudy:
+    """A routed study with its specialty results: what the combined app hands to the results writer."""
+
+    routing: StudyRouting
+    execution: StudyExecution
+
+
+def image_boxes(result: SpecialtyResult, routed: SeriesRouting) -> tuple[ImageBox, ...]:
+    """The result's normalised boxes in pixel coordinates of the routed image (its frame if multi-frame)."""
+    header = routed.routed.header if routed.routed is not None else None
+    if not result.boxes or header is None or not header.rows or not header.columns:
+        return ()
+    frames = int(header.number_of_frames or 1)
+    frame = frames // 2 + 1 if frames > 1 else None  # the frame the image was taken from (dicom_to_image)
+    return tuple(ImageBox(x0=b.x0 * header.columns, y0=b.y0 * header.rows, x1=b.x1 * header.columns,
+                          y1=b.y1 * header.rows, label=name, frame=frame)
+                 for b, name in zip(result.boxes, result.box_labels))
+
+
+def execute_study(model: SpecialtyModel, routing: StudyRouting, cards: CardRepository) -> StudyExecution:
+    """Run every routed series' card on the specialty model.
+
+    A series routed to no card (early stop, no card, error) gets no result; a card the
+    deployment cannot run gets a ``not-executable`` result with the reason; an image that cannot
+    be decoded gets a ``failed`` one. The other series go on.
+    """
+    results: dict[str, SpecialtyResult] = {}
+    requests = []
+    for entry in routing.series:
+        decision = entry.decision
+        if decision is None or decision.error is not None or not decision.model_card_id or entry.routed is None:
+            continue
+        uid = entry.series.series_instance_uid
+        try:
+            card = cards.get(decision.model_card_id)
+        except KeyError:
+            results[uid] = not_executable(decision.model_card_id, "the card is not in this deployment's card set")
+            continue
+        if is_whole_slide_series(entry.series):
+            results[uid] = not_executable(card.id, WHOLE_SLIDE_REASON)
+            continue
+        task = model.resolve(card)
+        if isinstance(task, str):
+            results[uid] = not_executable(card.id, task)
+            continue
+        try:
+            image = load_image(entry.routed)
+        except Exception as exc:
+            message = f"{entry.routed.path.name}: {exc}"
+            logger.error("series %s: image for %s: %s", uid, card.id, message)
+            results[uid] = SpecialtyResult(card_id=card.id, status=FAILED, reason=message)
+            continue
+        requests.append((uid, card, image))
+    for (uid, _, _), result in zip(requests, model.execute_many([(c, i) for _, c, i in requests])):
+        results[uid] = result
+    by_uid = {entry.series.series_instance_uid: entry for entry in routing.series}
+    boxes = {uid: image_boxes(result, by_uid[uid]) for uid, result in results.items() if result.boxes}
+    for uid, result in results.items():
+        logger.info("series %s: %s", uid, result.summary())
+    return StudyExecution(results, {uid: b for uid, b in boxes.items() if b})

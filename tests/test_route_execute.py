@@ -1,0 +1,386 @@
+"""Route -> execute: the specialty model (one base, every adapter) runs the card the router chose.
+
+The base is the synthetic tiny VLM; its adapters are trained here with ``onevlm finetune`` (NF4
+QLoRA on CPU): a radiology adapter on MedMNIST-format BreastMNIST and ChestMNIST files whose
+labels are all "malignant" and "no finding", so 40 steps teach it fixed answers we can check
+(a learnt answer, not a hard-coded one: the base model with the adapter disabled does not give
+it), and a hematology adapter (two steps on random BloodMNIST-format data) to switch to. The
+router is the embedded default on the real ``dicom_samples``: the chest CR routes to MODEL_89
+(ChestMNIST findings) and the small-parts US to MODEL_19 (BreastMNIST), both run by the
+radiology adapter; the brain CT's card names no specialty task. Research use only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import REPO, SAMPLES
+from dicom_validation import dciodvfy_errors
+from onevlm.cards import CardRepository, default_cards_dir
+from onevlm.cli import main as onevlm_main
+from onevlm.reports import coding
+from onevlm.specialty.execution import (
+    EXECUTED,
+    NOT_EXECUTABLE,
+    SpecialtyModel,
+    find_adapters,
+)
+from onevlm.specialty.manifest import MANIFEST_NAME, ManifestError
+from onevlm.specialty.samples import DatasetInfo, LabelledImage, NormalisedBox
+from onevlm.specialty.tasks import build_example, build_query, is_unparseable, load_specialties
+from onevlm.study.execution import StudyExecution, execute_study, image_boxes
+from onevlm.study.outputs import write_study_outputs
+from onevlm.study.routing import route_study
+from onevlm.vlm.loading import LoadOptions, ModelLoadError
+from onevlm.vlm.synthetic import build_synthetic_model
+
+pytestmark = pytest.mark.slow
+
+CHEST = "cr_chest_j2k.dcm"
+BREAST_US = "us_small_parts_j2k.dcm"
+BRAIN_CT = "ct_head_routine_brain.dcm"
+
+
+# -- prompts: inference asks exactly what training taught ---------------------------------------
+
+
+@pytest.mark.parametrize("task", ["classification", "grading", "multilabel", "detection"])
+def test_a_query_has_the_training_prompt_of_its_task(task):
+    from PIL import Image
+
+    info = DatasetInfo("demo", task, ("alpha", "beta", "gamma"), "pathology", "a demo set")
+    image = Image.new("L", (20, 10), 128)
+    labels = () if task == "detection" else (1,)
+    boxes = (NormalisedBox(0.1, 0.2, 0.5, 0.6, 2),) if task == "detection" else ()
+    example = build_example(info, LabelledImage("demo", "test", lambda: image, labels, boxes), "numbers")
+    query = build_query(info, image, "numbers")
+    assert (query.system, query.user, query.prompt_id) == (example.system, example.user, example.prompt_id)
+    assert query.answer == "" and is_unparseable(query.target)
+    assert query.load_image().mode == "RGB" and query.load_image().size == (20, 10)
+
+
+def test_a_region_query_needs_its_region_and_draws_it():
+    from PIL import Image
+
+    info = DatasetInfo("lesions", "region-classification", ("bone", "lung"), "radiology")
+    image = Image.new("RGB", (50, 50), (0, 0, 0))
+    with pytest.raises(ValueError, match="region"):
+        build_query(info, image)
+    query = build_query(info, image, region=NormalisedBox(0.2, 0.2, 0.6, 0.6, 0))
+    assert "[0.200, 0.200, 0.600, 0.600]" in query.user
+    assert (0, 255, 0) in {query.load_image().getpixel((x, 10)) for x in range(50)}
+
+
+def test_shipped_cards_execute_tasks_of_the_shipped_mixtures():
+    cards = CardRepository.load(default_cards_dir())
+    mixtures = load_specialties()
+    executable = [c for c in cards if c.execute is not None]
+    assert len(executable) >= 13
+    kinds = {"classification": "classification", "grading": "grading", "multilabel-classification": "multilabel",
+             "detection": "detection"}
+    for card in executable:
+        entries = {e.dataset: e for e in mixtures[card.execute.specialty].datasets}
+        assert card.execute.task in entries, f"{card.id}: {card.execute}"
+        assert entries[card.execute.task].task == kinds[card.task_type], card.id
+
+
+# -- adapters trained here ------------------------------------------------------------------------
+
+
+def _constant_npz(path: Path, n_classes: int, multilabel: bool, label: int = 0) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 32), ("val", 4), ("test", 4)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        labels = np.zeros((n, n_classes if multilabel else 1), dtype=np.uint8)
+        if not multilabel:
+            labels[:] = label
+        arrays[f"{split}_labels"] = labels
+    np.savez(path, **arrays)
+
+
+def _finetune(specialty_yaml: Path, data: Path, base: Path, out: Path, steps: int) -> Path:
+    code = onevlm_main(["finetune", "--specialty", str(specialty_yaml), "--data", str(data), "--model", str(base),
+                        "--out", str(out), "--max-steps", str(steps), "--lr", "3e-3", "--device", "cpu",
+                        "--no-progress", "--checkpoint-every", "0", "--batch-size", "8", "--grad-accum", "1",
+                        "--no-gradient-checkpointing", "--max-val-examples", "8"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("route-execute")
+    base = build_synthetic_model("tiny", root / "base")
+    data = root / "data"
+    data.mkdir()
+    _constant_npz(data / "breastmnist.npz", 2, False, label=0)  # all "malignant"
+    _constant_npz(data / "chestmnist.npz", 14, True)  # no finding anywhere
+    rng = np.random.default_rng(1)
+    np.savez(data / "bloodmnist.npz", **{f"{s}_images": rng.integers(0, 255, (n, 28, 28, 3), dtype=np.uint8)
+                                        for s, n in (("train", 16), ("val", 4), ("test", 4))},
+             **{f"{s}_labels": rng.integers(0, 8, (n, 1), dtype=np.uint8)
+                for s, n in (("train", 16), ("val", 4), ("test", 4))})
+    radiology = root / "radiology.yaml"
+    radiology.write_text("specialty: radiology\ndescription: test adapter\noption_markers: numbers\ndatasets:\n"
+                         "  - {dataset: breastmnist, reader: medmnist, task: classification}\n"
+                         "  - {dataset: chestmnist, reader: medmnist, task: multilabel}\n")
+    hematology = root / "hematology.yaml"
+    hematology.write_text("specialty: hematology\ndescription: test adapter\noption_markers: numbers\ndatasets:\n"
+                          "  - {dataset: bloodmnist, reader: medmnist, task: classification}\n")
+    adapters = root / "models" / "adapters"
+    _finetune(radiology, data, base, adapters / "radiology", 40)
+    _finetune(hematology, data, base, adapters / "hematology", 2)
+    (root / "models" / "base").symlink_to(base, target_is_directory=True)
+    return {"base": base, "adapters": adapters, "models": root / "models", "root": root}
+
+
+@pytest.fixture(scope="module")
+def specialty_model(models) -> SpecialtyModel:
+    return SpecialtyModel.from_folders(models["base"], [models["adapters"]],
+                                       options=LoadOptions(device="cpu", quantize="nf4"))
+
+
+@pytest.fixture(scope="module")
+def cards() -> CardRepository:
+    return CardRepository.load(default_cards_dir())
+
+
+def _image(name: str):
+    from onevlm.imaging.dicom_to_image import dicom_to_image
+
+    return dicom_to_image(SAMPLES / name)
+
+
+def test_one_base_carries_every_adapter_and_switches_per_request(specialty_model, cards):
+    model = specialty_model
+    assert model.specialties == ("hematology", "radiology")
+    assert set(model.model.peft_config) == {"hematology", "radiology"}
+    breast = model.execute(cards.get("MODEL_19"), _image(BREAST_US))
+    assert model.model.active_adapter == "radiology"
+    assert breast.status == EXECUTED and breast.labels == ("malignant",) and breast.answer == "1"
+    assert breast.specialty == "radiology" and breast.task == "breastmnist" and breast.adapter["dir"] == "radiology"
+
+    blood = model.execute(cards.get("MODEL_95"), _image(BREAST_US))
+    assert model.model.active_adapter == "hematology"
+    assert blood.task == "bloodmnist" and blood.status in (EXECUTED, "unparseable")
+    if blood.status == EXECUTED:
+        assert blood.labels[0] in model.tasks[("hematology", "bloodmnist")].info.class_names
+
+    again = model.execute(cards.get("MODEL_19"), _image(BREAST_US))
+    assert again.answer == breast.answer and model.model.active_adapter == "radiology"
+
+    chest = model.execute(cards.get("MODEL_89"), _image(CHEST))
+    assert chest.status == EXECUTED and chest.labels == () and chest.answer == "none"
+    assert "no finding present" in chest.summary()
+
+    # the adapter, not the base, gives the answer
+    with model.model.disable_adapter():
+        base = model.execute(cards.get("MODEL_19"), _image(BREAST_US))
+    assert base.answer != "1"
+
+
+def test_cards_that_cannot_run_here_say_why(specialty_model, cards):
+    model = specialty_model
+    reasons = {
+        "MODEL_03": "names no specialty task",
+        "MODEL_93": "no ophthalmology adapter is loaded here",
+        "MODEL_90": "not trained on task 'pneumoniamnist'",
+    }
+    for card_id, reason in reasons.items():
+        result = model.execute(cards.get(card_id), _image(CHEST))
+        assert result.status == NOT_EXECUTABLE and reason in result.reason
+        assert result.summary().startswith(f"{card_id} is not executable here")
+    grading = replace(cards.get("MODEL_19"), task_type="grading")
+    assert "does not fit" in model.resolve(grading)
+
+
+def test_adapters_must_fit_the_base_and_be_unique(models, tmp_path):
+    other = tmp_path / "radiology-copy"
+    shutil.copytree(models["adapters"] / "radiology", other)
+    with pytest.raises(ManifestError, match="second adapter for specialty 'radiology'"):
+        SpecialtyModel(models["base"], [models["adapters"] / "radiology", other])
+    manifest = json.loads((other / MANIFEST_NAME).read_text())
+    manifest["base_model"]["fingerprint"] = "0" * 16
+    (other / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="radiology-copy.*another base model"):
+        SpecialtyModel(models["base"], [other])
+    with pytest.raises(ModelLoadError, match="no-such-model"):
+        SpecialtyModel(tmp_path / "no-such-model", [models["adapters"] / "radiology"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="no adapter"):
+        find_adapters(tmp_path / "empty")
+    assert [p.name for p in find_adapters(models["adapters"])] == ["hematology", "radiology"]
+
+
+# -- a study: route, execute, report ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def routed_samples(embedded_router):
+    return route_study(embedded_router, [SAMPLES])
+
+
+def _by_file(routing):
+    return {entry.series.members[0].path.name: entry for entry in routing.series}
+
+
+def _sr_items(path: Path) -> list[tuple[str, str]]:
+    ds = pydicom.dcmread(path)
+    out = []
+
+    def walk(items):
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+            if "ConceptCodeSequence" in item:
+                out.append((name, item.ConceptCodeSequence[0].CodeMeaning))
+            elif "TextValue" in item:
+                out.append((name, item.TextValue))
+            elif "MeasuredValueSequence" in item:
+                out.append((name, str(item.MeasuredValueSequence[0].NumericValue)))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(ds.ContentSequence)
+    return out
+
+
+def test_study_results_go_into_the_routing_srs(specialty_model, cards, routed_samples, tmp_path):
+    execution = execute_study(specialty_model, routed_samples, cards)
+    series = _by_file(routed_samples)
+    uid = {name: entry.series.series_instance_uid for name, entry in series.items()}
+    assert execution.results[uid[BREAST_US]].labels == ("malignant",)
+    assert execution.results[uid[CHEST]].status == EXECUTED
+    assert execution.results[uid[BRAIN_CT]].status == NOT_EXECUTABLE
+    assert uid["ecg_waveform.dcm"] not in execution.results  # not an image: never routed
+    assert not execution.boxes
+
+    outputs = write_study_outputs(routed_samples, tmp_path, cards, execution=execution)
+    meta = outputs.metadata
+    assert meta["executed"] == 2
+    entries = {e["input"]: e for e in meta["entries"]}
+    assert entries[BREAST_US]["execution"]["labels"] == ["malignant"]
+    assert entries[BRAIN_CT]["execution"]["status"] == NOT_EXECUTABLE
+    records = [json.loads(line) for line in outputs.decisions_file.read_text().splitlines()]
+    assert sum(1 for r in records if (r.get("execution") or {}).get("status") == EXECUTED) == 2
+
+    breast = _sr_items(outputs.sr_files[uid[BREAST_US]])
+    assert ("Specialty model execution", "Executed by the specialty model") in breast
+    assert ("Specialty task", "radiology/breastmnist") in breast
+    assert ("Class (specialty model)", "Malignant") in breast
+    assert any(v.endswith("-> MODEL_19 (confidence " + v.split("(confidence ")[1].split(")")[0] + "); result: malignant")
+               for _, v in breast if v.startswith("onevlm route:"))
+    chest = _sr_items(outputs.sr_files[uid[CHEST]])
+    assert ("Finding present (specialty model)", coding.NO_FINDING_PRESENT.meaning) in chest
+    brain = _sr_items(outputs.sr_files[uid[BRAIN_CT]])
+    assert ("Specialty model execution", "Model card not executable here") in brain
+    assert any("MODEL_03 is not executable here: the card names no specialty task" in v for _, v in brain)
+    for name in (BREAST_US, CHEST, BRAIN_CT):
+        sr = pydicom.dcmread(outputs.sr_files[uid[name]])
+        assert sr.VerificationFlag == "UNVERIFIED"
+        assert dciodvfy_errors(outputs.sr_files[uid[name]]) == [], name
+
+
+def test_detected_boxes_become_sr_regions_and_a_seg(specialty_model, routed_samples, cards, tmp_path):
+    """A detection answer, parsed by the real parser, placed on the routed image, written as SR + SEG."""
+    from onevlm.specialty.execution import AdapterTask
+
+    info = DatasetInfo("polypset", "detection", ("adenomatous", "hyperplastic"), "gastroenterology")
+    task = AdapterTask("gastroenterology", info, "letters", "detection-v1-test")
+    answer = "hyperplastic [0.100, 0.200, 0.400, 0.500]\nadenomatous [0.500, 0.500, 0.900, 0.800]"
+    result = SpecialtyModel._result("MODEL_33", task, answer, 0.1,
+                                    dict(specialty="gastroenterology", task="polypset", task_kind="detection",
+                                         prompt_id=task.prompt_id, adapter={"dir": "gastroenterology"}))
+    assert result.status == EXECUTED and result.box_labels == ("hyperplastic", "adenomatous")
+    entry = _by_file(routed_samples)[CHEST]
+    boxes = image_boxes(result, entry)
+    header = entry.routed.header
+    assert boxes[0].x0 == pytest.approx(0.1 * header.columns) and boxes[0].y1 == pytest.approx(0.5 * header.rows)
+    uid = entry.series.series_instance_uid
+    outputs = write_study_outputs(routed_samples, tmp_path, cards,
+                                  execution=StudyExecution({uid: result}, {uid: boxes}))
+    seg = pydicom.dcmread(outputs.box_files[uid])
+    assert seg.Modality == "SEG" and [s.SegmentLabel for s in seg.SegmentSequence] == ["hyperplastic", "adenomatous"]
+    items = _sr_items(outputs.sr_files[uid])
+    assert ("Regions found (specialty model)", "2") in items or ("Regions found (specialty model)", "2.0") in items
+    assert ("Comment", "Finding: hyperplastic") in items
+    assert dciodvfy_errors(outputs.sr_files[uid]) == []
+    assert dciodvfy_errors(outputs.box_files[uid]) == []
+
+
+# -- the MONAI Deploy app and the listener service ---------------------------------------------------
+
+
+def _app_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.update(extra)
+    return env
+
+
+def test_route_execute_app_end_to_end(models, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in (CHEST, BREAST_US, BRAIN_CT, "ecg_waveform.dcm"):
+        shutil.copy(SAMPLES / name, inputs / name)
+    (inputs / "broken.dcm").write_bytes(b"DICM but not really")
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "apps.route_execute_app", "-i", str(inputs), "-o", str(out),
+                          "-m", str(models["models"])], capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env=_app_env(ONEVLM_SPECIALTY_QUANTIZE="nf4", ONEVLM_DEVICE="cpu"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    meta = json.loads((out / "metadata.json").read_text())
+    entries = {e["input"]: e for e in meta["entries"]}
+    assert meta["executed"] == 2 and meta["routed"] == 3
+    assert entries[BREAST_US]["execution"]["labels"] == ["malignant"]
+    assert entries[CHEST]["execution"]["status"] == EXECUTED
+    assert entries[BRAIN_CT]["execution"]["status"] == NOT_EXECUTABLE
+    assert entries["ecg_waveform.dcm"]["skipped"] and entries["ecg_waveform.dcm"]["execution"] is None
+    assert [p["file"] for p in meta["problems"]] == ["broken.dcm"]
+    assert len(list((out / "sr").glob("*.dcm"))) == 3
+
+
+def test_route_execute_app_refuses_a_missing_adapter_folder(models, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "apps.route_execute_app", "-i", str(SAMPLES), "-o", str(tmp_path),
+                          "-m", str(models["models"])], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env=_app_env(ONEVLM_ADAPTERS=str(tmp_path / "nowhere")))
+    assert run.returncode != 0
+    assert f"{tmp_path / 'nowhere'}: adapter folder not found" in run.stdout + run.stderr
+
+
+def test_listener_service_runs_route_execute(models, tmp_path):
+    from dicom_peers import running_service, service_config, storescu, wait_until
+    from onevlm.net.config import ConfigError, parse_config
+
+    spool = tmp_path / "spool"
+    pipeline = {"backend": "embedded", "specialty": {"base_model_dir": str(models["base"]),
+                                                      "adapters": [str(models["adapters"])], "quantize": "nf4",
+                                                      "device": "cpu"}}
+    config = service_config(spool, pipeline=pipeline)
+    broken = service_config(spool, pipeline={"specialty": {"base_model_dir": str(tmp_path), "adapters": []}})
+    with pytest.raises(ConfigError, match="pipeline.specialty.base_model_dir.*no config.json"):
+        parse_config(broken)
+    source = tmp_path / "us.dcm"
+    ds = pydicom.dcmread(SAMPLES / BREAST_US)
+    ds.decompress()
+    ds.save_as(source)
+    with running_service(config) as service:
+        sent = storescu([source], service.listener.port)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        results = spool / "results"
+        metadata = wait_until(lambda: next(results.glob("*/metadata.json"), None), 120, 0.5,
+                              "the study's results")
+        meta = json.loads(metadata.read_text())
+    assert meta["executed"] == 1
+    assert meta["entries"][0]["execution"]["labels"] == ["malignant"]
+    sr = next(metadata.parent.glob("sr/*.dcm"))
+    assert ("Class (specialty model)", "Malignant") in _sr_items(sr)
