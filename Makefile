@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 # holoscan (MONAI Deploy) wants a large stack; harmless for everything else.
 RUN    := ulimit -s 32768 2>/dev/null; HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: demo demo-app serve route-samples test install install-dev clean device-wheels bench
+.PHONY: demo demo-app demo-specialty serve route-samples test install install-dev clean device-wheels bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,25 @@ demo-app: install
 	@rm -rf out/app
 	$(RUN) $(BIN)/python -m apps.router_app -i dicom_samples -o out/app -l WARN
 	$(RUN) $(BIN)/onevlm summary out/app
+
+## demo-specialty: route -> execute on the CPU with synthetic data: a tiny random VLM, synthetic datasets in the
+## real formats, QLoRA adapters (radiology, hematology), table 4, then the route -> execute app over dicom_samples/
+DS := out/demo-specialty
+demo-specialty: install
+	@rm -rf $(DS)
+	$(RUN) $(BIN)/onevlm synth-model tiny $(DS)/models/base
+	$(RUN) $(BIN)/onevlm synth-data $(DS)/data --specialty radiology --specialty hematology --per-split 32 8 8
+	$(RUN) $(BIN)/onevlm finetune --specialty radiology --data $(DS)/data --model $(DS)/models/base \
+	    --out $(DS)/models/adapters/radiology --markers numbers --max-steps 40 --lr 3e-3 --batch-size 8 --grad-accum 1 \
+	    --device cpu --no-gradient-checkpointing --checkpoint-every 10
+	$(RUN) $(BIN)/onevlm finetune --specialty hematology --data $(DS)/data --model $(DS)/models/base \
+	    --out $(DS)/models/adapters/hematology --markers numbers --max-steps 10 --lr 3e-3 --batch-size 8 --grad-accum 1 \
+	    --device cpu --no-gradient-checkpointing --checkpoint-every 10
+	$(RUN) $(BIN)/onevlm evaluate-specialty --specialty radiology --data $(DS)/data --model $(DS)/models/base \
+	    --adapter $(DS)/models/adapters/radiology -o $(DS)/table4-radiology --device cpu
+	$(RUN) ONEVLM_DEVICE=cpu ONEVLM_SPECIALTY_QUANTIZE=nf4 $(BIN)/python -m apps.route_execute_app \
+	    -i dicom_samples -o $(DS)/results -m $(DS)/models -l WARN
+	$(RUN) $(BIN)/onevlm summary $(DS)/results
 
 ## serve: the listener service with the example configuration (config/onevlm-service.example.yaml)
 serve: install

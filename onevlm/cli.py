@@ -143,6 +143,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
         else:
             outcome = f"{e['modality']} -> no card ({e['stop_reason']})"
         print(f"  {e['dicom_modality']:6s} {label:34s} {outcome}")
+        if e.get("execution"):
+            print(f"         card: {e['execution']['summary']}")
         if e.get("sr_file"):
             print(f"         SR: {e['sr_file']}")
     for problem in meta.get("problems", []):
@@ -227,6 +229,24 @@ def cmd_synth_model(args: argparse.Namespace) -> int:
     cards = _cards(args) if args.cards else None
     out = build_synthetic_model(args.size, args.out_dir, cards=cards, seed=args.seed)
     print(f"synthetic {args.size} model written to {out} (random weights: tests and benchmarks only)")
+    return 0
+
+
+def cmd_synth_data(args: argparse.Namespace) -> int:
+    from onevlm.specialty.datasets.synthetic import write_specialty_data
+    from onevlm.specialty.tasks import SpecialtyConfigError
+    from onevlm.specialty.data_sources import resolve_specialty
+
+    out = Path(args.out_dir)
+    try:
+        configs = [resolve_specialty(name) for name in args.specialty]
+    except (SpecialtyConfigError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for config in configs:
+        for path in write_specialty_data(config, out, per_split=tuple(args.per_split), seed=args.seed):
+            print(f"  {config.specialty}: {path}")
+    print(f"synthetic data (random, not real images; research use only) written to {out}")
     return 0
 
 
@@ -553,6 +573,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cards", help="cards whose texts the tokenizer covers (default: model_cards/)")
     p.set_defaults(func=cmd_synth_model)
+
+    p = sub.add_parser("synth-data", help="write small synthetic datasets in the real formats (tests, demos)")
+    p.add_argument("out_dir")
+    p.add_argument("--specialty", action="append", required=True,
+                   help="a shipped specialty or a mixture YAML file; its datasets are written (repeatable)")
+    p.add_argument("--per-split", type=int, nargs=3, default=[16, 4, 4], metavar=("TRAIN", "VAL", "TEST"),
+                   help="examples (MedMNIST images, PolypSet frames, DeepLesion slices) per split")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth_data)
 
     cards = sub.add_parser("cards", help="model-card repository").add_subparsers(dest="cards_command", required=True)
     p = cards.add_parser("validate", help="check every card against the schema")

@@ -300,3 +300,15 @@ def test_finetune_then_evaluate_specialty_end_to_end(tmp_path: Path, capsys) -> 
         assert recomputed == pytest.approx(metrics)
         assert sum(r[variant]["unparseable"] is not None for r in rows) == metrics["unparseable"]
     assert all(r["finetuned"]["answer"] == r["answer"] for r in rows if r["finetuned"]["prediction"] == r["target"])
+
+
+def test_synth_data_writes_every_dataset_a_mixture_reads(tmp_path: Path, capsys) -> None:
+    assert main(["synth-data", str(tmp_path / "data"), "--specialty", "radiology", "--specialty", "gastroenterology",
+                 "--specialty", "pathology", "--per-split", "4", "2", "2"]) == 0
+    for name in ("radiology", "gastroenterology", "pathology"):
+        data = resolve_data(resolve_specialty(name), [str(tmp_path / "data")])
+        assert not data.skipped
+        groups = data.examples_by_dataset("train", None, None, {})
+        assert all(examples for _, examples in groups), name
+    assert "PolypSet" in capsys.readouterr().out
+    assert main(["synth-data", str(tmp_path / "x"), "--specialty", "no-such-specialty"]) == 2

@@ -437,3 +437,63 @@ def write_idc_patches(root: str | Path, n_patients: int = 12, per_class: tuple[i
                 Image.fromarray(pixels.astype(np.uint8)).save(
                     folder / f"{patient}_idx5_x{x}_y{y}_class{label}.png")
     return {patient: (per_class[0], per_class[1]) for patient in ids}
+
+
+def write_specialty_data(config, out_dir: str | Path, per_split: tuple[int, int, int] = (16, 4, 4),
+                         seed: int = 0) -> list[Path]:
+    """Write a synthetic copy of every dataset a specialty mixture reads, where ``--data`` looks for it.
+
+    MedMNIST sets become ``<flag>.npz``; PolypSet, DeepLesion and the IDC patches become the
+    folders ``PolypSet/``, ``DeepLesion/`` and ``IDC/`` (the conventional names the data
+    sources search for). A dataset already written (a derived entry reads the same source) is
+    written once.
+
+    Parameters
+    ----------
+    config : onevlm.specialty.tasks.SpecialtyConfig
+        The mixture.
+    out_dir : str or Path
+        The data folder (created).
+    per_split : tuple of three ints
+        MedMNIST images, PolypSet frames or DeepLesion slices in train, val and test (IDC: patients
+        are split by the reader; ``per_split[0]`` patients are written).
+    seed : int
+        Random seed.
+
+    Returns
+    -------
+    list of Path
+        The files and folders written.
+
+    Raises
+    ------
+    ValueError
+        For a MedMNIST entry that is not one of the supported flags (a custom set: write it with
+        :func:`write_shapes_medmnist` or your own data).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_per_split(per_split)
+    written: list[Path] = []
+    done: set[tuple[str, str]] = set()
+    for entry in config.datasets:
+        key = (entry.reader, entry.source.lower())
+        if key in done:
+            continue
+        done.add(key)
+        if entry.reader == "medmnist":
+            if entry.source.lower() not in MEDMNIST_INFOS:
+                raise ValueError(f"{entry.source}: not a MedMNIST set this generator knows "
+                                 f"({', '.join(sorted(MEDMNIST_INFOS))})")
+            written.append(write_medmnist_npz(out / f"{entry.source.lower()}.npz", entry.source, per_split=per_split,
+                                              seed=seed))
+        elif entry.reader == "polypset":
+            write_polypset(out / "PolypSet", per_split=per_split, seed=seed)
+            written.append(out / "PolypSet")
+        elif entry.reader == "deeplesion":
+            write_deeplesion(out / "DeepLesion", per_split=per_split, seed=seed)
+            written.append(out / "DeepLesion")
+        else:  # idc
+            write_idc_patches(out / "IDC", n_patients=max(3, per_split[0]), seed=seed)
+            written.append(out / "IDC")
+    return written
