@@ -4,7 +4,8 @@ The base is the synthetic tiny VLM; its adapters are trained here with ``onevlm 
 QLoRA on CPU): a radiology adapter on MedMNIST-format BreastMNIST and ChestMNIST files whose
 labels are all "malignant" and "no finding", so 40 steps teach it fixed answers we can check
 (a learnt answer, not a hard-coded one: the base model with the adapter disabled does not give
-it), and a hematology adapter (two steps on random BloodMNIST-format data) to switch to. The
+it), a pathology adapter on IDC-style patches that are all "IDC negative" (for the whole-slide tiles), and a
+hematology adapter (two steps on random BloodMNIST-format data) to switch to. The
 router is the embedded default on the real ``dicom_samples``: the chest CR routes to MODEL_89
 (ChestMNIST findings) and the small-parts US to MODEL_19 (BreastMNIST), both run by the
 radiology adapter; the brain CT's card names no specialty task. Research use only.
@@ -135,12 +136,19 @@ def models(tmp_path_factory) -> dict[str, Path]:
     radiology.write_text("specialty: radiology\ndescription: test adapter\noption_markers: numbers\ndatasets:\n"
                          "  - {dataset: breastmnist, reader: medmnist, task: classification}\n"
                          "  - {dataset: chestmnist, reader: medmnist, task: multilabel}\n")
+    from onevlm.specialty.datasets.synthetic import write_idc_patches
+
+    write_idc_patches(data / "IDC", n_patients=8, per_class=(6, 0))  # every patch "IDC negative": learnt below
+    pathology = root / "pathology.yaml"
+    pathology.write_text("specialty: pathology\ndescription: test adapter\noption_markers: numbers\ndatasets:\n"
+                         "  - {dataset: idc, reader: idc, task: classification}\n")
     hematology = root / "hematology.yaml"
     hematology.write_text("specialty: hematology\ndescription: test adapter\noption_markers: numbers\ndatasets:\n"
                           "  - {dataset: bloodmnist, reader: medmnist, task: classification}\n")
     adapters = root / "models" / "adapters"
     _finetune(radiology, data, base, adapters / "radiology", 40)
     _finetune(hematology, data, base, adapters / "hematology", 2)
+    _finetune(pathology, data, base, adapters / "pathology", 30)
     (root / "models" / "base").symlink_to(base, target_is_directory=True)
     return {"base": base, "adapters": adapters, "models": root / "models", "root": root}
 
@@ -164,8 +172,8 @@ def _image(name: str):
 
 def test_one_base_carries_every_adapter_and_switches_per_request(specialty_model, cards):
     model = specialty_model
-    assert model.specialties == ("hematology", "radiology")
-    assert set(model.model.peft_config) == {"hematology", "radiology"}
+    assert model.specialties == ("hematology", "pathology", "radiology")
+    assert set(model.model.peft_config) == {"hematology", "pathology", "radiology"}
     breast = model.execute(cards.get("MODEL_19"), _image(BREAST_US))
     assert model.model.active_adapter == "radiology"
     assert breast.status == EXECUTED and breast.labels == ("malignant",) and breast.answer == "1"
@@ -195,6 +203,7 @@ def test_cards_that_cannot_run_here_say_why(specialty_model, cards):
     reasons = {
         "MODEL_03": "names no specialty task",
         "MODEL_93": "no ophthalmology adapter is loaded here",
+        "MODEL_38": "not trained on task 'pathmnist'",
         "MODEL_90": "not trained on task 'pneumoniamnist'",
     }
     for card_id, reason in reasons.items():
@@ -220,7 +229,7 @@ def test_adapters_must_fit_the_base_and_be_unique(models, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ManifestError, match="no adapter"):
         find_adapters(tmp_path / "empty")
-    assert [p.name for p in find_adapters(models["adapters"])] == ["hematology", "radiology"]
+    assert [p.name for p in find_adapters(models["adapters"])] == ["hematology", "pathology", "radiology"]
 
 
 # -- a study: route, execute, report ---------------------------------------------------------------
@@ -316,6 +325,55 @@ def test_detected_boxes_become_sr_regions_and_a_seg(specialty_model, routed_samp
     assert ("Comment", "Finding: hyperplastic") in items
     assert dciodvfy_errors(outputs.sr_files[uid]) == []
     assert dciodvfy_errors(outputs.box_files[uid]) == []
+
+
+@pytest.fixture(scope="module")
+def dicom_slide(tmp_path_factory) -> Path:
+    from wsi_fixtures import dicomize, make_pyramid_tiff
+
+    root = tmp_path_factory.mktemp("slide")
+    dicomize(make_pyramid_tiff(root / "slide.tiff"), root / "dicom")
+    return root / "dicom"
+
+
+def test_a_whole_slide_runs_its_patch_task_on_tissue_tiles(specialty_model, cards, embedded_router, dicom_slide,
+                                                          tmp_path):
+    """The synthetic slide routes to a breast histopathology card; as MODEL_12 (IDC patches) it runs tile by tile."""
+    import highdicom as hd
+
+    from onevlm.study.execution import SLIDE_TILE_SIZE, SLIDE_TILES
+    from onevlm.study.routing import StudyRouting
+
+    routing = route_study(embedded_router, [dicom_slide])
+    (entry,) = routing.series
+    assert entry.decision.modality == "breast histopathology (H&E) scan"
+    as_idc = StudyRouting((replace(entry, decision=replace(entry.decision, model_card_id="MODEL_12")),))
+    execution = execute_study(specialty_model, as_idc, cards)
+    uid = entry.series.series_instance_uid
+    result = execution.results[uid]
+    assert result.specialty == "pathology" and result.task == "idc"
+    assert 1 <= sum(result.tile_counts.values()) <= SLIDE_TILES
+    names = set(specialty_model.tasks[("pathology", "idc")].info.class_names)
+    assert set(result.tile_counts) <= names | {"unparseable"}
+    assert result.status == EXECUTED and result.labels == (specialty_model.tasks[("pathology", "idc")].info.class_names[0],)
+    assert "tissue tiles" in result.summary()
+    boxes = execution.boxes[uid]
+    assert len(boxes) == sum(n for name, n in result.tile_counts.items() if name in names)
+    assert all(b.x1 - b.x0 <= SLIDE_TILE_SIZE and b.label in names for b in boxes)
+    outputs = write_study_outputs(as_idc, tmp_path, cards, execution=execution)
+    ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(outputs.box_files[uid]))
+    assert sum(len(g.get_graphic_data(coordinate_type="2D")) for g in ann.get_annotation_groups()) == len(boxes)
+    errors = dciodvfy_errors(outputs.box_files[uid]) + dciodvfy_errors(outputs.sr_files[uid])
+    assert [e for e in errors if "CommonZCoordinateValue" not in e] == []
+
+
+def test_a_whole_slide_refuses_non_patch_tasks(specialty_model, cards, embedded_router, dicom_slide):
+    from onevlm.study.routing import StudyRouting
+
+    (entry,) = route_study(embedded_router, [dicom_slide]).series
+    as_chest = StudyRouting((replace(entry, decision=replace(entry.decision, model_card_id="MODEL_89")),))
+    result = execute_study(specialty_model, as_chest, cards).results[entry.series.series_instance_uid]
+    assert result.status == NOT_EXECUTABLE and "patch classification or grading tasks only" in result.reason
 
 
 # -- the MONAI Deploy app and the listener service ---------------------------------------------------

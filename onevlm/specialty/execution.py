@@ -92,7 +92,10 @@ class SpecialtyResult:
     adapter:
         The adapter's identity (folder name, creation time, validation accuracy).
     seconds:
-        Time the model took.
+        Time the model took (per image).
+    tile_counts:
+        For a whole slide: answers per class over its tissue tiles (``unparseable`` counted too);
+        ``labels`` then holds the most frequent class.
     """
 
     card_id: str
@@ -109,6 +112,7 @@ class SpecialtyResult:
     box_labels: tuple[str, ...] = ()
     adapter: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
+    tile_counts: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -136,9 +140,13 @@ class SpecialtyResult:
             return f"{where}: {len(self.boxes)} region(s): {found}"
         if self.task_kind == "multilabel":
             return f"{where}: {', '.join(self.labels) if self.labels else 'no finding present'}"
+        tiles = ""
+        if self.tile_counts:
+            counts = ", ".join(f"{name} {n}" for name, n in sorted(self.tile_counts.items(), key=lambda kv: -kv[1]))
+            tiles = f" (most frequent over {sum(self.tile_counts.values())} tissue tiles: {counts})"
         if self.task_kind == "grading":
-            return f"{where}: grade {self.grade} ({self.labels[0]})"
-        return f"{where}: {self.labels[0]}"
+            return f"{where}: grade {self.grade} ({self.labels[0]}){tiles}"
+        return f"{where}: {self.labels[0]}{tiles}"
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready record (decision logs, metadata.json)."""
@@ -148,7 +156,8 @@ class SpecialtyResult:
             "labels": list(self.labels), "grade": self.grade,
             "boxes": [{"x0": b.x0, "y0": b.y0, "x1": b.x1, "y1": b.y1, "label": name}
                       for b, name in zip(self.boxes, self.box_labels)],
-            "adapter": dict(self.adapter), "seconds": self.seconds, "summary": self.summary(),
+            "adapter": dict(self.adapter), "seconds": self.seconds, "tile_counts": dict(self.tile_counts),
+            "summary": self.summary(),
             "not_for_clinical_use": True,
         }
 
@@ -358,7 +367,7 @@ class SpecialtyModel:
         seconds = round((time.monotonic() - started) / len(requests), 4)
         results = [self._result(card.id, task, text, seconds, common) for (card, _), text in zip(requests, texts)]
         for result in results:
-            logger.info("card %s: %s/%s %s", result.card_id, task.specialty, task.name, result.status)
+            logger.debug("card %s: %s/%s %s", result.card_id, task.specialty, task.name, result.status)
         return results
 
     @staticmethod

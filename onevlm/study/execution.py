@@ -2,27 +2,34 @@
 
 The specialty model answers about the image the router chose for the series (its middle image,
 the middle frame of a multi-frame object). Boxes come back in normalised coordinates and are
-placed on that image's pixel grid here, ready for the SR, SEG and bulk annotations. Research use
-only: not for clinical use.
+placed on that image's pixel grid here, ready for the SR, SEG and bulk annotations.
+
+A whole slide is too large to be one patch: a patch classification or grading task runs on up to
+:data:`SLIDE_TILES` tissue tiles of level 0 (:data:`SLIDE_TILE_SIZE` pixels, background skipped),
+each tile's answer becomes a labelled rectangle (bulk annotations and SR regions), and the
+slide's result is the most frequent class with the counts. Research use only: not for clinical use.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 from onevlm.cards.repository import CardRepository
 from onevlm.imaging.dicom_to_image import load_image
 from onevlm.reports.boxes import ImageBox
-from onevlm.specialty.execution import FAILED, SpecialtyModel, SpecialtyResult, not_executable
+from onevlm.specialty.execution import EXECUTED, FAILED, SpecialtyModel, SpecialtyResult, not_executable
 from onevlm.study.preparation import is_whole_slide_series
 from onevlm.study.routing import SeriesRouting, StudyRouting
 
 logger = logging.getLogger(__name__)
 
-#: Why whole slides are not run: the shipped pathology tasks classify small patches.
-WHOLE_SLIDE_REASON = ("whole-slide images are not run: the specialty tasks answer about single patches or frames, "
-                      "and slide tiling is not part of this deployment")
+#: Tissue tiles (level 0, pixels) a whole slide's patch task runs on.
+SLIDE_TILES = 16
+SLIDE_TILE_SIZE = 224
+#: Task kinds that run tile by tile on a whole slide.
+SLIDE_TASK_KINDS = ("classification", "grading")
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ def execute_study(model: SpecialtyModel, routing: StudyRouting, cards: CardRepos
     be decoded gets a ``failed`` one. The other series go on.
     """
     results: dict[str, SpecialtyResult] = {}
+    slide_boxes: dict[str, tuple[ImageBox, ...]] = {}
     requests = []
     for entry in routing.series:
         decision = entry.decision
@@ -72,12 +80,14 @@ def execute_study(model: SpecialtyModel, routing: StudyRouting, cards: CardRepos
         except KeyError:
             results[uid] = not_executable(decision.model_card_id, "the card is not in this deployment's card set")
             continue
-        if is_whole_slide_series(entry.series):
-            results[uid] = not_executable(card.id, WHOLE_SLIDE_REASON)
-            continue
         task = model.resolve(card)
         if isinstance(task, str):
             results[uid] = not_executable(card.id, task)
+            continue
+        if is_whole_slide_series(entry.series):
+            results[uid], tile_boxes = _run_slide(model, card, task, entry)
+            if tile_boxes:
+                slide_boxes[uid] = tile_boxes
             continue
         try:
             image = load_image(entry.routed)
@@ -91,6 +101,39 @@ def execute_study(model: SpecialtyModel, routing: StudyRouting, cards: CardRepos
         results[uid] = result
     by_uid = {entry.series.series_instance_uid: entry for entry in routing.series}
     boxes = {uid: image_boxes(result, by_uid[uid]) for uid, result in results.items() if result.boxes}
+    boxes.update(slide_boxes)
     for uid, result in results.items():
         logger.info("series %s: %s", uid, result.summary())
     return StudyExecution(results, {uid: b for uid, b in boxes.items() if b})
+
+
+def _run_slide(model: SpecialtyModel, card, task, entry: SeriesRouting) -> tuple[SpecialtyResult, tuple[ImageBox, ...]]:
+    """A patch task over a slide's tissue tiles: the most frequent answer, and one labelled box per tile."""
+    from onevlm.imaging.wsi import open_slide
+
+    if task.kind not in SLIDE_TASK_KINDS:
+        return not_executable(card.id, f"a whole slide runs patch classification or grading tasks only, "
+                                       f"and {task.name!r} is a {task.kind} task"), ()
+    try:
+        with open_slide(entry.routed.path) as slide:
+            tiles = list(slide.tiles(SLIDE_TILE_SIZE, level=0, max_tiles=SLIDE_TILES))
+    except Exception as exc:
+        message = f"{entry.routed.path.name}: cannot read tiles: {exc}"
+        logger.error("series %s: %s", entry.series.series_instance_uid, message)
+        return SpecialtyResult(card_id=card.id, status=FAILED, reason=message), ()
+    if not tiles:
+        return not_executable(card.id, "the slide shows no tissue tile to classify"), ()
+    answers = model.execute_many([(card, tile.image) for tile in tiles])
+    counts = Counter(a.labels[0] if a.executed else a.status for a in answers)
+    executed = [a for a in answers if a.executed]
+    boxes = tuple(ImageBox(x0=t.x, y0=t.y, x1=t.x + t.width, y1=t.y + t.height, label=a.labels[0])
+                  for t, a in zip(tiles, answers) if a.executed)
+    if not executed:
+        first = answers[0]
+        return replace(first, reason=f"no tile answer could be used ({first.reason})", tile_counts=dict(counts)), ()
+    top = Counter(a.labels[0] for a in executed).most_common(1)[0][0]
+    example = next(a for a in executed if a.labels[0] == top)
+    answer = "; ".join(f"{name}: {n} tile(s)" for name, n in counts.most_common())
+    result = replace(example, status=EXECUTED, answer=answer, tile_counts=dict(counts),
+                     seconds=sum(a.seconds or 0.0 for a in answers))
+    return result, boxes
