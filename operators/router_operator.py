@@ -40,7 +40,7 @@ class RouterOperator(Operator):
         *args: Any,
         cards_dir: str | Path | None = None,
         cutoffs_path: str | Path | None = None,
-        backend: str = "embedded",
+        backend: Any = "embedded",
         backend_options: Mapping[str, Any] | None = None,
         batch_size: int = 8,
         **kwargs: Any,
@@ -48,11 +48,14 @@ class RouterOperator(Operator):
         self._logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
         self.cards = CardRepository.load(Path(cards_dir) if cards_dir else default_cards_dir())
         cutoffs = Cutoffs.load(cutoffs_path) if cutoffs_path else Cutoffs()
-        router_backend = create_backend(backend, self.cards, **dict(backend_options or {}))
+        # A backend object (e.g. the specialty model's shared base) is used as given.
+        router_backend = create_backend(backend, self.cards, **dict(backend_options or {})) if isinstance(backend, str) \
+            else backend
         router_backend.warm_up()  # models load now: a bad path fails at start-up
         self.router = Router(self.cards, router_backend, cutoffs)
         self.batch_size = batch_size
-        self._logger.info("router ready: %d cards, backend %s, cutoffs %s", len(self.cards), backend, cutoffs.as_dict())
+        self._logger.info("router ready: %d cards, backend %s, cutoffs %s", len(self.cards), router_backend.name,
+                          cutoffs.as_dict())
         super().__init__(fragment, *args, **kwargs)
 
     @property

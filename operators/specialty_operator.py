@@ -21,7 +21,8 @@ class SpecialtyOperator(Operator):
     """One base VLM with every specialty adapter loaded; each routed card that an adapter can run runs.
 
     The base model and adapters load in ``__init__`` (a wrong path or an adapter trained on
-    another base fails when the application starts).
+    another base fails when the application starts), unless a loaded ``model`` is given (one the
+    router shares).
 
     Named input:
         routing: :class:`onevlm.study.routing.StudyRouting`.
@@ -33,11 +34,15 @@ class SpecialtyOperator(Operator):
     INPUT_NAME = "routing"
     OUTPUT_NAME = "executed"
 
-    def __init__(self, fragment: Fragment, *args: Any, base_model_dir: str | Path,
-                 adapter_folders: Sequence[str | Path], cards: CardRepository,
-                 load_options: LoadOptions | None = None, **kwargs: Any) -> None:
+    def __init__(self, fragment: Fragment, *args: Any, cards: CardRepository, base_model_dir: str | Path | None = None,
+                 adapter_folders: Sequence[str | Path] = (), load_options: LoadOptions | None = None,
+                 model: SpecialtyModel | None = None, **kwargs: Any) -> None:
         self._logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
-        self.model = SpecialtyModel.from_folders(base_model_dir, adapter_folders, options=load_options)
+        if model is None:
+            if base_model_dir is None:
+                raise ValueError("SpecialtyOperator needs a loaded model or base_model_dir and adapter_folders")
+            model = SpecialtyModel.from_folders(base_model_dir, adapter_folders, options=load_options)
+        self.model = model
         self.cards = cards
         executable = [c.id for c in cards if not isinstance(self.model.resolve(c), str)]
         self._logger.info("specialty model ready: adapters %s; %d card(s) executable here: %s",

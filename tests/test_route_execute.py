@@ -198,6 +198,28 @@ def test_one_base_carries_every_adapter_and_switches_per_request(specialty_model
     assert base.answer != "1"
 
 
+def test_the_router_shares_the_specialty_base_with_adapters_off(specialty_model, cards, models):
+    """One VLM in two roles: routing on the shared base answers exactly as a separately loaded base."""
+    from onevlm.inputs.routing_input import load_input
+    from onevlm.router import Router
+    from onevlm.specialty.shared_base import SharedBaseRouterBackend
+    from onevlm.vlm.backend import TransformersBackend
+
+    items = [load_input(SAMPLES / name) for name in (CHEST, BREAST_US, BRAIN_CT)]
+    shared = Router(cards, SharedBaseRouterBackend(specialty_model))
+    separate = Router(cards, TransformersBackend.from_options(str(models["base"]), device="cpu", quantize="nf4"))
+
+    def answers(decisions):
+        return [[(s.stage, s.chosen, round(s.confidence, 4)) for s in d.stages] for d in decisions]
+
+    routed = shared.route_many(items)
+    assert all(d.error is None for d in routed)
+    assert answers(routed) == answers(separate.route_many(items))
+    assert routed[0].backend["shared_with_specialty_adapters"] == ["hematology", "pathology", "radiology"]
+    # the adapters are back on for the specialty role
+    assert specialty_model.execute(cards.get("MODEL_19"), _image(BREAST_US)).labels == ("malignant",)
+
+
 def test_cards_that_cannot_run_here_say_why(specialty_model, cards):
     model = specialty_model
     reasons = {
@@ -407,6 +429,27 @@ def test_route_execute_app_end_to_end(models, tmp_path):
     assert len(list((out / "sr").glob("*.dcm"))) == 3
 
 
+def test_route_execute_app_with_the_vlm_in_both_roles(models, tmp_path):
+    """ONEVLM_BACKEND=transformers: the router is the specialty model's base (random tiny VLM: any card)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in (CHEST, BREAST_US):
+        shutil.copy(SAMPLES / name, inputs / name)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "apps.route_execute_app", "-i", str(inputs), "-o", str(out),
+                          "-m", str(models["models"])], capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env=_app_env(ONEVLM_BACKEND="transformers", ONEVLM_SPECIALTY_QUANTIZE="nf4",
+                                      ONEVLM_DEVICE="cpu"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "decisions.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["error"] is None for r in records)
+    assert all(r["backend"]["shared_with_specialty_adapters"] == ["hematology", "pathology", "radiology"]
+               for r in records)
+    for record in records:
+        if record["model_card_id"]:
+            assert record["execution"]["card_id"] == record["model_card_id"]
+
+
 def test_route_execute_app_refuses_a_missing_adapter_folder(models, tmp_path):
     run = subprocess.run([sys.executable, "-m", "apps.route_execute_app", "-i", str(SAMPLES), "-o", str(tmp_path),
                           "-m", str(models["models"])], capture_output=True, text=True, timeout=300, cwd=REPO,
@@ -427,6 +470,10 @@ def test_listener_service_runs_route_execute(models, tmp_path):
     broken = service_config(spool, pipeline={"specialty": {"base_model_dir": str(tmp_path), "adapters": []}})
     with pytest.raises(ConfigError, match="pipeline.specialty.base_model_dir.*no config.json"):
         parse_config(broken)
+    shared = parse_config(service_config(spool, pipeline={**pipeline, "backend": "transformers"}))
+    assert shared.pipeline.model_dir is None and shared.pipeline.specialty.base_model_dir == models["base"]
+    with pytest.raises(ConfigError, match="pipeline.model_dir.*shares the base model"):
+        parse_config(service_config(spool, pipeline={"backend": "transformers"}))
     source = tmp_path / "us.dcm"
     ds = pydicom.dcmread(SAMPLES / BREAST_US)
     ds.decompress()

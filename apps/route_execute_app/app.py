@@ -23,8 +23,9 @@ Environment variables of this application (besides the router app's ``ONEVLM_CAR
     ``nf4`` or ``none`` (default: the adapters' training setting); ``ONEVLM_DEVICE``: ``auto``,
     ``cpu``, ``cuda``.
 
-The router uses the embedded default unless ``ONEVLM_BACKEND=transformers``, in which case it
-reads the same base model folder (the paper's one VLM in two roles). The output folder is the
+The router uses the embedded default unless ``ONEVLM_BACKEND=transformers``: then it routes with
+the specialty model's own base, adapters switched off for its calls (the paper's one VLM in two
+roles, one copy in memory). The output folder is the
 router app's (``sr/``, ``seg/``, ``annotations/``, ``decisions.jsonl``, ``metadata.json``); each
 routing SR also holds the card's result (coded class, grade or findings; boxes as SCOORD
 regions, also written as a SEG) or says the card is not executable here, and why.
@@ -37,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apps.router_app.app import BACKEND_ENV, RouterApp
+from onevlm.specialty.execution import SpecialtyModel
+from onevlm.specialty.shared_base import SharedBaseRouterBackend
 from onevlm.vlm.loading import LoadOptions
 from operators import RouterOperator, SpecialtyOperator
 
@@ -91,18 +94,20 @@ class RouteExecuteApp(RouterApp):
     description = "Routes DICOM series to model cards and runs the executable ones (research use only)."
     version = "0.1.0"
 
-    def router_backend(self, model_path: str | Path | None) -> tuple[str, dict]:
-        """The embedded default, or ``transformers`` on the specialty base folder (one VLM, two roles)."""
-        self._setup = specialty_setup(model_path)
+    def router_backend(self, model_path: str | Path | None) -> tuple[object, dict]:
+        """The embedded default, or ``transformers``: the specialty model's base, shared (one VLM, two roles)."""
+        setup = specialty_setup(model_path)
+        self._logger.info("specialty model: base %s, adapters %s", setup.base_model_dir.name,
+                          ", ".join(p.name for p in setup.adapter_folders))
+        self._specialty = SpecialtyModel.from_folders(setup.base_model_dir, setup.adapter_folders,
+                                                      options=setup.load_options)
         backend = os.environ.get(BACKEND_ENV, "").strip().lower() or "embedded"
-        self._logger.info("specialty model: base %s, adapters %s", self._setup.base_model_dir.name,
-                          ", ".join(p.name for p in self._setup.adapter_folders))
-        return backend, ({"model_dir": str(self._setup.base_model_dir)} if backend == "transformers" else {})
+        if backend == "transformers":
+            return SharedBaseRouterBackend(self._specialty), {}
+        return backend, {}
 
     def after_router(self, router: RouterOperator, app_context) -> tuple[object, str]:
-        specialty = SpecialtyOperator(self, base_model_dir=self._setup.base_model_dir,
-                                      adapter_folders=self._setup.adapter_folders, cards=router.cards,
-                                      load_options=self._setup.load_options, name="specialty")
+        specialty = SpecialtyOperator(self, model=self._specialty, cards=router.cards, name="specialty")
         self.add_flow(router, specialty, {(router.OUTPUT_NAME, specialty.INPUT_NAME)})
         return specialty, specialty.OUTPUT_NAME
 

@@ -270,8 +270,9 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
         cutoffs=_path(pipe.get("cutoffs"), source, "pipeline.cutoffs", base, True),
         specialty=_specialty(pipe.get("specialty"), source, base),
     )
-    if backend == "transformers" and pipeline.model_dir is None:
-        raise _err(source, "pipeline.model_dir", "is required for the transformers backend")
+    if backend == "transformers" and pipeline.model_dir is None and pipeline.specialty is None:
+        raise _err(source, "pipeline.model_dir", "is required for the transformers backend (without it the router "
+                                                 "shares the base model of pipeline.specialty)")
     status_port = data.get("status_port")
     return ServiceConfig(
         spool_dir=spool,

@@ -44,12 +44,21 @@ def build_specialty_model(config: ServiceConfig):
     return SpecialtyModel.from_folders(specialty.base_model_dir, specialty.adapters, options=options)
 
 
-def build_router(config: ServiceConfig) -> tuple[Router, CardRepository]:
-    """The router the workers share; models load now, so a bad path fails at start-up."""
+def build_router(config: ServiceConfig, specialty=None) -> tuple[Router, CardRepository]:
+    """The router the workers share; models load now, so a bad path fails at start-up.
+
+    A ``transformers`` router without its own ``model_dir`` routes with the specialty model's base
+    (adapters off for its calls): one VLM in memory for both roles.
+    """
     pipeline = config.pipeline
     cards = CardRepository.load(pipeline.cards_dir or default_cards_dir())
-    options = {"model_dir": str(pipeline.model_dir)} if pipeline.model_dir else {}
-    backend = create_backend(pipeline.backend, cards, **options)
+    if pipeline.backend == "transformers" and pipeline.model_dir is None and specialty is not None:
+        from onevlm.specialty.shared_base import SharedBaseRouterBackend
+
+        backend = SharedBaseRouterBackend(specialty)
+    else:
+        options = {"model_dir": str(pipeline.model_dir)} if pipeline.model_dir else {}
+        backend = create_backend(pipeline.backend, cards, **options)
     backend.warm_up()
     cutoffs = Cutoffs.load(pipeline.cutoffs) if pipeline.cutoffs else Cutoffs()
     return Router(cards, backend, cutoffs), cards
@@ -62,11 +71,11 @@ class Service:
         self.config = config
         self.spool = Spool(config.spool_dir, config.group_by)
         self.journal = Journal(config.journal_path)
-        self.router, self.cards = build_router(config)
+        self.specialty = build_specialty_model(config)
+        self.router, self.cards = build_router(config, self.specialty)
         self.listener = Listener(config.listener, self.spool, self.journal, reuse_port=config.listener.processes > 1)
         self._listener_processes: list = []
         self._listener_stop = None
-        self.specialty = build_specialty_model(config)
         self.processor = GroupProcessor(self.router, self.cards, self.spool, self.journal, config.destinations,
                                         specialty=self.specialty)
         self.exporter = Exporter(self.journal, config.destinations, config.listener.ae_title,

@@ -13,12 +13,13 @@ why it is not executable here. Research use only: nothing here is for clinical u
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from PIL import Image
 
@@ -277,6 +278,12 @@ class SpecialtyModel:
         """Load every adapter found under each of ``adapter_folders`` (see :func:`find_adapters`)."""
         dirs = [d for folder in adapter_folders for d in find_adapters(folder)]
         return cls(base_dir, dirs, **kwargs)
+
+    @contextlib.contextmanager
+    def base_model_only(self) -> Iterator[None]:
+        """Hold the model with every adapter disabled: the base VLM answers (for the router's role)."""
+        with self._lock, self.model.disable_adapter():
+            yield
 
     @property
     def specialties(self) -> tuple[str, ...]:
