@@ -234,6 +234,12 @@ def test_cards_that_cannot_run_here_say_why(specialty_model, cards):
         assert result.summary().startswith(f"{card_id} is not executable here")
     grading = replace(cards.get("MODEL_19"), task_type="grading")
     assert "does not fit" in model.resolve(grading)
+    task = model.tasks[("radiology", "breastmnist")]
+    model.tasks[("radiology", "breastmnist")] = replace(task, prompt_id="classification-v0-00000000-numbers")
+    try:
+        assert "with prompt classification-v0-00000000-numbers" in model.resolve(cards.get("MODEL_19"))
+    finally:
+        model.tasks[("radiology", "breastmnist")] = task
 
 
 def test_adapters_must_fit_the_base_and_be_unique(models, tmp_path):

@@ -7,8 +7,8 @@ specialty adapter on it (peft multi-adapter: ``PeftModel.from_pretrained`` for t
 (:func:`onevlm.specialty.tasks.build_query` from the task recorded in the adapter manifest).
 
 A card runs when its ``execute`` field names a specialty whose adapter is loaded and a task that
-adapter was trained on, of a kind that fits the card's ``task_type``; otherwise the result says
-why it is not executable here. Research use only: nothing here is for clinical use.
+adapter was trained on, of a kind that fits the card's ``task_type``, with the prompt (id) this
+version asks; otherwise the result says why it is not executable here. Research use only: nothing here is for clinical use.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from PIL import Image
 from onevlm.cards.schema import ModelCard
 from onevlm.specialty.manifest import MANIFEST_NAME, AdapterManifest, ManifestError, read_manifest
 from onevlm.specialty.samples import DatasetInfo, NormalisedBox
-from onevlm.specialty.tasks import build_query, is_unparseable, parse_answer
+from onevlm.specialty.tasks import build_query, is_unparseable, parse_answer, prompt_id
 
 logger = logging.getLogger(__name__)
 
@@ -319,6 +319,10 @@ class SpecialtyModel:
             return f"task {spec.task!r} classifies a given region and the input carries none"
         if task.kind not in CARD_TASK_KINDS.get(card.task_type, ()):
             return f"the card's task type {card.task_type} does not fit the adapter task {spec.task!r} ({task.kind})"
+        current = prompt_id(task.kind, task.markers)
+        if task.prompt_id != current:
+            return (f"the {spec.specialty} adapter learnt task {spec.task!r} with prompt {task.prompt_id}; this onevlm "
+                    f"asks with prompt {current} (fine-tune again with this version)")
         return task
 
     def execute(self, card: ModelCard, image: Image.Image) -> SpecialtyResult:
