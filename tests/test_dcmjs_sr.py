@@ -137,3 +137,32 @@ def test_dcmjs_reads_sr_of_series_stopped_early(embedded_router, tmp_path):
     assert RESEARCH_STATEMENT in routing["comments"]
     check_routing_region(routing, header)
     assert report["dcmjsAdapter"]["asShipped"]["ok"]
+
+
+def test_dcmjs_reads_the_specialty_result_in_the_routing_group(embedded_router, tmp_path):
+    """Route -> execute: the card's answer (here a parsed grading answer) sits in the routing group."""
+    from onevlm.inputs import load_input
+    from onevlm.reports.routing_sr import build_routing_sr
+    from onevlm.specialty.execution import AdapterTask, SpecialtyModel
+    from onevlm.specialty.samples import DatasetInfo
+
+    source = SAMPLES / "us_small_parts_j2k.dcm"
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    decision = embedded_router.route(load_input(source))
+    info = DatasetInfo("breastgrades", "grading", ("benign", "probably benign", "suspicious"), "radiology")
+    task = AdapterTask("radiology", info, "letters", "grading-v1-test")
+    result = SpecialtyModel._result(decision.model_card_id, task, "2", 0.05,
+                                    dict(specialty="radiology", task="breastgrades", task_kind="grading",
+                                         prompt_id=task.prompt_id, adapter={"dir": "radiology"}))
+    sr = build_routing_sr(decision, [header], header, execution=result)
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+
+    (routing,) = check_document(parse(tmp_path / "sr.dcm"), header)
+    evaluations = routing["qualitativeEvaluations"]
+    assert evaluations["Specialty model execution"] == "Executed by the specialty model"
+    assert evaluations["Specialty task"] == "radiology/breastgrades"
+    assert evaluations["Grade (specialty model)"] == "grade 2: suspicious"
+    assert routing["comments"][0].endswith("; result: grade 2 (suspicious)")
+    assert f"Specialty model: {decision.model_card_id} (radiology/breastgrades): grade 2 (suspicious)" in routing["comments"]
+    assert routing["algorithm"]["Algorithm Name"] == ["onevlm model-card router and specialty model"]
+    check_routing_region(routing, header)
