@@ -1,1 +1,1 @@
-"""Results written for other systems: routing metadata now; DICOM SR / SEG in later issues."""
+"""Results written for other systems: the routing SR (with the specialty result), box SEG, bulk annotations, metadata.json."""

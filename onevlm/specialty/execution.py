@@ -122,6 +122,11 @@ class SpecialtyResult:
             raise ValueError(f"a {self.status} result needs its reason")
         if len(self.box_labels) != len(self.boxes):
             raise ValueError("every box needs its label name")
+        if self.status == EXECUTED and self.task_kind in ("classification", "grading", "region-classification") \
+                and not self.labels:
+            raise ValueError(f"an executed {self.task_kind} result needs its class")
+        if self.status == EXECUTED and self.task_kind == "grading" and self.grade is None:
+            raise ValueError("an executed grading result needs its grade")
 
     @property
     def executed(self) -> bool:
