@@ -469,8 +469,9 @@ def ohif_stack(workdir: Path, files: Sequence[Path]) -> Iterator[tuple[Orthanc, 
 # --------------------------------------------------------------------------- our DICOM objects
 
 
-def write_routing_sr(router, source: Path, out: Path, boxes=()) -> tuple[object, Path]:
-    """Route ``source`` with ``router`` and write its routing SR (with ``boxes``) to ``out``."""
+def write_routing_sr(router, source: Path, out: Path, boxes=(), execution=None) -> tuple[object, Path]:
+    """Route ``source`` with ``router`` and write its routing SR (with ``boxes`` and the card's
+    ``execution`` result, a callable of the decision) to ``out``."""
     import pydicom
 
     from onevlm.inputs import load_input
@@ -479,7 +480,8 @@ def write_routing_sr(router, source: Path, out: Path, boxes=()) -> tuple[object,
     decision = router.route(load_input(source))
     header = pydicom.dcmread(source, stop_before_pixels=True)
     captions = {card.id: card.task_caption for card in router.cards}
-    sr = build_routing_sr(decision, [header], header, boxes=list(boxes), card_captions=captions)
+    result = execution(decision) if execution is not None else None
+    sr = build_routing_sr(decision, [header], header, boxes=list(boxes), card_captions=captions, execution=result)
     out.parent.mkdir(parents=True, exist_ok=True)
     sr.save_as(out, enforce_file_format=True)
     return decision, out

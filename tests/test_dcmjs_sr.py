@@ -163,6 +163,7 @@ def test_dcmjs_reads_the_specialty_result_in_the_routing_group(embedded_router, 
     assert evaluations["Specialty task"] == "radiology/breastgrades"
     assert evaluations["Grade (specialty model)"] == "grade 2: suspicious"
     assert routing["comments"][0].endswith("; result: grade 2 (suspicious)")
-    assert f"Specialty model: {decision.model_card_id} (radiology/breastgrades): grade 2 (suspicious)" in routing["comments"]
+    assert "specialty answer: 2" in routing["algorithm"]["Algorithm Parameters"]
+    assert "specialty prompt: grading-v1-test" in routing["algorithm"]["Algorithm Parameters"]
     assert routing["algorithm"]["Algorithm Name"] == ["onevlm model-card router and specialty model"]
     check_routing_region(routing, header)

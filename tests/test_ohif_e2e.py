@@ -46,6 +46,19 @@ BOXES = (
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def detection_result(decision):
+    """The card's result as the specialty model gives it: these boxes, parsed from a detection answer."""
+    from onevlm.specialty.execution import AdapterTask, SpecialtyModel
+    from onevlm.specialty.samples import DatasetInfo
+
+    info = DatasetInfo("findings", "detection", tuple(box.label for box in BOXES), "radiology")
+    task = AdapterTask("radiology", info, "letters", "detection-v1-test")
+    answer = "Mass [0.156, 0.234, 0.469, 0.547]\nintracranial hemorrhage [0.547, 0.469, 0.859, 0.781]"
+    return SpecialtyModel._result(decision.model_card_id, task, answer, 0.1,
+                                  dict(specialty="radiology", task="findings", task_kind="detection",
+                                       prompt_id=task.prompt_id, adapter={"dir": "radiology"}))
+
+
 def _lines(annotation: dict) -> list[str]:
     return [line.strip() for line in annotation["lines"]]
 
@@ -61,7 +74,8 @@ def test_ohif_shows_routing_sr_and_box_seg(embedded_router, tmp_path):
     ct.parent.mkdir()
     shutil.copy(pydicom_file("CT_small.dcm"), ct)
     ct_header = pydicom.dcmread(ct, stop_before_pixels=True)
-    ct_decision, ct_sr = write_routing_sr(embedded_router, ct, tmp_path / "dicom" / "ct_sr.dcm", BOXES)
+    ct_decision, ct_sr = write_routing_sr(embedded_router, ct, tmp_path / "dicom" / "ct_sr.dcm", BOXES,
+                                          execution=detection_result)
     ct_seg = write_box_seg(ct, tmp_path / "dicom" / "ct_seg.dcm", BOXES)
     ct_groups = tracking_uids(ct_sr)
     # Study 2: an MR of the liver the router stops early on (Other): an SR with the routing group only.
@@ -149,6 +163,8 @@ def test_ohif_shows_routing_sr_and_box_seg(embedded_router, tmp_path):
         assert f"Certainty of Finding: {box.confidence:.2f} 1" in lines, lines
     routing = drawn[ct_groups["onevlm routing"]]
     assert routing[0].startswith("onevlm route: brain CT scan / "), routing  # the summary comes first
+    # route -> execute: the card's result is in the label and the group's numbers
+    assert "; result: 2 region(s): Mass, intracranial hemorrhage" in routing[0], routing
     assert f"Router confidence: {ct_decision.confidence:.2f} 1" in routing
     assert any(line.startswith("Justification: ") for line in routing), routing
     mr_routing = {a["uid"]: _lines(a) for a in mr_view["srAnnotations"]}[mr_groups["onevlm routing"]]

@@ -15,7 +15,8 @@ Content (TID 1500 "Imaging Measurement Report"):
   (executed, not executable here, unparseable, failed), the task, and the answer as coded
   values (class, grade, findings present, number of regions), with the answer's summary in the
   first comment and the reason in another when the card did not run; the algorithm parameters
-  name the adapter and prompt (the group keeps its one whole-image SCOORD: see above);
+  name the adapter and prompt and hold the raw answer (the group keeps its one whole-image
+  SCOORD: see above);
 - one planar ROI group (TID 1410) per bounding box: a closed POLYLINE referencing the source
   image (and frame), with a tracking identifier and UID so viewers (OHIF) can show it.
 
@@ -182,6 +183,8 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
         if execution.specialty:
             parameters += [f"specialty adapter: {json.dumps(execution.adapter, sort_keys=True, default=str)}",
                            f"specialty prompt: {execution.prompt_id}"]
+        if execution.answer is not None:
+            parameters.append(f"specialty answer: {execution.answer}")
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(entropy_srcs=[source_series_uid, "onevlm-routing-group"]),
@@ -199,10 +202,9 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
     if execution is not None:
         label = f"{label}; {execution_summary(execution)}"
     container.ContentSequence.append(_comment(label))
-    if execution is not None:
+    if execution is not None and not execution.executed:
+        # OHIF 3.13 shows a group's first lines only: the label carries an executed result already.
         container.ContentSequence.append(_comment(f"Specialty model: {execution.summary()}"))
-        if execution.answer is not None:
-            container.ContentSequence.append(_comment(f"Specialty model answer: {execution.answer}"))
     if decision.stop_reason:
         container.ContentSequence.append(_comment(f"Routing stopped: {decision.stop_reason}."))
     if len(decision.stages) == 3 and decision.stages[2].chosen_record.justification:
