@@ -203,7 +203,7 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
         label = f"{label}; {execution_summary(execution)}"
     container.ContentSequence.append(_comment(label))
     if execution is not None and not execution.executed:
-        # OHIF 3.13 shows a group's first lines only: the label carries an executed result already.
+        # The label carries an executed result; more comments push the confidence line out of OHIF 3.13's view.
         container.ContentSequence.append(_comment(f"Specialty model: {execution.summary()}"))
     if decision.stop_reason:
         container.ContentSequence.append(_comment(f"Routing stopped: {decision.stop_reason}."))
