@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import pydicom  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
@@ -38,6 +39,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 from onevlm.net.journal import Journal  # noqa: E402
 from onevlm.net.listener import Listener  # noqa: E402
 from onevlm.net.spool import Spool  # noqa: E402
+from dcmtk_tools import find_dcmtk  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -104,16 +106,6 @@ class OnevlmReceiver:
         return self.journal.status()["received"]
 
 
-def dcmtk_tool(name: str) -> str | None:
-    """dcmtk's ``name``: pynetdicom installs same-named apps into the virtual environment's bin."""
-    venv_bin = Path(sys.executable).parent.resolve()
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        candidate = Path(folder) / name
-        if folder and Path(folder).resolve() != venv_bin and candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    return None
-
-
 class StorescpReceiver:
     name = "storescp"
 
@@ -124,7 +116,7 @@ class StorescpReceiver:
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
         self.port = free_port()
-        self.process = subprocess.Popen([dcmtk_tool("storescp"), "--fork", "-aet", "RECEIVER", "-od", str(self.work), str(self.port)],
+        self.process = subprocess.Popen([find_dcmtk("storescp"), "--fork", "-aet", "RECEIVER", "-od", str(self.work), str(self.port)],
                                         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port)
         return self
@@ -184,7 +176,7 @@ def send(files: list[Path], port: int, associations: int) -> float:
     """Seconds for ``associations`` storescu processes to send ``files`` between them."""
     chunks = [files[i::associations] for i in range(associations)]
     started = time.perf_counter()
-    processes = [subprocess.Popen([dcmtk_tool("storescu"), "-aet", "BENCH", "-aec", "RECEIVER", "127.0.0.1", str(port), *map(str, chunk)],
+    processes = [subprocess.Popen([find_dcmtk("storescu"), "-aet", "BENCH", "-aec", "RECEIVER", "127.0.0.1", str(port), *map(str, chunk)],
                                   env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for chunk in chunks]
     errors = [p.communicate()[1] for p in processes]
     seconds = time.perf_counter() - started
@@ -203,7 +195,7 @@ def main() -> None:
     from onevlm.runtime import configure_runtime
 
     configure_runtime()  # as `onevlm serve` runs: lenient header reading, quiet third-party logs
-    if dcmtk_tool("storescu") is None or dcmtk_tool("storescp") is None:
+    if find_dcmtk("storescu") is None or find_dcmtk("storescp") is None:
         raise SystemExit("dcmtk (storescu, storescp) is needed: apt-get install dcmtk")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -100,7 +100,7 @@ def main() -> None:
         root = Path(tmp)
         base = Path(args.model) if args.model else build_synthetic_model(args.size, root / "base")
         folders = write_adapters(base, root / "adapters", names, args.device)
-        model = SpecialtyModel(base, folders, options=LoadOptions(device=args.device, quantize="none"), batch_size=1)
+        model = SpecialtyModel(base, folders, device=args.device, quantize="none", batch_size=1)
         template = CardRepository.load(default_cards_dir()).get("MODEL_95")
         cards = {name: dataclasses.replace(template, execute=ExecuteSpec(name, f"{name}-bench")) for name in names}
         image = Image.effect_noise((224, 224), 64).convert("RGB")

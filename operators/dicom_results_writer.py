@@ -20,13 +20,12 @@ from onevlm.study.outputs import write_study_outputs
 class DicomResultsWriterOperator(Operator):
     """Write one TID 1500 routing SR per routed series, box objects, and the study's summary files.
 
-    Named inputs:
+    Named input:
         routing: :class:`onevlm.study.routing.StudyRouting` (router app) or
             :class:`onevlm.study.execution.ExecutedStudy` (route -> execute app: each SR also
             carries its card's result or why it did not run; detected boxes join the SR as
             closed POLYLINE regions and become a DICOM SEG, or Microscopy Bulk Simple
             Annotations for whole slides).
-        boxes: optional ``Mapping[series UID, Sequence[ImageBox]]`` from another model.
     Named output:
         outputs: :class:`onevlm.study.outputs.StudyOutputs` (optional downstream, e.g. an exporter).
 
@@ -37,7 +36,6 @@ class DicomResultsWriterOperator(Operator):
     """
 
     INPUT_NAME = "routing"
-    BOXES_NAME = "boxes"
     OUTPUT_NAME = "outputs"
 
     def __init__(self, fragment: Fragment, *args: Any, output_folder: str | Path,
@@ -49,19 +47,14 @@ class DicomResultsWriterOperator(Operator):
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input(self.INPUT_NAME)
-        spec.input(self.BOXES_NAME).condition(ConditionType.NONE)  # only a specialty app sends boxes
         spec.output(self.OUTPUT_NAME).condition(ConditionType.NONE)  # no downstream needed
 
     def compute(self, op_input, op_output, context) -> None:
         routing = op_input.receive(self.INPUT_NAME)
-        try:
-            boxes = op_input.receive(self.BOXES_NAME)
-        except Exception:  # nothing connected
-            boxes = None
         execution = None
         if isinstance(routing, ExecutedStudy):
             routing, execution = routing.routing, routing.execution
-        outputs = write_study_outputs(routing, self.output_folder, self.cards, boxes=boxes or {}, execution=execution)
+        outputs = write_study_outputs(routing, self.output_folder, self.cards, execution=execution)
         meta = outputs.metadata
         self._logger.info("%d series: %d routed, %d executed, %d skipped, %d error(s); %d SR, %d box object(s) in %s",
                           meta["series"], meta["routed"], meta["executed"], meta["skipped"], meta["errors"],

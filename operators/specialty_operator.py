@@ -14,7 +14,6 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 from onevlm.cards.repository import CardRepository
 from onevlm.specialty.execution import SpecialtyModel
 from onevlm.study.execution import ExecutedStudy, execute_study
-from onevlm.vlm.loading import LoadOptions
 
 
 class SpecialtyOperator(Operator):
@@ -35,13 +34,13 @@ class SpecialtyOperator(Operator):
     OUTPUT_NAME = "executed"
 
     def __init__(self, fragment: Fragment, *args: Any, cards: CardRepository, base_model_dir: str | Path | None = None,
-                 adapter_folders: Sequence[str | Path] = (), load_options: LoadOptions | None = None,
+                 adapter_folders: Sequence[str | Path] = (), device: str = "auto", quantize: str | None = None,
                  model: SpecialtyModel | None = None, **kwargs: Any) -> None:
         self._logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
         if model is None:
             if base_model_dir is None:
                 raise ValueError("SpecialtyOperator needs a loaded model or base_model_dir and adapter_folders")
-            model = SpecialtyModel.from_folders(base_model_dir, adapter_folders, options=load_options)
+            model = SpecialtyModel.from_folders(base_model_dir, adapter_folders, device=device, quantize=quantize)
         self.model = model
         self.cards = cards
         executable = [c.id for c in cards if not isinstance(self.model.resolve(c), str)]

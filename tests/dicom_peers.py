@@ -25,6 +25,7 @@ import yaml
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from dcmtk_tools import find_dcmtk
 from ohif_support import Orthanc, _die_with_parent, free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,13 +110,11 @@ def make_copies(source: str | Path, out_dir: Path, studies: int, per_study: int,
 
 
 def dcmtk_tool(name: str) -> str:
-    """The dcmtk program ``name`` (pynetdicom installs same-named apps into the virtual environment's bin)."""
-    venv_bin = Path(sys.executable).parent.resolve()
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        candidate = Path(folder) / name
-        if folder and Path(folder).resolve() != venv_bin and candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    pytest.fail(f"dcmtk's {name} is missing: install the Debian package dcmtk (.ci/run does)")
+    """dcmtk's program ``name`` (see :func:`dcmtk_tools.find_dcmtk`); the test fails without it."""
+    path = find_dcmtk(name)
+    if path is None:
+        pytest.fail(f"dcmtk's {name} is missing: install the Debian package dcmtk (.ci/run does)")
+    return path
 
 
 def _dcmtk_env() -> dict[str, str]:

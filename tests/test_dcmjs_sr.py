@@ -143,7 +143,7 @@ def test_dcmjs_reads_the_specialty_result_in_the_routing_group(embedded_router, 
     """Route -> execute: the card's answer (here a parsed grading answer) sits in the routing group."""
     from onevlm.inputs import load_input
     from onevlm.reports.routing_sr import build_routing_sr
-    from onevlm.specialty.execution import AdapterTask, SpecialtyModel
+    from onevlm.specialty.execution import AdapterTask, parse_result
     from onevlm.specialty.samples import DatasetInfo
 
     source = SAMPLES / "us_small_parts_j2k.dcm"
@@ -151,9 +151,7 @@ def test_dcmjs_reads_the_specialty_result_in_the_routing_group(embedded_router, 
     decision = embedded_router.route(load_input(source))
     info = DatasetInfo("breastgrades", "grading", ("benign", "probably benign", "suspicious"), "radiology")
     task = AdapterTask("radiology", info, "letters", "grading-v1-test")
-    result = SpecialtyModel._result(decision.model_card_id, task, "2", 0.05,
-                                    dict(specialty="radiology", task="breastgrades", task_kind="grading",
-                                         prompt_id=task.prompt_id, adapter={"dir": "radiology"}))
+    result = parse_result(decision.model_card_id, task, "2", 0.05, {"dir": "radiology"})
     sr = build_routing_sr(decision, [header], header, execution=result)
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
 

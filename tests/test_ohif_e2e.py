@@ -48,15 +48,13 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def detection_result(decision):
     """The card's result as the specialty model gives it: these boxes, parsed from a detection answer."""
-    from onevlm.specialty.execution import AdapterTask, SpecialtyModel
+    from onevlm.specialty.execution import AdapterTask, parse_result
     from onevlm.specialty.samples import DatasetInfo
 
     info = DatasetInfo("findings", "detection", tuple(box.label for box in BOXES), "radiology")
     task = AdapterTask("radiology", info, "letters", "detection-v1-test")
     answer = "Mass [0.156, 0.234, 0.469, 0.547]\nintracranial hemorrhage [0.547, 0.469, 0.859, 0.781]"
-    return SpecialtyModel._result(decision.model_card_id, task, answer, 0.1,
-                                  dict(specialty="radiology", task="findings", task_kind="detection",
-                                       prompt_id=task.prompt_id, adapter={"dir": "radiology"}))
+    return parse_result(decision.model_card_id, task, answer, 0.1, {"dir": "radiology"})
 
 
 def _lines(annotation: dict) -> list[str]:

@@ -21,7 +21,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 
@@ -35,14 +34,16 @@ from onevlm.specialty.execution import (
     NOT_EXECUTABLE,
     SpecialtyModel,
     find_adapters,
+    parse_result,
 )
 from onevlm.specialty.manifest import MANIFEST_NAME, ManifestError
+from onevlm.specialty.datasets.synthetic import write_idc_patches, write_medmnist_npz
 from onevlm.specialty.samples import DatasetInfo, LabelledImage, NormalisedBox
 from onevlm.specialty.tasks import build_example, build_query, is_unparseable, load_specialties
 from onevlm.study.execution import StudyExecution, execute_study, image_boxes
 from onevlm.study.outputs import write_study_outputs
 from onevlm.study.routing import route_study
-from onevlm.vlm.loading import LoadOptions, ModelLoadError
+from onevlm.vlm.loading import ModelLoadError
 from onevlm.vlm.synthetic import build_synthetic_model
 
 pytestmark = pytest.mark.slow
@@ -98,18 +99,6 @@ def test_shipped_cards_execute_tasks_of_the_shipped_mixtures():
 # -- adapters trained here ------------------------------------------------------------------------
 
 
-def _constant_npz(path: Path, n_classes: int, multilabel: bool, label: int = 0) -> None:
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 32), ("val", 4), ("test", 4)):
-        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
-        labels = np.zeros((n, n_classes if multilabel else 1), dtype=np.uint8)
-        if not multilabel:
-            labels[:] = label
-        arrays[f"{split}_labels"] = labels
-    np.savez(path, **arrays)
-
-
 def _finetune(specialty_yaml: Path, data: Path, base: Path, out: Path, steps: int) -> Path:
     code = onevlm_main(["finetune", "--specialty", str(specialty_yaml), "--data", str(data), "--model", str(base),
                         "--out", str(out), "--max-steps", str(steps), "--lr", "3e-3", "--device", "cpu",
@@ -125,19 +114,14 @@ def models(tmp_path_factory) -> dict[str, Path]:
     base = build_synthetic_model("tiny", root / "base")
     data = root / "data"
     data.mkdir()
-    _constant_npz(data / "breastmnist.npz", 2, False, label=0)  # all "malignant"
-    _constant_npz(data / "chestmnist.npz", 14, True)  # no finding anywhere
-    rng = np.random.default_rng(1)
-    np.savez(data / "bloodmnist.npz", **{f"{s}_images": rng.integers(0, 255, (n, 28, 28, 3), dtype=np.uint8)
-                                        for s, n in (("train", 16), ("val", 4), ("test", 4))},
-             **{f"{s}_labels": rng.integers(0, 8, (n, 1), dtype=np.uint8)
-                for s, n in (("train", 16), ("val", 4), ("test", 4))})
+    per_split = (32, 4, 4)
+    write_medmnist_npz(data / "breastmnist.npz", "breastmnist", per_split=per_split, fixed_labels=(0,))  # malignant
+    write_medmnist_npz(data / "chestmnist.npz", "chestmnist", per_split=per_split, fixed_labels=())  # no finding
+    write_medmnist_npz(data / "bloodmnist.npz", "bloodmnist", per_split=(16, 4, 4), seed=1)
     radiology = root / "radiology.yaml"
     radiology.write_text("specialty: radiology\ndescription: test adapter\noption_markers: numbers\ndatasets:\n"
                          "  - {dataset: breastmnist, reader: medmnist, task: classification}\n"
                          "  - {dataset: chestmnist, reader: medmnist, task: multilabel}\n")
-    from onevlm.specialty.datasets.synthetic import write_idc_patches
-
     write_idc_patches(data / "IDC", n_patients=8, per_class=(6, 0))  # every patch "IDC negative": learnt below
     pathology = root / "pathology.yaml"
     pathology.write_text("specialty: pathology\ndescription: test adapter\noption_markers: numbers\ndatasets:\n"
@@ -156,7 +140,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def specialty_model(models) -> SpecialtyModel:
     return SpecialtyModel.from_folders(models["base"], [models["adapters"]],
-                                       options=LoadOptions(device="cpu", quantize="nf4"))
+                                       device="cpu", quantize="nf4")
 
 
 @pytest.fixture(scope="module")
@@ -335,9 +319,7 @@ def test_detected_boxes_become_sr_regions_and_a_seg(specialty_model, routed_samp
     info = DatasetInfo("polypset", "detection", ("adenomatous", "hyperplastic"), "gastroenterology")
     task = AdapterTask("gastroenterology", info, "letters", "detection-v1-test")
     answer = "hyperplastic [0.100, 0.200, 0.400, 0.500]\nadenomatous [0.500, 0.500, 0.900, 0.800]"
-    result = SpecialtyModel._result("MODEL_33", task, answer, 0.1,
-                                    dict(specialty="gastroenterology", task="polypset", task_kind="detection",
-                                         prompt_id=task.prompt_id, adapter={"dir": "gastroenterology"}))
+    result = parse_result("MODEL_33", task, answer, 0.1, {"dir": "gastroenterology"})
     assert result.status == EXECUTED and result.box_labels == ("hyperplastic", "adenomatous")
     entry = _by_file(routed_samples)[CHEST]
     boxes = image_boxes(result, entry)

@@ -433,3 +433,16 @@ def test_idc_nested_archive_folder_and_bad_roots(tmp_path: Path) -> None:
     (tmp_path / "flat" / "x.png").write_bytes(b"")
     with pytest.raises(DatasetError, match=r"flat: no patient folder"):
         read_idc_patches(tmp_path / "flat", "train")
+
+
+def test_medmnist_writer_fixed_labels(tmp_path: Path) -> None:
+    write_medmnist_npz = synthetic.write_medmnist_npz
+    blood = write_medmnist_npz(tmp_path / "bloodmnist.npz", "bloodmnist", per_split=(6, 2, 2), fixed_labels=(3,))
+    _, samples = read_medmnist(blood, "train")
+    assert [s.labels for s in samples] == [(3,)] * 6
+    chest = write_medmnist_npz(tmp_path / "chestmnist.npz", "chestmnist", per_split=(4, 1, 1), fixed_labels=(0, 5))
+    _, samples = read_medmnist(chest, "val")
+    assert [tuple(sorted(s.labels)) for s in samples] == [(0, 5)]
+    for bad in ((8,), (0, 1), ()):
+        with pytest.raises(ValueError, match="fixed_labels"):
+            write_medmnist_npz(tmp_path / "x.npz", "bloodmnist", fixed_labels=bad)

@@ -40,7 +40,6 @@ from pathlib import Path
 from apps.router_app.app import BACKEND_ENV, RouterApp
 from onevlm.specialty.execution import SpecialtyModel
 from onevlm.specialty.shared_base import SharedBaseRouterBackend
-from onevlm.vlm.loading import LoadOptions
 from operators import RouterOperator, SpecialtyOperator
 
 BASE_ENV = "ONEVLM_SPECIALTY_BASE"
@@ -55,7 +54,8 @@ class SpecialtySetup:
 
     base_model_dir: Path
     adapter_folders: tuple[Path, ...]
-    load_options: LoadOptions | None
+    device: str = "auto"
+    quantize: str | None = None
 
 
 def specialty_setup(model_path: str | Path | None) -> SpecialtySetup:
@@ -76,12 +76,9 @@ def specialty_setup(model_path: str | Path | None) -> SpecialtySetup:
     if not folders:
         raise ValueError(f"the specialty model needs adapter folders: set {ADAPTERS_ENV} or pass -m MODELS with "
                          "MODELS/adapters/<specialty>/")
-    quantize = os.environ.get(QUANTIZE_ENV, "").strip().lower()
+    quantize = os.environ.get(QUANTIZE_ENV, "").strip().lower() or None
     device = os.environ.get(DEVICE_ENV, "").strip().lower() or "auto"
-    options = LoadOptions(device=device, quantize=quantize) if quantize else None
-    if options is None and device != "auto":
-        raise ValueError(f"{DEVICE_ENV} needs {QUANTIZE_ENV} as well (nf4 or none)")
-    return SpecialtySetup(Path(base), folders, options)
+    return SpecialtySetup(Path(base), folders, device, quantize)
 
 
 class RouteExecuteApp(RouterApp):
@@ -100,7 +97,7 @@ class RouteExecuteApp(RouterApp):
         self._logger.info("specialty model: base %s, adapters %s", setup.base_model_dir.name,
                           ", ".join(p.name for p in setup.adapter_folders))
         self._specialty = SpecialtyModel.from_folders(setup.base_model_dir, setup.adapter_folders,
-                                                      options=setup.load_options)
+                                                      device=setup.device, quantize=setup.quantize)
         backend = os.environ.get(BACKEND_ENV, "").strip().lower() or "embedded"
         if backend == "transformers":
             return SharedBaseRouterBackend(self._specialty), {}

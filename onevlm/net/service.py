@@ -36,12 +36,9 @@ def build_specialty_model(config: ServiceConfig):
     if specialty is None:
         return None
     from onevlm.specialty.execution import SpecialtyModel
-    from onevlm.vlm.loading import LoadOptions
 
-    options = LoadOptions(device=specialty.device, quantize=specialty.quantize) if specialty.quantize else None
-    if options is None and specialty.device != "auto":
-        options = LoadOptions(device=specialty.device, quantize="nf4")
-    return SpecialtyModel.from_folders(specialty.base_model_dir, specialty.adapters, options=options)
+    return SpecialtyModel.from_folders(specialty.base_model_dir, specialty.adapters, device=specialty.device,
+                                       quantize=specialty.quantize)
 
 
 def build_router(config: ServiceConfig, specialty=None) -> tuple[Router, CardRepository]:

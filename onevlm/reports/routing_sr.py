@@ -112,7 +112,7 @@ def route_summary(decision: RoutingDecision) -> str:
 def execution_summary(result: SpecialtyResult) -> str:
     """The specialty part of the group's label: the answer, or that the card did not run."""
     if result.executed:
-        return f"result: {result.summary().split(': ', 1)[1]}"
+        return f"result: {result.answer_summary()}"
     return {"not-executable": "not executable here", "unparseable": "answer not parseable",
             "failed": "specialty model failed"}[result.status]
 

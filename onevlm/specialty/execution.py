@@ -132,6 +132,23 @@ class SpecialtyResult:
     def executed(self) -> bool:
         return self.status == EXECUTED
 
+    def answer_summary(self) -> str | None:
+        """The executed answer in words (``malignant``, ``grade 2 (suspicious)``…); ``None`` if not executed."""
+        if not self.executed:
+            return None
+        if self.task_kind == "detection":
+            found = ", ".join(self.box_labels) if self.boxes else "nothing found"
+            return f"{len(self.boxes)} region(s): {found}"
+        if self.task_kind == "multilabel":
+            return ", ".join(self.labels) if self.labels else "no finding present"
+        tiles = ""
+        if self.tile_counts:
+            counts = ", ".join(f"{name} {n}" for name, n in sorted(self.tile_counts.items(), key=lambda kv: -kv[1]))
+            tiles = f" (most frequent over {sum(self.tile_counts.values())} tissue tiles: {counts})"
+        if self.task_kind == "grading":
+            return f"grade {self.grade} ({self.labels[0]}){tiles}"
+        return f"{self.labels[0]}{tiles}"
+
     def summary(self) -> str:
         """One line for reports and logs: the task and its answer, or why there is none."""
         if self.status == NOT_EXECUTABLE:
@@ -141,18 +158,7 @@ class SpecialtyResult:
             return f"{where} failed: {self.reason}"
         if self.status == UNPARSEABLE:
             return f"{where}: the answer could not be parsed ({self.reason})"
-        if self.task_kind == "detection":
-            found = ", ".join(self.box_labels) if self.boxes else "nothing found"
-            return f"{where}: {len(self.boxes)} region(s): {found}"
-        if self.task_kind == "multilabel":
-            return f"{where}: {', '.join(self.labels) if self.labels else 'no finding present'}"
-        tiles = ""
-        if self.tile_counts:
-            counts = ", ".join(f"{name} {n}" for name, n in sorted(self.tile_counts.items(), key=lambda kv: -kv[1]))
-            tiles = f" (most frequent over {sum(self.tile_counts.values())} tissue tiles: {counts})"
-        if self.task_kind == "grading":
-            return f"{where}: grade {self.grade} ({self.labels[0]}){tiles}"
-        return f"{where}: {self.labels[0]}{tiles}"
+        return f"{where}: {self.answer_summary()}"
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready record (decision logs, metadata.json)."""
@@ -207,11 +213,13 @@ class SpecialtyModel:
         The base model folder (the one the adapters were trained on: fingerprints are checked).
     adapter_dirs:
         Adapter folders written by ``onevlm finetune`` (one per specialty).
-    options:
-        How the base loads; ``quantize`` defaults to the adapters' training setting (``nf4``
-        for QLoRA), device and dtype to ``auto``.
+    device, dtype:
+        Where and in which precision the base loads (``auto``: CUDA if present; bf16 on GPU,
+        fp32 on CPU).
+    quantize:
+        ``nf4`` or ``none``; default the adapters' training setting (``nf4`` for QLoRA).
     batch_size:
-        Images answered together by :meth:`run_many`.
+        Images answered together by :meth:`execute_many`.
 
     Raises
     ------
@@ -221,8 +229,8 @@ class SpecialtyModel:
         If the base model folder is missing or not the adapters' base.
     """
 
-    def __init__(self, base_dir: str | Path, adapter_dirs: Sequence[str | Path], options=None,
-                 batch_size: int = 8) -> None:
+    def __init__(self, base_dir: str | Path, adapter_dirs: Sequence[str | Path], device: str = "auto",
+                 dtype: str = "auto", quantize: str | None = None, batch_size: int = 8) -> None:
         from onevlm.vlm.loading import LoadOptions, ModelLoadError, check_model_dir, fingerprint
 
         if not adapter_dirs:
@@ -244,10 +252,10 @@ class SpecialtyModel:
                 raise ModelLoadError(f"{folder}: adapter for {manifest.specialty} was trained on another base model "
                                      f"(fingerprint {manifest.base_model['fingerprint']}, {self.base_dir} has "
                                      f"{base_print})")
-        if options is None:
-            quantize = {m.training.get("quantize", "nf4") for _, m in manifests.values()}
-            options = LoadOptions(quantize=quantize.pop() if len(quantize) == 1 else "nf4")
-        self.options = options
+        if quantize is None:
+            trained = {m.training.get("quantize", "nf4") for _, m in manifests.values()}
+            quantize = trained.pop() if len(trained) == 1 else "nf4"
+        self.options = LoadOptions(device=device, dtype=dtype, quantize=quantize)
         self.manifests = {name: manifest for name, (_, manifest) in manifests.items()}
         self.adapter_dirs = {name: folder for name, (folder, _) in manifests.items()}
         self.tasks: dict[tuple[str, str], AdapterTask] = {}
@@ -359,8 +367,9 @@ class SpecialtyModel:
     def _run(self, task: AdapterTask, requests: Sequence[tuple[ModelCard, Image.Image]]) -> list[SpecialtyResult]:
         from onevlm.specialty.training import DEFAULT_MAX_NEW_TOKENS, generate_answers
 
+        adapter = self._adapter_identity(task.specialty)
         common = dict(specialty=task.specialty, task=task.name, task_kind=task.kind, prompt_id=task.prompt_id,
-                      adapter=self._adapter_identity(task.specialty))
+                      adapter=adapter)
         try:
             queries = [build_query(task.info, image, task.markers) for _, image in requests]
         except Exception as exc:
@@ -381,30 +390,35 @@ class SpecialtyModel:
             return [SpecialtyResult(card_id=card.id, status=FAILED, reason=f"{type(exc).__name__}: {exc}", **common)
                     for card, _ in requests]
         seconds = round((time.monotonic() - started) / len(requests), 4)
-        results = [self._result(card.id, task, text, seconds, common) for (card, _), text in zip(requests, texts)]
+        results = [parse_result(card.id, task, text, seconds, adapter) for (card, _), text in zip(requests, texts)]
         for result in results:
             logger.debug("card %s: %s/%s %s", result.card_id, task.specialty, task.name, result.status)
         return results
 
-    @staticmethod
-    def _result(card_id: str, task: AdapterTask, text: str, seconds: float, common: dict) -> SpecialtyResult:
-        prediction = parse_answer(task.info, text, task.markers)
-        names = task.info.class_names
-        if is_unparseable(prediction):
-            return SpecialtyResult(card_id=card_id, status=UNPARSEABLE, reason=prediction.reason, answer=text,
-                                   seconds=seconds, **common)
-        if task.kind == "detection":
-            boxes = tuple(prediction)
-            return SpecialtyResult(card_id=card_id, status=EXECUTED, answer=text, boxes=boxes,
-                                   box_labels=tuple(names[b.label] for b in boxes),
-                                   labels=tuple(dict.fromkeys(names[b.label] for b in boxes)), seconds=seconds,
-                                   **common)
-        if task.kind == "multilabel":
-            return SpecialtyResult(card_id=card_id, status=EXECUTED, answer=text,
-                                   labels=tuple(names[i] for i in sorted(prediction)), seconds=seconds, **common)
-        grade = int(prediction) if task.kind == "grading" else None
-        return SpecialtyResult(card_id=card_id, status=EXECUTED, answer=text, labels=(names[int(prediction)],),
-                               grade=grade, seconds=seconds, **common)
+
+
+def parse_result(card_id: str, task: AdapterTask, text: str, seconds: float | None = None,
+                 adapter: dict[str, Any] | None = None) -> SpecialtyResult:
+    """The result of ``task``'s answer ``text`` for ``card_id``: parsed by the task's own parser.
+
+    An answer outside the task's format gives an ``unparseable`` result (never coerced).
+    """
+    common = dict(specialty=task.specialty, task=task.name, task_kind=task.kind, prompt_id=task.prompt_id,
+                  adapter=dict(adapter or {}), answer=text, seconds=seconds)
+    prediction = parse_answer(task.info, text, task.markers)
+    names = task.info.class_names
+    if is_unparseable(prediction):
+        return SpecialtyResult(card_id=card_id, status=UNPARSEABLE, reason=prediction.reason, **common)
+    if task.kind == "detection":
+        boxes = tuple(prediction)
+        return SpecialtyResult(card_id=card_id, status=EXECUTED, boxes=boxes,
+                               box_labels=tuple(names[b.label] for b in boxes),
+                               labels=tuple(dict.fromkeys(names[b.label] for b in boxes)), **common)
+    if task.kind == "multilabel":
+        return SpecialtyResult(card_id=card_id, status=EXECUTED, labels=tuple(names[i] for i in sorted(prediction)),
+                               **common)
+    grade = int(prediction) if task.kind == "grading" else None
+    return SpecialtyResult(card_id=card_id, status=EXECUTED, labels=(names[int(prediction)],), grade=grade, **common)
 
 
 __all__ = [
@@ -418,4 +432,5 @@ __all__ = [
     "UNPARSEABLE",
     "find_adapters",
     "not_executable",
+    "parse_result",
 ]

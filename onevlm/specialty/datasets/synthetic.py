@@ -55,7 +55,7 @@ def _single_labels(rng: np.random.Generator, count: int, n_classes: int) -> np.n
 
 
 def write_medmnist_npz(path: str | Path, name: str, size: int = 28, per_split: tuple[int, int, int] = (16, 4, 4),
-                       seed: int = 0, *, compressed: bool = True) -> Path:
+                       seed: int = 0, *, compressed: bool = True, fixed_labels: tuple[int, ...] | None = None) -> Path:
     """Write a random but valid MedMNIST ``.npz`` for one of the supported sets.
 
     Parameters
@@ -72,13 +72,17 @@ def write_medmnist_npz(path: str | Path, name: str, size: int = 28, per_split: t
         Random seed.
     compressed : bool
         ``np.savez_compressed`` (as MedMNIST ships) or plain ``np.savez``.
+    fixed_labels : tuple of int, optional
+        Give every image these labels instead of random ones: one class index for a single-label
+        set, the findings present for ChestMNIST (``()``: no finding). A set whose answer never
+        changes is what a few training steps can learn (tests, demos).
 
     Returns
     -------
     Path
-        The written file. Single-label splits with at least as many images as classes hold every
-        class; ChestMNIST splits of two or more images start with a no-finding row and a row with
-        two findings.
+        The written file. With random labels, single-label splits with at least as many images
+        as classes hold every class; ChestMNIST splits of two or more images start with a
+        no-finding row and a row with two findings.
     """
     flag = name.lower()
     if flag not in MEDMNIST_INFOS:
@@ -88,12 +92,24 @@ def write_medmnist_npz(path: str | Path, name: str, size: int = 28, per_split: t
     info = MEDMNIST_INFOS[flag]
     channels = MEDMNIST_CHANNELS[flag]
     n_classes = len(info.class_names)
+    if fixed_labels is not None:
+        fixed_labels = tuple(fixed_labels)
+        if any(not 0 <= label < n_classes for label in fixed_labels) or (
+                info.task_type != "multilabel" and len(fixed_labels) != 1):
+            raise ValueError(f"fixed_labels {fixed_labels!r} do not fit {flag} ({n_classes} classes, "
+                             f"{info.task_type})")
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     for split, count in _split_counts(per_split).items():
         shape = (count, size, size) if channels == 1 else (count, size, size, 3)
         arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
-        if info.task_type == "multilabel":
+        if fixed_labels is not None:
+            labels = np.zeros((count, n_classes if info.task_type == "multilabel" else 1), dtype=np.uint8)
+            if info.task_type == "multilabel":
+                labels[:, list(fixed_labels)] = 1
+            else:
+                labels[:] = fixed_labels[0]
+        elif info.task_type == "multilabel":
             labels = (rng.random((count, n_classes)) < 0.15).astype(np.uint8)
             if count >= 2:
                 labels[0] = 0
