@@ -6,7 +6,10 @@ Receivers, each on loopback, each fed by the same storescu (TCP_NODELAY=1):
   ``listener.processes: 2`` (two processes on one port, SO_REUSEPORT);
 - ``storescp``: dcmtk's storescp writing to disk (``--fork`` for several associations) — no fsync;
 - ``pynetdicom-default``: a plain pynetdicom Storage SCP as its documentation shows it
-  (decode the dataset, ``save_as``), Nagle's algorithm left on.
+  (decode the dataset, ``save_as``), Nagle's algorithm left on;
+- ``pynetdicom-ceiling``: pynetdicom configured as our listener (TCP_NODELAY, 1 MiB PDUs) whose
+  handler answers Success and stores nothing: the most any pynetdicom Storage SCP can receive
+  on this machine, an upper bound for ours.
 
 Runs alternate between receivers, over one association and over four at once; medians and the
 ratios are printed. Research use only.
@@ -162,6 +165,44 @@ class PynetdicomDefaultReceiver:
         return len(list(self.work.glob("*.dcm")))
 
 
+class PynetdicomCeilingReceiver:
+    """pynetdicom set up as our listener, with a C-STORE handler that stores nothing (not durable)."""
+
+    name = "pynetdicom-ceiling"
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.count = 0
+
+    def __enter__(self):
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        from onevlm.net.listener import AssociationServer
+
+        self.count = 0
+        self.port = free_port()
+        ae = AE(ae_title="RECEIVER")
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.maximum_associations = 8
+        ae.maximum_pdu_size = 1_048_576
+
+        def handle_store(event):
+            self.count += 1
+            return 0x0000
+
+        self.server = ae.make_server(("127.0.0.1", self.port), evt_handlers=[(evt.EVT_C_STORE, handle_store)],
+                                     server_class=AssociationServer)
+        ae._servers.append(self.server)  # as AE.start_server does: association counting and shutdown
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+    def received(self) -> int:
+        return self.count
+
+
 def _wait_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -201,7 +242,8 @@ def main() -> None:
         root = Path(tmp)
         files = make_files(root / "files", args.files)
         receivers = [OnevlmReceiver(root / "onevlm"), OnevlmReceiver(root / "onevlm2", processes=2),
-                     StorescpReceiver(root / "storescp"), PynetdicomDefaultReceiver(root / "pynetdicom")]
+                     StorescpReceiver(root / "storescp"), PynetdicomDefaultReceiver(root / "pynetdicom"),
+                     PynetdicomCeilingReceiver(root / "ceiling")]
         rates: dict[tuple[str, int], list[float]] = {}
         for _ in range(args.repeat):
             for associations in (1, 4):

@@ -1,0 +1,92 @@
+"""Every benchmark in bench/ still runs: each script at its smallest size, its JSON checked.
+
+These are not measurements (sizes far too small, and timing in tests proves nothing); they keep the
+scripts behind bench/RESULTS.md from rotting between the sessions that run them for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dcmtk_tools import find_dcmtk
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def run_bench(script: str, *args: str, timeout: float = 300) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+def test_ingest_bench_runs_every_receiver(tmp_path):
+    if find_dcmtk("storescu") is None or find_dcmtk("storescp") is None:
+        pytest.fail("dcmtk (storescu, storescp) is needed: apt-get install dcmtk")
+    out = tmp_path / "ingest.json"
+    run_bench("ingest_bench.py", "--files", "6", "--repeat", "1", "--json", str(out))
+    rates = json.loads(out.read_text())
+    receivers = ["onevlm", "onevlm x2 processes", "storescp", "pynetdicom-default", "pynetdicom-ceiling"]
+    assert sorted(rates) == sorted(f"{r}_{a}" for r in receivers for a in (1, 4))
+    assert all(positive(v) for v in rates.values()), rates
+
+
+def test_latency_bench_gets_an_sr_into_orthanc(tmp_path):
+    if shutil.which("Orthanc") is None and not Path("/usr/sbin/Orthanc").exists():
+        pytest.fail("Orthanc is needed: apt-get install orthanc")
+    out = tmp_path / "latency.json"
+    run_bench("latency_bench.py", "--studies", "2", "--slices", "2", "--idle", "0.5", "--json", str(out))
+    latency = json.loads(out.read_text())
+    assert latency["n"] == 2
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["max"]
+
+
+def test_router_bench_engines_agree(tmp_path):
+    out = tmp_path / "router.json"
+    run_bench("router_bench.py", "--size", "tiny", "--images", "2", "--repeat", "1", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["same_answers"] is True
+    assert positive(result["naive_images_per_s"]) and positive(result["fast_images_per_s"])
+    assert result["fast_engine_stats"]["decode_steps"] > 0
+
+
+def test_embedded_router_bench_reports_every_stage():
+    stdout = run_bench("embedded_router_bench.py", "--repeat", "1")
+    for stage in (1, 2, 3):
+        assert f"stage {stage}:" in stdout
+    assert "ratio batch8/batch1" in stdout
+
+
+def test_multi_adapter_bench_shares_the_base(tmp_path):
+    out = tmp_path / "multi.json"
+    run_bench("multi_adapter_bench.py", "--size", "tiny", "--adapters", "2", "--requests", "2", "--repeat", "1",
+              "--json", str(out))
+    result = json.loads(out.read_text())
+    assert len(result["adapters"]) == 2
+    memory = result["memory_bytes"]
+    # One base plus two adapters must take less than two whole models.
+    assert memory["one base + adapters"] < memory["separate models"]
+    assert positive(result["seconds_per_request"]["switching"]) and positive(result["seconds_per_request"]["grouped"])
+
+
+def test_qlora_bench_runs_both_recipes(tmp_path):
+    out = tmp_path / "qlora.json"
+    run_bench("qlora_bench.py", "--size", "tiny", "--samples", "8", "--json", str(out))
+    result = json.loads(out.read_text())
+    for recipe in ("notebook", "fast"):
+        assert result[recipe]["samples"] == 8
+        assert positive(result[recipe]["samples_per_s"])
