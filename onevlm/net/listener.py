@@ -138,7 +138,7 @@ class Listener:
     def _handle_store(self, event) -> int:
         calling = event.assoc.requestor.ae_title
         try:
-            size = len(event.request.DataSet.getvalue())
+            size = event.request.DataSet.getbuffer().nbytes  # not getvalue(): no copy of a large instance
         except Exception:
             size = 0
         if size > self.config.max_instance_bytes:
