@@ -186,8 +186,11 @@ class PynetdicomCeilingReceiver:
         ae.maximum_associations = 8
         ae.maximum_pdu_size = 1_048_576
 
+        lock = threading.Lock()
+
         def handle_store(event):
-            self.count += 1
+            with lock:  # four associations, four threads
+                self.count += 1
             return 0x0000
 
         self.server = ae.make_server(("127.0.0.1", self.port), evt_handlers=[(evt.EVT_C_STORE, handle_store)],
