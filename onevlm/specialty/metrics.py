@@ -87,8 +87,14 @@ def iou(a: NormalisedBox, b: NormalisedBox) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _matched(gold: Sequence[NormalisedBox], predicted: Sequence[NormalisedBox], threshold: float) -> int:
-    pairs = sorted(((iou(g, p), i, j) for i, g in enumerate(gold) for j, p in enumerate(predicted)), reverse=True)
+def match_boxes(gold: Sequence[NormalisedBox], predicted: Sequence[NormalisedBox], threshold: float,
+                same_label: bool = False) -> int:
+    """Number of one-to-one gold/predicted pairs at IoU >= ``threshold``, matched greedily by IoU.
+
+    ``same_label``: only boxes with the same label may pair.
+    """
+    pairs = sorted(((iou(g, p), i, j) for i, g in enumerate(gold) for j, p in enumerate(predicted)
+                    if not same_label or g.label == p.label), reverse=True)
     used_g, used_p, matches = set(), set(), 0
     for value, i, j in pairs:
         if value < threshold:
@@ -110,7 +116,7 @@ def localisation_scores(gold: Sequence[Sequence[NormalisedBox]], predicted: Sequ
     for gold_boxes, pred_boxes in zip(gold, predicted):
         parsed = pred_boxes is not None
         pred_boxes = list(pred_boxes or ())
-        matched = _matched(gold_boxes, pred_boxes, threshold)
+        matched = match_boxes(gold_boxes, pred_boxes, threshold)
         image_ok += int(parsed and matched == len(gold_boxes) == len(pred_boxes))
         for g in gold_boxes:
             region_total += 1

@@ -54,6 +54,7 @@ from typing import Callable, Iterable, Union
 
 from PIL import Image, ImageDraw
 
+from onevlm.specialty.metrics import match_boxes
 from onevlm.specialty.samples import TASK_TYPES, DatasetInfo, LabelledImage, NormalisedBox
 
 TASK_PROMPT_VERSION = "1"
@@ -653,15 +654,6 @@ def parse_answer(info: DatasetInfo, text: str, markers: str = "letters") -> Pred
 # -- correctness ------------------------------------------------------------------------------
 
 
-def box_iou(a: NormalisedBox, b: NormalisedBox) -> float:
-    """Intersection over union of two boxes."""
-    iw = max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0))
-    ih = max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
-    inter = iw * ih
-    union = (a.x1 - a.x0) * (a.y1 - a.y0) + (b.x1 - b.x0) * (b.y1 - b.y0) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def is_correct(task: str, target: Prediction, prediction: Prediction) -> bool:
     """Whether ``prediction`` is right for ``target`` (the example's gold prediction).
 
@@ -677,17 +669,7 @@ def is_correct(task: str, target: Prediction, prediction: Prediction) -> bool:
     gold, pred = list(target), list(prediction)  # type: ignore[arg-type]
     if len(gold) != len(pred):
         return False
-    pairs = sorted(((box_iou(g, p), gi, pi) for gi, g in enumerate(gold) for pi, p in enumerate(pred)
-                    if g.label == p.label), reverse=True)
-    used_gold: set[int] = set()
-    used_pred: set[int] = set()
-    for iou, gi, pi in pairs:
-        if iou < IOU_MATCH:
-            break
-        if gi not in used_gold and pi not in used_pred:
-            used_gold.add(gi)
-            used_pred.add(pi)
-    return len(used_gold) == len(gold)
+    return match_boxes(gold, pred, IOU_MATCH, same_label=True) == len(gold)
 
 
 # -- specialty mixtures -----------------------------------------------------------------------
