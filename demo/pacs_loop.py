@@ -88,7 +88,14 @@ def main() -> int:
                     elif e["error"]:
                         line = f"ERROR: {e['error']}"
                     else:
-                        target = e["model_card_id"] or f"no card ({e['stop_reason']})"
+                        if e["outcome"] == "review":
+                            target = f"REVIEW ({e['reasons'][0] if e['reasons'] else 'see the decision log'})"
+                        elif e["cards"]:
+                            kind = "set " if e["outcome"] == "routed-set" else ""
+                            calibrated = "calibrated" if e["calibrated"] else "uncalibrated"
+                            target = f"{kind}{', '.join(e['cards'])} (route confidence {e['confidence']:.2f}, {calibrated})"
+                        else:
+                            target = f"no card ({e['stop_reason']})"
                         sr_uid = None
                         if e["sr_file"]:
                             sr_uid = str(pydicom.dcmread(folder / e["sr_file"], stop_before_pixels=True).SOPInstanceUID)

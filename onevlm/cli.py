@@ -85,15 +85,37 @@ def _backend_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _calibration(args: argparse.Namespace):
+    from onevlm.calibration.site import SiteCalibration
+
+    return SiteCalibration.load(args.calibration) if getattr(args, "calibration", None) else None
+
+
 def _router(args: argparse.Namespace):
     from onevlm.backends import create_backend
     from onevlm.calibration.cutoffs import Cutoffs
     from onevlm.router import Router
 
     cards = _cards(args)
-    cutoffs = Cutoffs.load(args.cutoffs) if args.cutoffs else Cutoffs()
+    cutoffs = Cutoffs.load(args.cutoffs) if args.cutoffs else None
+    calibration = _calibration(args)
     backend = create_backend(args.backend, cards, **_backend_options(args))
-    return Router(cards, backend, cutoffs)
+    return Router(cards, backend, cutoffs, calibration=calibration)
+
+
+def _outcome_line(decision) -> str:
+    """``=> routed MODEL_03  route confidence 0.62 (uncalibrated)``, or review and why."""
+    outcome = decision.outcome
+    if outcome is None:
+        return "=> no outcome"
+    calibration = "calibrated" if outcome.calibrated else "uncalibrated"
+    confidence = f"  route confidence {outcome.confidence:.4f} ({calibration})" if outcome.cards and outcome.confidence is not None else ""
+    if outcome.outcome == "review":
+        return f"=> review by a person: {outcome.reasons[0] if outcome.reasons else ''}"
+    if outcome.outcome == "stopped":
+        p = f"  p={outcome.confidence:.4f} ({calibration})" if outcome.confidence is not None else ""
+        return f"=> stopped: {outcome.reasons[0] if outcome.reasons else ''}{p}"
+    return f"=> {outcome.outcome}: {', '.join(outcome.cards)}{confidence}"
 
 
 def _print_decision(decision, stream=None) -> None:
@@ -104,21 +126,33 @@ def _print_decision(decision, stream=None) -> None:
     if decision.error:
         print(f"  ERROR: {decision.error}", file=stream)
         return
+    assessed = {a.stage: a for a in (decision.outcome.stages if decision.outcome else ())}
     for stage in decision.stages:
         tau = "none" if stage.tau is None else f"{stage.tau:.6g}"
-        print(f"  stage {stage.stage} ({stage.as_dict()['name']}, {stage.prompt_id}, tau={tau})", file=stream)
+        assessment = assessed.get(stage.stage)
+        flags = []
+        if not stage.informative:
+            flags.append("NO EVIDENCE: its answer is a default")
+        if assessment is not None and assessment.tie:
+            flags.append(f"TIE (margin {assessment.margin:.4f})")
+        if assessment is not None and assessment.prediction_set is not None:
+            flags.append(f"set {{{', '.join(assessment.prediction_set)}}}")
+        note = f"  [{'; '.join(flags)}]" if flags else ""
+        print(f"  stage {stage.stage} ({stage.as_dict()['name']}, {stage.prompt_id}, tau={tau}){note}", file=stream)
         for i, cand in enumerate(stage.candidates):
             mark = "<-" if (i == 0) == (stage.index.value == "FIRST") else "  "
             flag = "" if cand.in_allowed_set else "  [outside admissible set]"
             label = "FIRST " if i == 0 else "SECOND"
-            print(f"    {mark} {label} p={cand.p:.4f}  {cand.answer}{flag}", file=stream)
+            calibrated = ""
+            if assessment is not None and assessment.calibrated is not None:
+                calibrated = f" (calibrated {assessment.calibrated.get(cand.answer, 0.0):.4f})"
+            print(f"    {mark} {label} p={cand.p:.4f}{calibrated}  {cand.answer}{flag}", file=stream)
         just = stage.chosen_record.justification
         if just:
             print(f"       justification: {just}", file=stream)
-    outcome = decision.model_card_id or "None"
-    conf = decision.confidence
-    extra = f"  ({decision.stop_reason})" if decision.stop_reason else ""
-    print(f"  => model card: {outcome}" + (f"  confidence {conf:.4f}" if conf is not None else "") + extra, file=stream)
+    print(f"  {_outcome_line(decision)}", file=stream)
+    for note in (decision.outcome.reasons[1:] if decision.outcome else ()):
+        print(f"     note: {note}", file=stream)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -130,21 +164,29 @@ def cmd_summary(args: argparse.Namespace) -> int:
     except (OSError, json.JSONDecodeError) as exc:
         print(f"error: {path}: {exc}", file=sys.stderr)
         return 1
-    print(f"{meta['series']} series: {meta['routed']} routed to a card, {meta['skipped']} skipped (not images), "
-          f"{meta['errors']} error(s)  [research use only, not for clinical use]")
+    calibration = "calibrated " + meta["calibration_id"] if meta.get("calibration_id") and meta.get("calibrated") else "uncalibrated"
+    print(f"{meta['series']} series: {meta['routed']} routed to one card, {meta.get('routed_sets', 0)} to a set of cards, "
+          f"{meta.get('reviews', 0)} for review, {meta['skipped']} skipped (not images), {meta['errors']} error(s); "
+          f"probabilities {calibration}  [research use only, not for clinical use]")
     for e in meta["entries"]:
         label = e["input"] or e["series_instance_uid"]
+        finding = e["finding"] or "finding not assessed"
+        calibrated = "calibrated" if e.get("calibrated") else "uncalibrated"
         if e["skipped"]:
             outcome = f"skipped: {e['skipped']}"
         elif e["error"]:
             outcome = f"ERROR: {e['error']}"
-        elif e["model_card_id"]:
-            outcome = f"{e['modality']} / {e['finding']} -> {e['model_card_id']} (confidence {e['confidence']:.3f})"
+        elif e["outcome"] == "review":
+            outcome = f"{e['modality']} -> REVIEW: {(e.get('reasons') or ['see the decision log'])[0]}"
+        elif e["cards"]:
+            kind = "set " if e["outcome"] == "routed-set" else ""
+            outcome = (f"{e['modality']} / {finding} -> {kind}{', '.join(e['cards'])} "
+                       f"(route confidence {e['confidence']:.3f}, {calibrated})")
         else:
             outcome = f"{e['modality']} -> no card ({e['stop_reason']})"
         print(f"  {e['dicom_modality']:6s} {label:34s} {outcome}")
-        if e.get("execution"):
-            print(f"         card: {e['execution']['summary']}")
+        for execution in e.get("executions") or ():
+            print(f"         card: {execution['summary']}")
         if e.get("sr_file"):
             print(f"         SR: {e['sr_file']}")
     for problem in meta.get("problems", []):
@@ -345,13 +387,118 @@ def cmd_router_evaluate(args: argparse.Namespace) -> int:
         backend = create_backend(args.backend, cards, **_backend_options(args))
         cutoffs = Cutoffs.load(args.cutoffs) if args.cutoffs else None
         summary = evaluate(args.labels, cards, backend, args.output, cutoffs=cutoffs, fit=args.fit,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, calibration=_calibration(args), holdout=args.holdout,
+                           risk=args.risk, delta=args.delta, seed=args.seed)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(Path(args.output, "summary.md").read_text())
-    print(f"report written to {args.output}/ (summary.json, decision logs, reliability.png)")
+    print(f"report written to {args.output}/ (summary.json, decision logs, reliability plots)")
     return 0 if not summary["baseline"]["failed"] else 1
+
+
+def _routing_settings(args: argparse.Namespace):
+    from onevlm.calibration.site import RoutingSettings
+
+    return RoutingSettings(policy=args.policy, max_set_size=args.max_set_size, tie_epsilon=args.tie_epsilon)
+
+
+def _print_heldout(calibration) -> None:
+    heldout = calibration.heldout or {}
+    if not heldout:
+        print("no held-out figures (--holdout 0)")
+        return
+    stages = heldout.get("stages", heldout)
+    for stage, figures in sorted(stages.items()):
+        if not isinstance(figures, dict) or not figures.get("n"):
+            continue
+        line = f"stage {stage}: n={figures['n']}"
+        if figures.get("ece_before") is not None:
+            line += f"  ECE {figures['ece_before']:.4f} -> {figures['ece_after']:.4f} (temperature scaling)"
+        coverage = figures.get("coverage")
+        if coverage:
+            line += (f"  coverage {coverage['coverage']:.4f} (target >= {1 - coverage['alpha']:.4f}, "
+                     f"tolerance {coverage['tolerance']:.4f})  mean set size {coverage['mean_set_size']:.2f}")
+        selective = figures.get("selective")
+        if selective and selective.get("threshold") is not None:
+            accuracy = selective.get("selective_accuracy")
+            line += (f"  selective: {selective['share_routed']:.2%} routed"
+                     + (f", accuracy {accuracy:.4f}" if accuracy is not None else ""))
+        print(line)
+    route = heldout.get("route")
+    if route:
+        print(f"route: n={route['n']} outcomes {route['outcomes']}  routed-set coverage "
+              f"{_fmt_opt(route.get('routed_coverage'))}  marginal coverage {_fmt_opt(route.get('marginal_coverage'))} "
+              f"(target >= {1 - (calibration.risk or 0):.2f})  mean set size {_fmt_opt(route.get('mean_set_size'))}  "
+              f"AURC {route.get('aurc')}")
+
+
+def _fmt_opt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def cmd_calibrate_fit(args: argparse.Namespace) -> int:
+    from onevlm.calibration.scores import read_scores
+
+    try:
+        settings = _routing_settings(args)
+        if args.scores:
+            from onevlm.calibration.fitting import fit_from_scores
+
+            calibration = fit_from_scores(read_scores(args.scores), args.risk, args.delta, args.holdout, args.seed,
+                                          settings, source=Path(args.scores).name)
+        else:
+            if not args.labels:
+                raise ValueError("give LABELS.csv (routed with --backend ...) or --scores FILE")
+            from onevlm.backends import create_backend
+            from onevlm.router.site_calibration import calibrate_from_labels
+
+            cards = _cards(args)
+            backend = create_backend(args.backend, cards, **_backend_options(args))
+            report_dir = Path(args.report) if args.report else Path(args.output).with_suffix("").with_name(
+                Path(args.output).stem + "_report")
+            calibration = calibrate_from_labels(args.labels, cards, backend, args.risk, args.delta, args.holdout,
+                                                args.seed, settings, args.decisions, report_dir, args.batch_size)
+        calibration.save(args.output)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(calibration.as_dict() | {"calibration_id": calibration.calibration_id}))
+        return 0
+    print(f"calibration {calibration.calibration_id} (risk {args.risk}, delta {args.delta}, policy {args.policy}) "
+          f"written to {args.output}")
+    for stage, fitted in sorted(calibration.stages.items()):
+        qhat = fitted.conformal.qhat if fitted.conformal else None
+        threshold = fitted.selective.threshold if fitted.selective else None
+        print(f"  stage {stage}: n={fitted.n} T={fitted.temperature:.4g} tau={fitted.tau} "
+              f"qhat={qhat} (alpha {fitted.conformal.alpha if fitted.conformal else None}) selective threshold={threshold}")
+    if calibration.route_selective is not None:
+        print(f"  route: selective threshold {calibration.route_selective.threshold} "
+              f"(certified on {calibration.route_selective.n} routed candidates)")
+    print("held-out figures:")
+    _print_heldout(calibration)
+    return 0
+
+
+def cmd_calibrate_apply(args: argparse.Namespace) -> int:
+    from onevlm.calibration.fitting import apply_to_scores
+    from onevlm.calibration.scores import read_scores
+    from onevlm.calibration.site import SiteCalibration
+
+    try:
+        calibration = SiteCalibration.load(args.calibration)
+        results = apply_to_scores(calibration, read_scores(args.scores))
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for result in results:
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"stage {result['stage']}: {result['outcome']:10s} set {result['set']}  "
+                  f"confidence {result['confidence']:.4f}" + ("  [tie]" if result["tie"] else ""))
+    return 0
 
 
 # -- specialty models: finetune / evaluate-specialty ------------------------------------------
@@ -524,8 +671,24 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="free: paper's top-2 first tokens; options: score every admissible answer")
     p.add_argument("--text-model", help="sentence-transformers folder for the embedded backend")
     p.add_argument("--cards", help="model-card folder (default: the project's model_cards/)")
-    p.add_argument("--cutoffs", help="cutoffs JSON (from 'onevlm cutoffs fit'); default: no cutoff")
+    p.add_argument("--cutoffs", help="cutoffs JSON (from 'onevlm cutoffs fit'); default: the calibration's, else none")
+    p.add_argument("--calibration", help="the site's calibration.json ('onevlm calibrate fit'); default: uncalibrated")
     p.add_argument("--batch-size", type=int, default=8, help="inputs per backend call")
+
+
+def _add_fit_args(p: argparse.ArgumentParser) -> None:
+    from onevlm.calibration.site import DEFAULT_MAX_SET_SIZE, DEFAULT_TIE_EPSILON, POLICIES
+
+    p.add_argument("--risk", type=float, default=0.1,
+                   help="alpha: the routed card set misses the right card at most this often (default 0.1)")
+    p.add_argument("--delta", type=float, default=0.1,
+                   help="the selective bound holds with probability at least 1 - delta (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit / held-out split")
+    p.add_argument("--policy", choices=POLICIES, default="sets",
+                   help="sets: route to a set with a coverage guarantee; selective: one card or review")
+    p.add_argument("--max-set-size", type=int, default=DEFAULT_MAX_SET_SIZE, help="largest set routed")
+    p.add_argument("--tie-epsilon", type=float, default=DEFAULT_TIE_EPSILON,
+                   help="top-2 margin under which a stage is a tie")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -615,8 +778,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("labels", help="CSV with columns path,modality,finding,card")
     _add_backend_args(p)
     p.add_argument("--fit", action="store_true", help="fit cutoffs on these rows (in-sample) instead of --cutoffs")
+    p.add_argument("--holdout", type=float, default=None,
+                   help="fit a calibration on the other rows and report it on this held-out share")
+    _add_fit_args(p)
     p.add_argument("-o", "--output", default="out/evaluation", help="report folder")
     p.set_defaults(func=cmd_router_evaluate)
+
+    calib = sub.add_parser("calibrate", help="the site's calibration (temperature, prediction sets, selective threshold)")
+    calib_sub = calib.add_subparsers(dest="calibrate_command", required=True)
+    p = calib_sub.add_parser("fit", help="fit calibration.json on labelled inputs, or on score rows")
+    p.add_argument("labels", nargs="?", help="CSV with columns path,modality,finding,card (routed with the backend)")
+    _add_backend_args(p)
+    p.add_argument("--decisions", help="read the router's decisions from this log instead of routing again")
+    p.add_argument("--scores", help="fit from score rows instead (JSONL: stage, probs, gold): no model needed")
+    p.add_argument("--holdout", type=float, default=0.3, help="held-out share reported, not fitted (default 0.3)")
+    _add_fit_args(p)
+    p.add_argument("-o", "--output", default="calibration.json", help="the calibration file to write")
+    p.add_argument("--report", help="folder for the held-out plots (default: <output>_report/)")
+    p.add_argument("--json", action="store_true", help="print the calibration as one JSON line")
+    p.set_defaults(func=cmd_calibrate_fit)
+    p = calib_sub.add_parser("apply", help="apply a calibration to score rows: set, outcome, confidence per row")
+    p.add_argument("--calibration", required=True, help="calibration.json")
+    p.add_argument("--scores", required=True, help="JSONL score rows (stage, probs[, gold])")
+    p.add_argument("--json", action="store_true", help="one JSON object per row")
+    p.set_defaults(func=cmd_calibrate_apply)
 
     _add_specialty_parsers(sub)
     return parser

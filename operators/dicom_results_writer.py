@@ -31,8 +31,9 @@ class DicomResultsWriterOperator(Operator):
 
     Files in ``output_folder``: ``sr/``, ``seg/``, ``annotations/`` (``<SOP Instance UID>.dcm``;
     VerificationFlag UNVERIFIED, not for clinical use), ``decisions.jsonl`` and ``metadata.json``
-    (per series: modality, finding, model_card_id, per-stage confidence, where it stopped, files;
-    for a MONAI Deploy Workflow Manager to branch on).
+    (per series: outcome — routed, routed-set, review, stopped — card(s), route confidence,
+    whether calibrated, per-stage probabilities, where it stopped, files; the study's outcome and
+    ``needs_review`` at the top level, for a MONAI Deploy Workflow Manager to branch on).
     """
 
     INPUT_NAME = "routing"
@@ -56,7 +57,9 @@ class DicomResultsWriterOperator(Operator):
             routing, execution = routing.routing, routing.execution
         outputs = write_study_outputs(routing, self.output_folder, self.cards, execution=execution)
         meta = outputs.metadata
-        self._logger.info("%d series: %d routed, %d executed, %d skipped, %d error(s); %d SR, %d box object(s) in %s",
-                          meta["series"], meta["routed"], meta["executed"], meta["skipped"], meta["errors"],
+        self._logger.info("%d series: %d routed, %d routed to a set, %d for review, %d executed, %d skipped, "
+                          "%d error(s); %d SR, %d box object(s) in %s",
+                          meta["series"], meta["routed"], meta["routed_sets"], meta["reviews"], meta["executed"],
+                          meta["skipped"], meta["errors"],
                           len(outputs.sr_files), len(outputs.box_files), self.output_folder)
         op_output.emit(outputs, self.OUTPUT_NAME)

@@ -13,16 +13,18 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from onevlm.backends import create_backend
 from onevlm.calibration.cutoffs import Cutoffs
+from onevlm.calibration.site import SiteCalibration
 from onevlm.cards import CardRepository, default_cards_dir
 from onevlm.router import Router
 from onevlm.study.routing import StudyRouting, route_prepared
 
 
 class RouterOperator(Operator):
-    """Route the representative image of every series (three stages, top-2, cutoffs).
+    """Route the representative image of every series (three stages, top-2, cutoffs, calibrated outcome).
 
-    The cards, the backend and its models, and the cutoffs load in ``__init__``, so a bad card
-    folder, cutoffs file or model path fails when the application starts, not midway.
+    The cards, the backend and its models, the cutoffs and the calibration load in ``__init__``,
+    so a bad card folder, cutoffs or calibration file (or one fitted for another model) or model
+    path fails when the application starts, not midway.
 
     Named input:
         prepared: :class:`onevlm.study.preparation.PreparedStudy`.
@@ -40,6 +42,7 @@ class RouterOperator(Operator):
         *args: Any,
         cards_dir: str | Path | None = None,
         cutoffs_path: str | Path | None = None,
+        calibration_path: str | Path | None = None,
         backend: Any = "embedded",
         backend_options: Mapping[str, Any] | None = None,
         batch_size: int = 8,
@@ -47,15 +50,17 @@ class RouterOperator(Operator):
     ) -> None:
         self._logger = logging.getLogger(f"{__name__}.{type(self).__name__}")
         self.cards = CardRepository.load(Path(cards_dir) if cards_dir else default_cards_dir())
-        cutoffs = Cutoffs.load(cutoffs_path) if cutoffs_path else Cutoffs()
+        cutoffs = Cutoffs.load(cutoffs_path) if cutoffs_path else None
+        calibration = SiteCalibration.load(calibration_path) if calibration_path else None
         # A backend object (e.g. the specialty model's shared base) is used as given.
         router_backend = create_backend(backend, self.cards, **dict(backend_options or {})) if isinstance(backend, str) \
             else backend
         router_backend.warm_up()  # models load now: a bad path fails at start-up
-        self.router = Router(self.cards, router_backend, cutoffs)
+        self.router = Router(self.cards, router_backend, cutoffs, calibration=calibration)
         self.batch_size = batch_size
-        self._logger.info("router ready: %d cards, backend %s, cutoffs %s", len(self.cards), router_backend.name,
-                          cutoffs.as_dict())
+        self._logger.info("router ready: %d cards, backend %s, cutoffs %s, %s", len(self.cards), router_backend.name,
+                          self.router.cutoffs.as_dict(),
+                          f"calibration {calibration.calibration_id}" if calibration else "uncalibrated")
         super().__init__(fragment, *args, **kwargs)
 
     @property

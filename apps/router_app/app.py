@@ -15,9 +15,13 @@ Environment variables of this application:
 
 ``ONEVLM_CARDS``
     Model-card folder (default: the project's ``model_cards/``).
+``ONEVLM_CALIBRATION``
+    The site's ``calibration.json`` (``onevlm calibrate fit``): cutoffs, temperatures, prediction
+    sets and the selective threshold. Default: ``calibration.json`` in the ``-m`` folder when
+    there is one, else none (every output says ``calibrated: false``).
 ``ONEVLM_CUTOFFS``
-    Per-stage cutoffs JSON as written by ``onevlm cutoffs fit`` (default: no cutoffs, i.e. the
-    router always keeps its first answer).
+    Per-stage cutoffs JSON as written by ``onevlm cutoffs fit`` (default: the calibration's,
+    else no cutoffs, i.e. the router always keeps its first answer).
 ``ONEVLM_BACKEND``
     ``embedded`` or ``transformers``; by default ``transformers`` when ``-m`` (or
     ``HOLOSCAN_MODEL_PATH``) names a model folder, else ``embedded``.
@@ -41,7 +45,18 @@ from operators import DicomSeriesLoaderOperator, RouterOperator, DicomResultsWri
 
 CARDS_ENV = "ONEVLM_CARDS"
 CUTOFFS_ENV = "ONEVLM_CUTOFFS"
+CALIBRATION_ENV = "ONEVLM_CALIBRATION"
 BACKEND_ENV = "ONEVLM_BACKEND"
+CALIBRATION_FILE = "calibration.json"
+
+
+def calibration_path(model_path: str | Path | None) -> str | None:
+    """``ONEVLM_CALIBRATION``, else ``calibration.json`` in the ``-m`` folder, else none."""
+    configured = os.environ.get(CALIBRATION_ENV, "").strip()
+    if configured:
+        return configured
+    candidate = Path(model_path) / CALIBRATION_FILE if model_path else None
+    return str(candidate) if candidate is not None and candidate.is_file() else None
 
 
 def backend_choice(model_path: str | Path | None) -> tuple[str, dict]:
@@ -89,6 +104,7 @@ class RouterApp(Application):
             self,
             cards_dir=os.environ.get(CARDS_ENV) or None,
             cutoffs_path=os.environ.get(CUTOFFS_ENV) or None,
+            calibration_path=calibration_path(app_context.model_path),
             backend=backend,
             backend_options=options,
             name="router",

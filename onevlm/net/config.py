@@ -43,15 +43,26 @@ class ListenerConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
 
 
+#: ``results``: every result object; ``review``: only the SRs of series the router sent to review.
+DESTINATION_ROLES = ("results", "review")
+
+
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM node results are sent to by C-STORE."""
+    """A DICOM node results are sent to by C-STORE (``role: review`` gets the review cases' SRs only)."""
 
     name: str
     ae_title: str
     host: str
     port: int
     tls: TlsConfig = field(default_factory=TlsConfig)
+    role: str = "results"
+
+    def wants(self, sop_class_uid: str, needs_review: bool) -> bool:
+        """Whether this destination receives a result object (a review destination: review SRs only)."""
+        if self.role == "review":
+            return needs_review and sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1.88.")
+        return True
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ class PipelineConfig:
     model_dir: Path | None = None
     cards_dir: Path | None = None
     cutoffs: Path | None = None
+    calibration: Path | None = None
     specialty: SpecialtyConfig | None = None
 
 
@@ -245,13 +257,17 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
     for i, d in enumerate(raw_destinations):
         where = f"destinations[{i}]"
         d = _mapping(d, source, where)
-        _check_keys(d, {"name", "ae_title", "host", "port", "tls"}, source, where)
+        _check_keys(d, {"name", "ae_title", "host", "port", "tls", "role"}, source, where)
         for key in ("name", "ae_title", "host", "port"):
             if key not in d:
                 raise _err(source, f"{where}.{key}", "is required")
+        role = d.get("role", "results")
+        if role not in DESTINATION_ROLES:
+            raise _err(source, f"{where}.role", f"{role!r} must be one of {', '.join(DESTINATION_ROLES)}")
         destinations.append(Destination(
             name=str(d["name"]), ae_title=_ae(d["ae_title"], source, f"{where}.ae_title"), host=str(d["host"]),
             port=_port(d["port"], source, f"{where}.port"), tls=_tls(d.get("tls"), source, f"{where}.tls", base),
+            role=role,
         ))
     if len({d.name for d in destinations}) != len(destinations):
         raise _err(source, "destinations", "names must be unique")
@@ -259,7 +275,7 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
     retry = _mapping(data.get("retry"), source, "retry")
     _check_keys(retry, {"base_seconds", "max_seconds", "max_attempts"}, source, "retry")
     pipe = _mapping(data.get("pipeline"), source, "pipeline")
-    _check_keys(pipe, {"backend", "model_dir", "cards_dir", "cutoffs", "specialty"}, source, "pipeline")
+    _check_keys(pipe, {"backend", "model_dir", "cards_dir", "cutoffs", "calibration", "specialty"}, source, "pipeline")
     backend = pipe.get("backend", "embedded")
     if backend not in ("embedded", "transformers"):
         raise _err(source, "pipeline.backend", f"{backend!r} must be 'embedded' or 'transformers'")
@@ -268,6 +284,7 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
         model_dir=_path(pipe.get("model_dir"), source, "pipeline.model_dir", base, True),
         cards_dir=_path(pipe.get("cards_dir"), source, "pipeline.cards_dir", base, True),
         cutoffs=_path(pipe.get("cutoffs"), source, "pipeline.cutoffs", base, True),
+        calibration=_path(pipe.get("calibration"), source, "pipeline.calibration", base, True),
         specialty=_specialty(pipe.get("specialty"), source, base),
     )
     if backend == "transformers" and pipeline.model_dir is None and pipeline.specialty is None:

@@ -77,16 +77,21 @@ class GroupProcessor:
                 shutil.rmtree(final)
             os.replace(staging, final)
             queued = 0
+            meta = outputs.metadata
+            review_files = {e["sr_file"] for e in meta["entries"] if e["needs_review"] and e["sr_file"]}
             for kind in ("sr", "seg", "annotations"):
                 for path in sorted((final / kind).glob("*.dcm")):
                     header = pydicom.dcmread(path, stop_before_pixels=True)
                     digest = _digest(path)
+                    needs_review = str(path.relative_to(final)) in review_files
                     for destination in self.destinations:
+                        if not destination.wants(str(header.SOPClassUID), needs_review):
+                            continue
                         queued += self.journal.enqueue_export(group_key, destination.name, str(header.SOPInstanceUID),
                                                               str(header.SOPClassUID), path, digest)
-            meta = outputs.metadata
-            logger.info("event=processed group=%s series=%d routed=%d executed=%d skipped=%d errors=%d "
-                        "queued_exports=%d seconds=%.2f", group_key, meta["series"], meta["routed"], meta["executed"],
+            logger.info("event=processed group=%s series=%d outcome=%s routed=%d routed_sets=%d reviews=%d executed=%d "
+                        "skipped=%d errors=%d queued_exports=%d seconds=%.2f", group_key, meta["series"],
+                        meta["outcome"], meta["routed"], meta["routed_sets"], meta["reviews"], meta["executed"],
                         meta["skipped"], meta["errors"], queued, time.time() - started)
         except Exception as exc:
             logger.exception("event=processing_failed group=%s", group_key)

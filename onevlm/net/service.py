@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from onevlm.backends import create_backend
 from onevlm.calibration.cutoffs import Cutoffs
+from onevlm.calibration.site import SiteCalibration
 from onevlm.cards.repository import CardRepository, default_cards_dir
 from onevlm.net.config import ServiceConfig
 from onevlm.net.exporter import Exporter
@@ -57,8 +58,9 @@ def build_router(config: ServiceConfig, specialty=None) -> tuple[Router, CardRep
         options = {"model_dir": str(pipeline.model_dir)} if pipeline.model_dir else {}
         backend = create_backend(pipeline.backend, cards, **options)
     backend.warm_up()
-    cutoffs = Cutoffs.load(pipeline.cutoffs) if pipeline.cutoffs else Cutoffs()
-    return Router(cards, backend, cutoffs), cards
+    cutoffs = Cutoffs.load(pipeline.cutoffs) if pipeline.cutoffs else None
+    calibration = SiteCalibration.load(pipeline.calibration) if pipeline.calibration else None
+    return Router(cards, backend, cutoffs, calibration=calibration), cards
 
 
 class Service:

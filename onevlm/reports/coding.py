@@ -22,7 +22,12 @@ MODALITY_CONCEPT = CodedConcept("RTR-MODALITY", SCHEME, "Imaging modality (route
 FINDING_CONCEPT = CodedConcept("RTR-FINDING", SCHEME, "Primary finding (router stage 2)")
 CARD_CONCEPT = CodedConcept("RTR-CARD", SCHEME, "Selected model card (router stage 3)")
 OUTCOME_CONCEPT = CodedConcept("RTR-OUTCOME", SCHEME, "Routing outcome")
-CONFIDENCE_CONCEPT = CodedConcept("RTR-CONF", SCHEME, "Router confidence")
+CONFIDENCE_CONCEPT = CodedConcept("RTR-CONF", SCHEME, "Route confidence")
+CARD_SET_CONCEPT = CodedConcept("RTR-CARDSET", SCHEME, "Model card in the routed set")
+CALIBRATION_CONCEPT = CodedConcept("RTR-CALIB", SCHEME, "Router calibration")
+CALIBRATED = CodedConcept("RTR-CALIBRATED", SCHEME, "Calibrated on the site's labelled studies")
+UNCALIBRATED = CodedConcept("RTR-UNCALIBRATED", SCHEME, "Uncalibrated (no site calibration)")
+FINDING_NOT_ASSESSED = CodedConcept("RTR-NOEVIDENCE", SCHEME, "Not assessed: no finding evidence")
 STAGE_CONFIDENCE_CONCEPTS = {
     stage: CodedConcept(f"RTR-CONF-S{stage}", SCHEME, f"Router confidence, stage {stage}") for stage in (1, 2, 3)
 }
@@ -30,6 +35,8 @@ BOX_FINDING_CONCEPT = CodedConcept("RTR-BOX", SCHEME, "Detected region (specialt
 UNITLESS = CodedConcept("1", "UCUM", "no units")
 
 OUTCOME_ROUTED = CodedConcept("RTR-ROUTED", SCHEME, "Routed to a model card")
+OUTCOME_ROUTED_SET = CodedConcept("RTR-ROUTEDSET", SCHEME, "Routed to a set of model cards")
+OUTCOME_REVIEW = CodedConcept("RTR-REVIEW", SCHEME, "Requires human review")
 OUTCOME_NOT_MEDICAL = CodedConcept("RTR-STOP-NONE", SCHEME, "Stopped early: not a medical image")
 OUTCOME_NOT_COVERED = CodedConcept("RTR-STOP-OTHER", SCHEME, "Stopped early: no card covers the modality")
 OUTCOME_OUT_OF_SET = CodedConcept("RTR-STOP-OOS", SCHEME, "Stopped: answer outside the admissible set")

@@ -79,8 +79,13 @@ def _model_name(backend: dict) -> str:
 
 
 def _outcome(decision: RoutingDecision) -> CodedConcept:
-    if decision.model_card_id:
+    outcome = decision.outcome_name
+    if outcome == "routed":
         return coding.OUTCOME_ROUTED
+    if outcome == "routed-set":
+        return coding.OUTCOME_ROUTED_SET
+    if outcome == "review":
+        return coding.OUTCOME_REVIEW
     first = decision.stages[0] if decision.stages else None
     if first is not None and not first.chosen_record.in_allowed_set:
         return coding.OUTCOME_OUT_OF_SET
@@ -99,13 +104,34 @@ def _comment(text: str) -> hd.sr.TextContentItem:
     )
 
 
+def _calibration_note(decision: RoutingDecision) -> str:
+    outcome = decision.outcome
+    if outcome is None or not outcome.calibrated:
+        return "uncalibrated"
+    return f"calibrated {(outcome.calibration or {}).get('calibration_id', '')}".strip()
+
+
 def route_summary(decision: RoutingDecision) -> str:
-    """One line: ``onevlm route: <modality> / <finding> -> <card or outcome> (confidence p)``."""
+    """One line: ``onevlm route: <modality> / <finding> -> <card(s), review or stop> (route confidence p, calibration)``.
+
+    The route confidence is never above the stage-1 probability; a review case shows no card.
+    """
     parts = [decision.modality or "?"]
-    if decision.finding is not None:
-        parts.append(decision.finding)
-    target = decision.model_card_id or "no card"
-    confidence = f" (confidence {decision.confidence:.2f})" if decision.confidence is not None else ""
+    if decision.stage(2) is not None:
+        parts.append(decision.finding or "finding not assessed")
+    outcome = decision.outcome_name
+    cards = decision.cards
+    if outcome == "review":
+        reason = decision.outcome.reasons[0] if decision.outcome and decision.outcome.reasons else "see the decision log"
+        return f"onevlm route: {' / '.join(parts)} -> requires human review: {reason}"
+    if outcome == "routed-set":
+        target = f"one of {len(cards)} cards: {', '.join(cards)}"
+    elif outcome == "routed":
+        target = cards[0]
+    else:
+        target = "no card"
+    label = "route confidence" if cards else "probability"
+    confidence = f" ({label} {decision.confidence:.2f}, {_calibration_note(decision)})" if decision.confidence is not None else ""
     return f"onevlm route: {' / '.join(parts)} -> {target}{confidence}"
 
 
@@ -115,6 +141,13 @@ def execution_summary(result: SpecialtyResult) -> str:
         return f"result: {result.answer_summary()}"
     return {"not-executable": "not executable here", "unparseable": "answer not parseable",
             "failed": "specialty model failed"}[result.status]
+
+
+def executions_summary(results: Sequence[SpecialtyResult]) -> str:
+    """The label's specialty part: one card's result, or each card's of a routed set."""
+    if len(results) == 1:
+        return execution_summary(results[0])
+    return "; ".join(f"{r.card_id} {execution_summary(r)}" for r in results)
 
 
 def _execution_items(result: SpecialtyResult) -> tuple[list, list]:
@@ -144,29 +177,51 @@ def _execution_items(result: SpecialtyResult) -> tuple[list, list]:
     return evaluations, measurements
 
 
+def _stage_value(decision: RoutingDecision, stage, card_captions: dict[str, str]) -> CodedConcept:
+    if not stage.chosen_record.in_allowed_set and stage.stage != 2:
+        return coding.private_code("OOS", f"outside the admissible set: {stage.chosen}")
+    if stage.stage == 1:
+        return coding.modality_answer_code(stage.chosen)
+    if stage.stage == 2:
+        return coding.finding_code(stage.chosen) if stage.informative else coding.FINDING_NOT_ASSESSED
+    return coding.card_code(stage.chosen, card_captions.get(stage.chosen))
+
+
 def routing_group(decision: RoutingDecision, source_series_uid: str, card_captions: dict[str, str] | None = None,
-                  execution: SpecialtyResult | None = None):
-    """The TID 1501 measurement group holding the routing decision (and the card's execution)."""
+                  executions: Sequence[SpecialtyResult] = ()):
+    """The TID 1501 measurement group holding the routing decision (and the cards' executions).
+
+    The outcome (routed, routed to a set, requires human review, stopped) is a coded value; the
+    routed set's cards follow it; the route confidence is the group's first number. Stage 3's own
+    pick is reported only when the router routed it alone (or stopped on it): a set or a review
+    case shows no single card. Stage probabilities are calibrated where the site fitted a
+    calibration; stage 2's is left out when it had no evidence.
+    """
     card_captions = card_captions or {}
+    outcome = decision.outcome_name
+    assessed = {a.stage: a for a in (decision.outcome.stages if decision.outcome else ())}
+    shown_stages = [s for s in decision.stages if not (s.stage == 3 and outcome in ("routed-set", "review"))]
     evaluations = []
-    for stage in decision.stages:
-        if not stage.chosen_record.in_allowed_set and stage.stage != 2:
-            value = coding.private_code("OOS", f"outside the admissible set: {stage.chosen}")
-        elif stage.stage == 1:
-            value = coding.modality_answer_code(stage.chosen)
-        elif stage.stage == 2:
-            value = coding.finding_code(stage.chosen)
-        else:
-            value = coding.card_code(stage.chosen, card_captions.get(stage.chosen))
+    for stage in shown_stages:
         concept = {1: coding.MODALITY_CONCEPT, 2: coding.FINDING_CONCEPT, 3: coding.CARD_CONCEPT}[stage.stage]
-        evaluations.append(hd.sr.QualitativeEvaluation(name=concept, value=value))
+        evaluations.append(hd.sr.QualitativeEvaluation(name=concept, value=_stage_value(decision, stage, card_captions)))
     evaluations.append(hd.sr.QualitativeEvaluation(name=coding.OUTCOME_CONCEPT, value=_outcome(decision)))
+    if outcome == "routed-set":
+        evaluations += [hd.sr.QualitativeEvaluation(name=coding.CARD_SET_CONCEPT,
+                                                    value=coding.card_code(card, card_captions.get(card)))
+                        for card in decision.cards]
+    calibrated = bool(decision.outcome and decision.outcome.calibrated)
+    evaluations.append(hd.sr.QualitativeEvaluation(name=coding.CALIBRATION_CONCEPT,
+                                                   value=coding.CALIBRATED if calibrated else coding.UNCALIBRATED))
     measurements = []
     if decision.confidence is not None:
         measurements.append(hd.sr.Measurement(name=coding.CONFIDENCE_CONCEPT, value=float(decision.confidence), unit=coding.UNITLESS))
-    for stage in decision.stages:
+    for stage in shown_stages:
+        if stage.stage == 2 and not stage.informative:
+            continue
+        p = assessed[stage.stage].p if stage.stage in assessed else stage.confidence
         measurements.append(
-            hd.sr.Measurement(name=coding.STAGE_CONFIDENCE_CONCEPTS[stage.stage], value=float(stage.confidence), unit=coding.UNITLESS)
+            hd.sr.Measurement(name=coding.STAGE_CONFIDENCE_CONCEPTS[stage.stage], value=float(p), unit=coding.UNITLESS)
         )
     backend = decision.backend
     parameters = [
@@ -174,17 +229,20 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
         f"cutoffs: {json.dumps(decision.cutoffs)}",
         f"prompts: {', '.join(s.prompt_id for s in decision.stages)}",
     ]
+    if decision.outcome is not None:
+        parameters.append(f"calibration: {json.dumps(decision.outcome.calibration, sort_keys=True, default=str)}")
+        parameters += [f"outcome note: {reason}" for reason in decision.outcome.reasons[1 if outcome == 'review' else 0:]]
     name = "onevlm model-card router"
-    if execution is not None:
+    for execution in executions:
         more_evaluations, more_measurements = _execution_items(execution)
         evaluations += more_evaluations
         measurements += more_measurements
         name = "onevlm model-card router and specialty model"
         if execution.specialty:
-            parameters += [f"specialty adapter: {json.dumps(execution.adapter, sort_keys=True, default=str)}",
-                           f"specialty prompt: {execution.prompt_id}"]
+            parameters += [f"specialty adapter ({execution.card_id}): {json.dumps(execution.adapter, sort_keys=True, default=str)}",
+                           f"specialty prompt ({execution.card_id}): {execution.prompt_id}"]
         if execution.answer is not None:
-            parameters.append(f"specialty answer: {execution.answer}")
+            parameters.append(f"specialty answer ({execution.card_id}): {execution.answer}")
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(entropy_srcs=[source_series_uid, "onevlm-routing-group"]),
@@ -199,15 +257,16 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
     container = group[0]
     # Viewers (OHIF) show a group's comments as its label: the first one says it all.
     label = route_summary(decision)
-    if execution is not None:
-        label = f"{label}; {execution_summary(execution)}"
+    if executions:
+        label = f"{label}; {executions_summary(executions)}"
     container.ContentSequence.append(_comment(label))
-    if execution is not None and not execution.executed:
-        # The label carries an executed result; more comments push the confidence line out of OHIF 3.13's view.
-        container.ContentSequence.append(_comment(f"Specialty model: {execution.summary()}"))
-    if decision.stop_reason:
+    for execution in executions:
+        if not execution.executed and len(executions) == 1:
+            # The label carries an executed result; more comments push the confidence line out of OHIF 3.13's view.
+            container.ContentSequence.append(_comment(f"Specialty model: {execution.summary()}"))
+    if decision.stop_reason and outcome == "stopped":
         container.ContentSequence.append(_comment(f"Routing stopped: {decision.stop_reason}."))
-    if len(decision.stages) == 3 and decision.stages[2].chosen_record.justification:
+    if outcome == "routed" and len(decision.stages) == 3 and decision.stages[2].chosen_record.justification:
         container.ContentSequence.append(_comment(f"Justification: {decision.stages[2].chosen_record.justification}"))
     container.ContentSequence.append(_comment(RESEARCH_STATEMENT))
     return group
@@ -277,7 +336,7 @@ def build_routing_sr(
     routed_image: pydicom.Dataset,
     boxes: Sequence[ImageBox] = (),
     card_captions: dict[str, str] | None = None,
-    execution: SpecialtyResult | None = None,
+    executions: Sequence[SpecialtyResult] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the routing SR of one series.
 
@@ -294,9 +353,9 @@ def build_routing_sr(
         Bounding boxes on ``routed_image`` (from a specialty model), if any.
     card_captions:
         Card ID to caption, to spell out the chosen card in the code meaning.
-    execution:
-        The specialty model's result for the chosen card (route -> execute), if it was asked:
-        executed, or why not.
+    executions:
+        The specialty model's results for the routed card(s) (route -> execute), if it was
+        asked: executed, or why not; one per card of a routed set.
 
     Returns
     -------
@@ -319,7 +378,7 @@ def build_routing_sr(
         ),
     )
     procedure = coding.acquisition_modality_code(str(routed_image.get("Modality", ""))) or GENERIC_IMAGING
-    groups = [routing_group(decision, series_uid, card_captions, execution)]
+    groups = [routing_group(decision, series_uid, card_captions, executions)]
     _infer_from_whole_image(groups[0], routed_image)
     groups += [box_group(box, i, routed_image, series_uid) for i, box in enumerate(boxes)]
     report = hd.sr.MeasurementReport(

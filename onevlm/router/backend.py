@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from onevlm.cards.schema import ModelCard
 from onevlm.inputs.routing_input import RoutingInput
@@ -70,16 +70,41 @@ class StageRequest:
 
 @dataclass(frozen=True)
 class StageResponse:
-    """A backend's answer to one :class:`StageRequest`: candidates by decreasing ``p``."""
+    """A backend's answer to one :class:`StageRequest`: candidates by decreasing ``p``.
+
+    Attributes
+    ----------
+    candidates:
+        The top-2 (or one) answers, as Algorithm 1 needs them.
+    evidence:
+        What the backend used (logged as is).
+    distribution:
+        The backend's probability for every admissible answer it scored (the embedded softmax,
+        the VLM's options mode), when it has one; ``None`` when only the candidates' ``p`` are
+        known (the paper's free-text mode). Calibration and prediction sets use it.
+    informative:
+        ``False`` when the backend had no evidence for this stage (e.g. no pixels read and no
+        finding-bearing text at stage 2): its answer is a default, not a finding.
+    """
 
     candidates: tuple[Candidate, ...]
     evidence: dict[str, Any] = field(default_factory=dict)
+    distribution: Mapping[str, float] | None = None
+    informative: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.candidates) <= 2:
             raise ValueError("a stage response carries one or two candidates")
         if len(self.candidates) == 2 and self.candidates[1].p > self.candidates[0].p:
             raise ValueError("candidates must be ordered by decreasing probability")
+        if self.distribution is not None:
+            if not self.distribution:
+                raise ValueError("a distribution, when given, must not be empty")
+            for answer, p in self.distribution.items():
+                if math.isnan(p) or not 0.0 <= p <= 1.0 + 1e-6:
+                    raise ValueError(f"distribution probability of {answer!r} must lie in [0, 1], got {p!r}")
+            if sum(self.distribution.values()) > 1.0 + 1e-6:
+                raise ValueError("a stage distribution must not sum to more than 1")
 
 
 @runtime_checkable

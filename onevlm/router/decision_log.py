@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator, Mapping
 
-from onevlm.router.decision import RoutingDecision
+from onevlm.router.decision import CandidateRecord, RoutingDecision, StageDecision
+from onevlm.router.selector import Index
 
 
 class DecisionLog:
@@ -48,3 +49,32 @@ def read_log(path: str | Path) -> Iterator[dict]:
         for line in handle:
             if line.strip():
                 yield json.loads(line)
+
+
+def decision_from_record(record: Mapping[str, Any]) -> RoutingDecision:
+    """Rebuild a :class:`RoutingDecision` (without its outcome) from a decision-log record.
+
+    Used to refit a calibration on a log instead of re-running the router. A record written
+    before the log carried stage distributions falls back to the candidates' probabilities.
+    """
+    stages = []
+    for stage in record.get("stages") or ():
+        candidates = tuple(
+            CandidateRecord(answer=c["answer"], p=float(c["p"]), raw=c.get("raw", c["answer"]),
+                            in_allowed_set=bool(c.get("in_allowed_set", True)), match=c.get("match", "exact"),
+                            sequence_logprob=c.get("sequence_logprob"), justification=c.get("justification"))
+            for c in stage["candidates"]
+        )
+        stages.append(StageDecision(
+            stage=int(stage["stage"]), prompt_id=stage.get("prompt_id", ""), candidates=candidates,
+            tau=stage.get("tau"), chosen=stage["chosen"], index=Index(stage.get("index", "FIRST")),
+            seconds=float(stage.get("seconds", 0.0)), evidence=stage.get("evidence") or {},
+            distribution=stage.get("distribution"), informative=bool(stage.get("informative", True)),
+        ))
+    return RoutingDecision(
+        input=record["input"], reference=record.get("reference") or {}, backend=record.get("backend") or {},
+        cutoffs=record.get("cutoffs") or {}, stages=tuple(stages), stopped_early=bool(record.get("stopped_early")),
+        stop_reason=record.get("stop_reason"),
+        pipeline_card_id=record.get("pipeline_card_id", record.get("model_card_id")),
+        seconds=float(record.get("seconds", 0.0)), error=record.get("error"),
+    )

@@ -136,11 +136,13 @@ class MethodReport:
         }
 
 
-def _same(a: str | None, b: str) -> bool:
+def same_answer(a: str | None, b: str) -> bool:
+    """Answers compare ignoring case and surrounding space (as labels are written by people)."""
     return a is not None and a.strip().lower() == b.strip().lower()
 
 
-def _gold(row: LabelledInput, stage: int) -> str:
+def gold_answer(row: LabelledInput, stage: int) -> str:
+    """The labelled answer of a stage ('' when the row has none)."""
     return {1: row.modality, 2: row.finding, 3: row.card}[stage]
 
 
@@ -153,18 +155,18 @@ def score(name: str, rows: Sequence[LabelledInput], decisions: Sequence[RoutingD
         if decision.error:
             report.failed += 1
         for stage in decision.stages:
-            gold = _gold(row, stage.stage)
+            gold = gold_answer(row, stage.stage)
             if not gold:
                 continue
             report.stage_total[stage.stage] = report.stage_total.get(stage.stage, 0) + 1
-            report.stage_correct[stage.stage] = report.stage_correct.get(stage.stage, 0) + int(_same(stage.chosen, gold))
+            report.stage_correct[stage.stage] = report.stage_correct.get(stage.stage, 0) + int(same_answer(stage.chosen, gold))
         if row.card == UNLABELLED:
             continue
         report.final_n += 1
-        correct = int(_same(decision.final_label, row.card))
+        correct = int(same_answer(decision.final_label, row.card))
         report.final_correct += correct
-        if decision.confidence is not None:
-            predictions.append((decision.confidence, correct))
+        if decision.final_confidence is not None:
+            predictions.append((decision.final_confidence, correct))
     if predictions:
         report.ece = expected_calibration_error([c for c, _ in predictions], [k for _, k in predictions])
     return report, predictions
@@ -175,7 +177,7 @@ def cutoff_rows(rows: Sequence[LabelledInput], decisions: Sequence[RoutingDecisi
     out = []
     for row, decision in zip(rows, decisions):
         for stage in decision.stages:
-            gold = _gold(row, stage.stage)
+            gold = gold_answer(row, stage.stage)
             if not gold or len(stage.candidates) < 2:
                 continue
             first, second = stage.candidates
@@ -192,12 +194,23 @@ def evaluate(
     cutoffs: Cutoffs | None = None,
     fit: bool = False,
     batch_size: int = 8,
+    calibration=None,
+    holdout: float | None = None,
+    risk: float = 0.1,
+    delta: float = 0.1,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Run baseline and cutoff routing over LABELS.csv and write the report to ``out_dir``.
 
     Writes ``summary.json``, ``summary.md`` (tables 2 and 3 of the paper), the two decision
     logs, ``cutoff_rows.csv`` (Algorithm 2 input), prediction CSVs and ``reliability.png``.
     With ``fit=True`` the cutoffs are fitted on these same rows (an in-sample fit, so stated).
+
+    Calibration (section 5): with ``calibration`` (a :class:`SiteCalibration` fitted elsewhere)
+    every row is held out; with ``holdout`` a calibration is fitted on the other rows
+    (``calibration.json``) and measured on that share. Either way ``summary.json`` gains
+    ``calibration`` (per-stage ECE before/after temperature scaling, coverage and mean set size
+    against α, selective accuracy and share routed, AURC) and the plots are written.
     """
     rows = read_labels(labels_csv)
     out = Path(out_dir)
@@ -229,8 +242,12 @@ def evaluate(
         fits = fit_cutoffs(training_rows)
         cutoffs = Cutoffs.from_fits(fits)
         (out / "cutoffs.json").write_text(json.dumps({str(s): f.as_dict() for s, f in fits.items()}, indent=2))
+    if cutoffs is None and calibration is not None:
+        cutoffs = calibration.cutoffs()
     cutoffs = cutoffs or Cutoffs()
     cutoff_decisions = run(cutoffs, "decisions_cutoff.jsonl")
+    calibration_summary = _calibration_report(cards, cached, rows, cutoff_decisions, cutoffs, out, calibration,
+                                              holdout, risk, delta, seed, str(labels_csv))
 
     baseline, base_pred = score("baseline", rows, baseline_decisions, Cutoffs())
     with_cutoff, cut_pred = score("cutoff", rows, cutoff_decisions, cutoffs)
@@ -240,12 +257,16 @@ def evaluate(
             writer.writerow(["confidence", "correct"])
             writer.writerows((repr(c), k) for c, k in preds)
     plots = {}
-    if baseline.ece and with_cutoff.ece:
+    has_cutoffs = any(v is not None for v in cutoffs.as_dict().values())
+    curves = {"baseline (no cutoff)": baseline.ece} if baseline.ece else {}
+    if has_cutoffs and with_cutoff.ece:  # without cutoffs the cutoff run is the baseline: one curve
+        curves["cutoff"] = with_cutoff.ece
+    if curves:
         plots["reliability"] = str(
             plot_reliability(
-                {"baseline (no cutoff)": baseline.ece, "cutoff": with_cutoff.ece},
+                curves,
                 out / "reliability.png",
-                f"Reliability — {Path(labels_csv).name} (n={len(rows)})",
+                f"Reliability — {Path(labels_csv).name}: {baseline.final_n} of {len(rows)} inputs have a final label",
             )
         )
     summary = {
@@ -257,10 +278,62 @@ def evaluate(
         "baseline": baseline.as_dict(),
         "cutoff": with_cutoff.as_dict(),
         "plots": plots,
+        "calibration": calibration_summary,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(summary_markdown(baseline, with_cutoff, len(rows), fit))
+    (out / "summary.md").write_text(summary_markdown(baseline, with_cutoff, len(rows), fit)
+                                    + calibration_markdown(calibration_summary))
     return summary
+
+
+def _calibration_report(cards, backend, rows, decisions, cutoffs, out: Path, calibration, holdout, risk, delta,
+                        seed, source) -> dict[str, Any] | None:
+    if calibration is None and not holdout:
+        return None
+    from onevlm.router.site_calibration import fit_router_calibration, heldout_report
+
+    router = Router(cards, backend, cutoffs)
+    if calibration is None:
+        calibration, held = fit_router_calibration(decisions, rows, router.modality_cards, router.identity, risk,
+                                                   delta, holdout, seed, source=source, cutoffs=cutoffs)
+        calibration.save(out / "calibration.json")
+        scope = f"fitted on {calibration.fitted.get('fit')} rows, measured on the {len(held)} held out"
+    else:
+        calibration.check_compatible(router.identity)
+        held = list(range(len(rows)))
+        scope = "fitted elsewhere; every row here is held out"
+    report = heldout_report([decisions[i] for i in held], [rows[i] for i in held], calibration,
+                            router.modality_cards, out)
+    return {"calibration_id": calibration.calibration_id, "scope": scope, "risk": calibration.risk,
+            "delta": calibration.delta, "policy": calibration.settings.policy, "heldout": report}
+
+
+def calibration_markdown(summary: dict[str, Any] | None) -> str:
+    """The calibration section of ``summary.md`` (empty without a calibration)."""
+    if not summary:
+        return ""
+    report = summary["heldout"]
+    lines = ["", f"## Calibration {summary['calibration_id']} ({summary['scope']})", "",
+             f"Risk α = {summary['risk']}, δ = {summary['delta']}, policy {summary['policy']}.", "",
+             "| Stage | n | ECE before | ECE after | coverage (target) | mean set size |", "|---|---|---|---|---|---|"]
+    for stage, figures in sorted(report["stages"].items()):
+        coverage = figures.get("coverage") or {}
+        target = f" (≥ {1 - coverage['alpha']:.3f})" if coverage else ""
+        lines.append(f"| {stage} | {figures.get('n', 0)} | {_fmt(figures.get('ece_before'))} | "
+                     f"{_fmt(figures.get('ece_after'))} | {_fmt(coverage.get('coverage'))}{target} | "
+                     f"{_fmt(coverage.get('mean_set_size'))} |")
+    route = report.get("route") or {}
+    if route:
+        lines += ["", f"Route (n = {route['n']}): outcomes {route['outcomes']}; routed sets cover the labelled card in "
+                      f"{_fmt(route.get('routed_coverage'))} of routed cases, marginal coverage "
+                      f"{_fmt(route.get('marginal_coverage'))} (review counts as covered); mean set size "
+                      f"{_fmt(route.get('mean_set_size'))}; AURC {route.get('aurc')}."]
+        selective = route.get("selective")
+        if selective:
+            lines.append(f"Selective threshold {selective.get('threshold')}: {selective.get('routed')} routed, accuracy "
+                         f"{_fmt(selective.get('selective_accuracy'))}.")
+    lines.append("")
+    return "\n".join(lines)
 
 
 def _fmt(x: float | None) -> str:
@@ -273,7 +346,11 @@ def summary_markdown(baseline: MethodReport, cutoff: MethodReport, n: int, fitte
     lines = [
         f"# Router evaluation (n = {n})",
         "",
-        "Research use only. Per-stage accuracy counts the inputs where the stage ran (n per stage).",
+        "Research use only. Per-stage accuracy counts the inputs where the stage ran and the label names that "
+        "stage's answer (n per stage).",
+        f"Final accuracy and ECE count the {baseline.final_n} of {n} inputs whose card label is not '?' "
+        "(an empty card label means the right answer is None); the paper's answer (stage 3's card or None) is scored, "
+        "with the backend's probability of it (uncalibrated), as in the paper's table 3.",
         f"Cutoffs: {cutoff.cutoffs}" + (" (fitted on these rows: in-sample)" if fitted else ""),
         "",
         "| Stage / Task | n | Baseline acc | Cutoff acc |",

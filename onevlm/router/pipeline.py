@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from onevlm.calibration.cutoffs import Cutoffs
+from onevlm.calibration.site import SiteCalibration, calibration_identity
 from onevlm.cards.repository import CardRepository
 from onevlm.inputs.routing_input import RoutingInput
 from onevlm.router.answers import NormalisedAnswer, normalise, normalise_card_choice
@@ -27,7 +28,8 @@ from onevlm.router.backend import (
     StageResponse,
 )
 from onevlm.router.decision import CandidateRecord, RoutingDecision, StageDecision
-from onevlm.router.prompts import stage1_prompt, stage2_prompt, stage3_prompt
+from onevlm.router.outcome import decide_outcome
+from onevlm.router.prompts import prompt_id, stage1_prompt, stage2_prompt, stage3_prompt
 from onevlm.router.selector import select_answer
 
 logger = logging.getLogger(__name__)
@@ -59,14 +61,27 @@ class Router:
     backend:
         Anything implementing :class:`~onevlm.router.backend.RouterBackend`.
     cutoffs:
-        Per-stage cutoffs for Algorithm 1 (default: none, i.e. always the first answer).
+        Per-stage cutoffs for Algorithm 1 (default: the calibration's, else none, i.e. always the
+        first answer).
+    calibration:
+        The site's calibration (:class:`~onevlm.calibration.site.SiteCalibration`); ``None``
+        routes with the uncalibrated defaults and says so in every decision.
+
+    Raises
+    ------
+    CalibrationError
+        When the calibration was fitted for another backend, model or prompt version.
     """
 
-    def __init__(self, cards: CardRepository, backend: RouterBackend, cutoffs: Cutoffs | None = None) -> None:
+    def __init__(self, cards: CardRepository, backend: RouterBackend, cutoffs: Cutoffs | None = None,
+                 calibration: SiteCalibration | None = None) -> None:
         if not len(cards):
             raise ValueError("the router needs at least one model card")
         self.cards = cards
         self.backend = backend
+        self.calibration = calibration
+        if cutoffs is None and calibration is not None:
+            cutoffs = calibration.cutoffs()
         self.cutoffs = cutoffs or Cutoffs()
         self.stage1_allowed = (*cards.modalities, NONE, OTHER)
         # Cards list 'normal' as a class; stage 2 spells it the paper's way, once.
@@ -74,6 +89,9 @@ class Router:
         self._stage1_prompt = stage1_prompt(cards.modalities)
         self._stage2_prompt = stage2_prompt()
         self._backend_identity = backend.identity()
+        self.identity = calibration_identity(self._backend_identity, [prompt_id(s) for s in (1, 2, 3)])
+        if calibration is not None:
+            calibration.check_compatible(self.identity)
 
     def route(self, item: RoutingInput) -> RoutingDecision:
         """Route one input."""
@@ -173,6 +191,8 @@ class Router:
             index=selection.index,
             seconds=seconds,
             evidence=response.evidence,
+            distribution=response.distribution,
+            informative=response.informative,
         )
 
     def _normalise(self, request: StageRequest, text: str, p: float, logprob: float | None) -> CandidateRecord:
@@ -219,16 +239,27 @@ class Router:
         else:
             state.model_card_id = decision.chosen
 
+    def modality_cards(self, modality: str) -> list[str]:
+        """The card IDs of one modality string."""
+        return [c.id for c in self.cards.by_modality(modality)]
+
+    def decide(self, stages: Sequence[StageDecision], stop_reason: str | None = None,
+               error: str | None = None):
+        """The route outcome of finished stages (:func:`~onevlm.router.outcome.decide_outcome`)."""
+        return decide_outcome(stages, self.modality_cards, self.calibration, stop_reason=stop_reason, error=error)
+
     def _decision(self, state: _Progress) -> RoutingDecision:
+        stages = tuple(state.stages)
         return RoutingDecision(
             input=str(state.item.path),
             reference=state.item.reference,
             backend=self._backend_identity,
             cutoffs=self.cutoffs.as_dict(),
-            stages=tuple(state.stages),
+            stages=stages,
             stopped_early=state.stopped_early,
             stop_reason=state.stop_reason,
-            model_card_id=state.model_card_id,
+            pipeline_card_id=state.model_card_id,
             seconds=sum(s.seconds for s in state.stages),
             error=state.error,
+            outcome=self.decide(stages, state.stop_reason, state.error),
         )

@@ -23,9 +23,10 @@ def failed_decision(router: Router, path: Path, error: str) -> RoutingDecision:
         stages=(),
         stopped_early=False,
         stop_reason=None,
-        model_card_id=None,
+        pipeline_card_id=None,
         seconds=0.0,
         error=error,
+        outcome=router.decide((), error=error),
     )
 
 

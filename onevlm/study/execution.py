@@ -34,9 +34,13 @@ SLIDE_TASK_KINDS = ("classification", "grading")
 
 @dataclass(frozen=True)
 class StudyExecution:
-    """Per series UID: the specialty result of its routed card, and its boxes on the routed image."""
+    """Per series UID: the specialty results of its routed card(s), and their boxes on the routed image.
 
-    results: dict[str, SpecialtyResult] = field(default_factory=dict)
+    A series routed to one card has one result; one routed to a set has one per card of the set,
+    in the set's order.
+    """
+
+    results: dict[str, tuple[SpecialtyResult, ...]] = field(default_factory=dict)
     boxes: dict[str, tuple[ImageBox, ...]] = field(default_factory=dict)
 
 
@@ -61,50 +65,56 @@ def image_boxes(result: SpecialtyResult, routed: SeriesRouting) -> tuple[ImageBo
 
 
 def execute_study(model: SpecialtyModel, routing: StudyRouting, cards: CardRepository) -> StudyExecution:
-    """Run every routed series' card on the specialty model.
+    """Run every routed series' card(s) on the specialty model.
 
-    A series routed to no card (early stop, no card, error) gets no result; a card the
-    deployment cannot run gets a ``not-executable`` result with the reason; an image that cannot
-    be decoded gets a ``failed`` one. The other series go on.
+    A series routed to one card runs it; a series routed to a set runs each card of the set. A
+    series sent to review, stopped or failed gets no result; a card the deployment cannot run
+    gets a ``not-executable`` result with the reason; an image that cannot be decoded gets a
+    ``failed`` one. The other series and cards go on.
     """
-    results: dict[str, SpecialtyResult] = {}
-    slide_boxes: dict[str, tuple[ImageBox, ...]] = {}
+    results: dict[str, dict[str, SpecialtyResult]] = {}
+    boxes: dict[str, list[ImageBox]] = {}
     requests = []
     for entry in routing.series:
         decision = entry.decision
-        if decision is None or decision.error is not None or not decision.model_card_id or entry.routed is None:
+        if decision is None or decision.error is not None or not decision.cards or entry.routed is None:
             continue
         uid = entry.series.series_instance_uid
-        try:
-            card = cards.get(decision.model_card_id)
-        except KeyError:
-            results[uid] = not_executable(decision.model_card_id, "the card is not in this deployment's card set")
-            continue
-        task = model.resolve(card)
-        if isinstance(task, str):
-            results[uid] = not_executable(card.id, task)
-            continue
-        if is_whole_slide_series(entry.series):
-            results[uid], tile_boxes = _run_slide(model, card, task, entry)
-            if tile_boxes:
-                slide_boxes[uid] = tile_boxes
-            continue
-        try:
-            image = load_image(entry.routed)
-        except Exception as exc:
-            message = f"{entry.routed.path.name}: {exc}"
-            logger.error("series %s: image for %s: %s", uid, card.id, message)
-            results[uid] = SpecialtyResult(card_id=card.id, status=FAILED, reason=message)
-            continue
-        requests.append((uid, card, image))
-    for (uid, _, _), result in zip(requests, model.execute_many([(c, i) for _, c, i in requests])):
-        results[uid] = result
+        series_results = results.setdefault(uid, {})
+        image = None
+        for card_id in decision.cards:
+            try:
+                card = cards.get(card_id)
+            except KeyError:
+                series_results[card_id] = not_executable(card_id, "the card is not in this deployment's card set")
+                continue
+            task = model.resolve(card)
+            if isinstance(task, str):
+                series_results[card_id] = not_executable(card.id, task)
+                continue
+            if is_whole_slide_series(entry.series):
+                series_results[card_id], tile_boxes = _run_slide(model, card, task, entry)
+                boxes.setdefault(uid, []).extend(tile_boxes)
+                continue
+            if image is None:
+                try:
+                    image = load_image(entry.routed)
+                except Exception as exc:
+                    message = f"{entry.routed.path.name}: {exc}"
+                    logger.error("series %s: image for %s: %s", uid, card.id, message)
+                    series_results[card_id] = SpecialtyResult(card_id=card.id, status=FAILED, reason=message)
+                    continue
+            series_results[card_id] = None  # placeholder: keeps the set's order
+            requests.append((uid, card, image))
+    for (uid, card, _), result in zip(requests, model.execute_many([(c, i) for _, c, i in requests])):
+        results[uid][card.id] = result
     by_uid = {entry.series.series_instance_uid: entry for entry in routing.series}
-    boxes = {uid: image_boxes(result, by_uid[uid]) for uid, result in results.items() if result.boxes}
-    boxes.update(slide_boxes)
-    for uid, result in results.items():
-        logger.info("series %s: %s", uid, result.summary())
-    return StudyExecution(results, {uid: b for uid, b in boxes.items() if b})
+    ordered = {uid: tuple(r for r in per_card.values() if r is not None) for uid, per_card in results.items()}
+    for uid, series_results in ordered.items():
+        for result in series_results:
+            boxes.setdefault(uid, []).extend(image_boxes(result, by_uid[uid]))
+            logger.info("series %s: %s", uid, result.summary())
+    return StudyExecution(ordered, {uid: tuple(b) for uid, b in boxes.items() if b})
 
 
 def _run_slide(model: SpecialtyModel, card, task, entry: SeriesRouting) -> tuple[SpecialtyResult, tuple[ImageBox, ...]]:

@@ -62,13 +62,13 @@ def _save(dataset: pydicom.Dataset, folder: Path) -> Path:
 
 
 def write_series_sr(result: SeriesRouting, out_dir: Path, cards: CardRepository | None = None,
-                    boxes: Sequence[ImageBox] = (), execution: SpecialtyResult | None = None) -> Path:
-    """Build and write the routing SR of one routed series (with its boxes and specialty result)."""
+                    boxes: Sequence[ImageBox] = (), executions: Sequence[SpecialtyResult] = ()) -> Path:
+    """Build and write the routing SR of one routed series (with its boxes and specialty results)."""
     assert result.decision is not None and result.routed is not None
     evidence = [pydicom.dcmread(m.path, stop_before_pixels=True) for m in result.series.members]
     routed = next(ds for ds in evidence if str(ds.SOPInstanceUID) == result.routed.header.sop_instance_uid)
     captions = {c.id: c.task_caption for c in cards} if cards is not None else None
-    sr = build_routing_sr(result.decision, evidence, routed, boxes=boxes, card_captions=captions, execution=execution)
+    sr = build_routing_sr(result.decision, evidence, routed, boxes=boxes, card_captions=captions, executions=executions)
     return _save(sr, out_dir / SR_FOLDER)
 
 
@@ -88,9 +88,9 @@ def write_study_outputs(study: StudyRouting, out_dir: str | Path, cards: CardRep
     """Write SRs, box objects, ``decisions.jsonl`` and ``metadata.json`` into ``out_dir``.
 
     ``boxes`` maps a series UID to boxes on its routed image: they go into that series' SR and
-    into a SEG or bulk-annotation object. ``execution`` holds the specialty results per series
-    (and their boxes, which join ``boxes``). A series whose objects cannot be built gets the
-    error in its metadata entry; the others go on.
+    into a SEG or bulk-annotation object. ``execution`` holds the specialty results per series,
+    one per routed card (and their boxes, which join ``boxes``). A series whose objects cannot
+    be built gets the error in its metadata entry; the others go on.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,9 +108,9 @@ def write_study_outputs(study: StudyRouting, out_dir: str | Path, cards: CardRep
         record = result.decision.as_dict() if result.decision is not None else None
         sr_file = box_file = None
         series_boxes = boxes.get(series.series_instance_uid, ())
-        specialty = results.get(series.series_instance_uid)
-        if record is not None and specialty is not None:
-            record["execution"] = specialty.as_dict()
+        specialty = results.get(series.series_instance_uid, ())
+        if record is not None and specialty:
+            record["executions"] = [r.as_dict() for r in specialty]
         if record is not None and record["error"] is None:
             try:
                 path = write_series_sr(result, out, cards, series_boxes, specialty)
@@ -129,9 +129,11 @@ def write_study_outputs(study: StudyRouting, out_dir: str | Path, cards: CardRep
                                     series_instance_uid=series.series_instance_uid,
                                     dicom_modality=series.modality, input_file=series.members[0].path.name,
                                     skipped=result.skipped, sr_file=sr_file,
-                                    box_file=box_file, execution=record.get("execution") if record else None))
+                                    box_file=box_file, executions=record.get("executions") if record else None))
     problems = [{"file": p.path.name, "error": p.message} for p in study.problems]
-    metadata = build_metadata(entries, problems)
+    calibration = next((r.decision.outcome.calibration for r in study.series
+                        if r.decision is not None and r.decision.outcome is not None and r.decision.outcome.calibration), None)
+    metadata = build_metadata(entries, problems, calibration)
     decisions_file = out / DECISIONS_FILE
     metadata_file = out / METADATA_FILE
     _atomic_write(decisions_file, "".join(line + "\n" for line in lines))

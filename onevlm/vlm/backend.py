@@ -221,7 +221,10 @@ class TransformersBackend:
         scored = self._option_scorer.score_options(prompt, features, [self.prompts.option_tokens(o) for o in options])
         top = sorted(scored, key=lambda s: -s.p)[:2]
         candidates = tuple(Candidate(options[s.index], min(s.p, 1.0), s.sequence_logprob) for s in top)
-        return StageResponse(candidates, {**evidence, "prompt_tokens": len(prompt.input_ids), "options": len(options)})
+        total = sum(s.p for s in scored)
+        distribution = {options[s.index]: s.p / total if total > 1.0 else s.p for s in scored}
+        return StageResponse(candidates, {**evidence, "prompt_tokens": len(prompt.input_ids), "options": len(options)},
+                             distribution=distribution)
 
     # -- images: preprocessed once, encoded once (fast engine) -----------------------------------
 

@@ -74,6 +74,8 @@ class EmbeddedBackend:
             "model": "DICOM header rules + " + MODEL_NAME,
             "text_model_dir": str(self._text_model_dir or default_text_model_dir()),
             "pixels_read": False,
+            # Versions of the evidence rules: a calibration fitted on other rules does not apply.
+            "methods": "dicom-header-rules-v1+header-text-minilm-v1+caption-similarity-minilm-v1",
         }
 
     def answer(self, items: Sequence[RoutingInput], requests: Sequence[StageRequest]) -> list[StageResponse]:
@@ -101,10 +103,15 @@ class EmbeddedBackend:
         candidates = tuple(
             Candidate(text=f"{r.answer}: {justifications[r.answer]}", p=r.p) for r in top
         )
-        return StageResponse(candidates=candidates, evidence=evidence)
+        return StageResponse(candidates=candidates, evidence=evidence, distribution=_distribution(ranking))
+
+
+def _distribution(ranking: list[Ranked]) -> dict[str, float]:
+    return {r.answer: r.p for r in ranking}
 
 
 def _response(ranking: list[Ranked], evidence: dict) -> StageResponse:
     top = ranking[:2]
     evidence = {**evidence, "logits": {r.answer: round(r.logit, 4) for r in top}}
-    return StageResponse(candidates=tuple(Candidate(text=r.answer, p=r.p) for r in top), evidence=evidence)
+    return StageResponse(candidates=tuple(Candidate(text=r.answer, p=r.p) for r in top), evidence=evidence,
+                         distribution=_distribution(ranking), informative=evidence.get("informative", True))

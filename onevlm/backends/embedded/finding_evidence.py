@@ -63,7 +63,11 @@ def description_phrases(header: DicomHeader | None) -> list[tuple[str, str]]:
 def rank_findings(
     header: DicomHeader | None, vocabulary: Sequence[str], encoder: TextEncoder | None
 ) -> tuple[list[Ranked], dict]:
-    """Stage-2 distribution over ``vocabulary`` (which includes ``Normal``)."""
+    """Stage-2 distribution over ``vocabulary`` (which includes ``Normal``).
+
+    The evidence's ``informative`` is ``False`` when no phrase scored above the noise floor:
+    the answer is then the ``Normal`` default, which says nothing about the image.
+    """
     findings = [f for f in vocabulary if f != NORMAL]
     phrases = description_phrases(header)
     if not phrases or encoder is None:
@@ -74,6 +78,7 @@ def rank_findings(
             "pixels_read": False,
             "temperature": TEMPERATURE,
             "text": [],
+            "informative": False,
             "note": "no header text names a finding (anatomy and technique only, or none): no evidence either way",
         }
     sims = encoder.similarity([p for _, p in phrases], findings)  # (phrases, findings)
@@ -89,12 +94,17 @@ def rank_findings(
             j = findings.index(r.answer)
             field_name, phrase = phrases[int(best_phrase[j])]
             support[r.answer] = f"{field_name} phrase '{phrase}' (cosine {best[j]:.3f})"
-    return ranking, {
+    informative = bool(np.any(best > NOISE_FLOOR))
+    evidence = {
         "method": "header-text-minilm-v1",
         "pixels_read": False,
         "temperature": TEMPERATURE,
+        "informative": informative,
         "noise_floor": NOISE_FLOOR,
         "normal_prior": NORMAL_PRIOR,
         "text": [f"{f}: {p}" for f, p in phrases],
         "support": support,
     }
+    if not informative:
+        evidence["note"] = f"no phrase is closer to a finding than the noise floor {NOISE_FLOOR}: no evidence either way"
+    return ranking, evidence

@@ -200,5 +200,6 @@ def rank_for_image_file(hint: str | None, profiles: list[ModalityProfile], match
         "temperature": TEMPERATURE,
         "hint": hint,
         "source": source,
+        "informative": matched_hint is not None,
     }
     return ranking, evidence
