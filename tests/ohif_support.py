@@ -469,9 +469,24 @@ def ohif_stack(workdir: Path, files: Sequence[Path]) -> Iterator[tuple[Orthanc, 
 # --------------------------------------------------------------------------- our DICOM objects
 
 
+def head_ct_with_finding(out: Path) -> Path:
+    """pydicom's 128x128 CT_small with a header that names its anatomy and a finding, so the embedded
+    router routes it to one card (the bare file names neither: a five-way stage-1 tie, a review case)."""
+    import pydicom
+
+    from conftest import pydicom_file
+
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.BodyPartExamined = "HEAD"
+    ds.ReasonForStudy = "suspected subdural hemorrhage"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
 def write_routing_sr(router, source: Path, out: Path, boxes=(), execution=None) -> tuple[object, Path]:
-    """Route ``source`` with ``router`` and write its routing SR (with ``boxes`` and the card's
-    ``execution`` result, a callable of the decision) to ``out``."""
+    """Route ``source`` with ``router`` and write its routing SR (with ``boxes`` and the cards'
+    results from ``execution``, a callable of the decision returning a sequence) to ``out``."""
     import pydicom
 
     from onevlm.inputs import load_input
@@ -480,8 +495,8 @@ def write_routing_sr(router, source: Path, out: Path, boxes=(), execution=None) 
     decision = router.route(load_input(source))
     header = pydicom.dcmread(source, stop_before_pixels=True)
     captions = {card.id: card.task_caption for card in router.cards}
-    result = execution(decision) if execution is not None else None
-    sr = build_routing_sr(decision, [header], header, boxes=list(boxes), card_captions=captions, execution=result)
+    results = execution(decision) if execution is not None else ()
+    sr = build_routing_sr(decision, [header], header, boxes=list(boxes), card_captions=captions, executions=results)
     out.parent.mkdir(parents=True, exist_ok=True)
     sr.save_as(out, enforce_file_format=True)
     return decision, out

@@ -48,10 +48,19 @@ def test_route_json_records_and_bad_input(study, tmp_path, capsys):
     assert "b_corrupt.dcm" in bad["error"] and bad["model_card_id"] is None and bad["stages"] == []
     assert "b_corrupt.dcm" in captured.err
     head = by_file["ct_head_routine_brain.dcm"]
-    assert head["stages"][0]["chosen"] == "brain CT scan" and head["model_card_id"].startswith("MODEL_")
+    assert head["stages"][0]["chosen"] == "brain CT scan" and head["pipeline_card_id"].startswith("MODEL_")
     assert [s["stage"] for s in head["stages"]] == [1, 2, 3]
+    # The header names no finding: no single card is claimed, the brain CT cards are routed as a set,
+    # and the route confidence never exceeds the stage-1 probability it rests on.
+    assert head["outcome"] == "routed-set" and head["model_card_id"] is None and not head["calibrated"]
+    assert head["finding"] is None and not head["finding_assessed"] and not head["stages"][1]["informative"]
+    assert head["cards"] == ["MODEL_01", "MODEL_02", "MODEL_03", "MODEL_04"]
+    assert 0 < head["confidence"] <= head["stages"][0]["confidence"]
+    assert set(head["stages"][0]["distribution"]) >= {"brain CT scan", "None", "Other"}
     plan = by_file["rt_plan.dcm"]
     assert plan["stages"][0]["chosen"] == "None" and plan["stopped_early"] and plan["model_card_id"] is None
+    assert plan["outcome"] == "stopped" and not plan["needs_review"]
+    assert bad["outcome"] == "failed"
     assert by_file["mr_abdomen_liver.dcm"]["stages"][0]["chosen"] == "Other"
     # the decision log holds the same records
     assert [r["input"] for r in read_log(log)] == [r["input"] for r in records]
@@ -63,8 +72,22 @@ def test_route_table_output(study, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "stage 1 (modality" in out and "stage 3 (model_card" in out
     assert "<- FIRST" in out and "SECOND" in out
-    assert "=> model card: MODEL_" in out
+    assert "NO EVIDENCE" in out
+    assert "=> routed-set: MODEL_01, MODEL_02, MODEL_03, MODEL_04  route confidence 0." in out
+    assert "(uncalibrated)" in out
     assert log.exists()
+
+
+@pytest.mark.parametrize("name,tied", [("us_small_parts_j2k.dcm", "breast ultrasound scan"),
+                                       ("mr_small_no_bodypart.dcm", "brain MRI scan")])
+def test_a_stage1_tie_goes_to_review_not_to_a_confident_card(name, tied, tmp_path, capsys):
+    assert main(["route", str(SAMPLES / name), "--json", "--log", str(tmp_path / "l")]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["outcome"] == "review" and record["needs_review"]
+    assert record["cards"] == [] and record["model_card_id"] is None and record["confidence"] is None
+    stage1 = record["route"]["stages"][0]
+    assert stage1["tie"] and stage1["margin"] < 0.02 and tied in stage1["tied"]
+    assert record["route"]["reasons"][0].startswith("stage 1 tie: ")
 
 
 def test_route_with_cutoffs_file(study, tmp_path, capsys):
@@ -107,7 +130,7 @@ def test_router_evaluate(tmp_path, capsys):
     # recompute the baseline's stage-1 and final accuracy from its own decision log
     decisions = list(read_log(out / "decisions_baseline.jsonl"))
     stage1 = sum(d["stages"][0]["chosen"] == r[1] for d, r in zip(decisions, rows)) / 6
-    final = sum((d["model_card_id"] or "None") == (r[3] or "None") for d, r in zip(decisions, rows)) / 6
+    final = sum((d["pipeline_card_id"] or "None") == (r[3] or "None") for d, r in zip(decisions, rows)) / 6
     assert summary["baseline"]["stage_accuracy"]["1"]["accuracy"] == pytest.approx(stage1)
     assert summary["baseline"]["final_accuracy"] == pytest.approx(final)
     assert stage1 == pytest.approx(5 / 6)  # the small-parts ultrasound cannot be told apart from its header

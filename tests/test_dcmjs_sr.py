@@ -16,7 +16,7 @@ from onevlm.reports.boxes import ImageBox
 from onevlm.reports.routing_sr import RESEARCH_STATEMENT, SERIES_DESCRIPTION
 
 from conftest import SAMPLES, pydicom_file
-from ohif_support import require_node_modules, run_node, write_routing_sr
+from ohif_support import head_ct_with_finding, require_node_modules, run_node, write_routing_sr
 
 BOXES = (
     ImageBox(20, 30, 60, 70, "Mass", 0.87),
@@ -53,7 +53,8 @@ def check_document(report: dict, header: pydicom.Dataset) -> list[dict]:
 def check_routing_region(routing: dict, header: pydicom.Dataset) -> None:
     # The routing group's confidence is INFERRED FROM the whole routed image (OHIF needs a region).
     (region,) = routing["scoords"]
-    assert region["inferredFrom"] == "Router confidence"
+    assert region["inferredFrom"] == ("Route confidence" if "Route confidence" in routing["measurements"]
+                                      else "Router confidence, stage 1")
     assert region["graphicType"] == "POLYLINE"
     assert region["points"] == whole_image(header)
     assert region["referencedSOPInstanceUID"] == header.SOPInstanceUID
@@ -61,10 +62,10 @@ def check_routing_region(routing: dict, header: pydicom.Dataset) -> None:
 
 
 def test_dcmjs_reads_routed_ct_with_two_boxes(embedded_router, tmp_path):
-    source = pydicom_file("CT_small.dcm")  # 128x128 uncompressed CT
+    source = head_ct_with_finding(tmp_path / "ct.dcm")  # 128x128 uncompressed CT naming a finding
     header = pydicom.dcmread(source, stop_before_pixels=True)
     decision, sr_path = write_routing_sr(embedded_router, source, tmp_path / "ct_sr.dcm", BOXES)
-    assert decision.model_card_id, "CT_small.dcm should route to a card"
+    assert decision.model_card_id, "a head CT naming a finding routes to one card"
 
     report = parse(sr_path)
     groups = check_document(report, header)
@@ -79,13 +80,16 @@ def test_dcmjs_reads_routed_ct_with_two_boxes(embedded_router, tmp_path):
         "Primary finding (router stage 2)": coding.finding_code(decision.finding).meaning,
         "Selected model card (router stage 3)": evaluations["Selected model card (router stage 3)"],
         "Routing outcome": coding.OUTCOME_ROUTED.meaning,
+        "Router calibration": coding.UNCALIBRATED.meaning,
     }
     assert evaluations["Selected model card (router stage 3)"].startswith(f"{decision.model_card_id}: ")
     measurements = routing["measurements"]
-    assert measurements["Router confidence"]["value"] == pytest.approx(decision.confidence, rel=1e-9)
-    assert measurements["Router confidence"]["unit"] == UNITLESS
+    assert measurements["Route confidence"]["value"] == pytest.approx(decision.confidence, rel=1e-9)
+    assert measurements["Route confidence"]["unit"] == UNITLESS
+    assert measurements["Route confidence"]["value"] <= measurements["Router confidence, stage 1"]["value"]
     for stage in decision.stages:
         assert measurements[f"Router confidence, stage {stage.stage}"]["value"] == pytest.approx(stage.confidence, rel=1e-9)
+    assert routing["comments"][0].endswith("(route confidence %.2f, uncalibrated)" % decision.confidence)
     assert RESEARCH_STATEMENT in routing["comments"]
     assert any(c.startswith("Justification: ") for c in routing["comments"])
     assert routing["algorithm"]["Algorithm Name"] == ["onevlm model-card router"]
@@ -130,9 +134,10 @@ def test_dcmjs_reads_sr_of_series_stopped_early(embedded_router, tmp_path):
     assert routing["qualitativeEvaluations"] == {
         "Imaging modality (router stage 1)": "Other",
         "Routing outcome": coding.OUTCOME_NOT_COVERED.meaning,
+        "Router calibration": coding.UNCALIBRATED.meaning,
     }
-    assert routing["measurements"]["Router confidence"]["value"] == pytest.approx(decision.confidence, rel=1e-9)
-    assert set(routing["measurements"]) == {"Router confidence", "Router confidence, stage 1"}
+    assert routing["measurements"]["Route confidence"]["value"] == pytest.approx(decision.confidence, rel=1e-9)
+    assert set(routing["measurements"]) == {"Route confidence", "Router confidence, stage 1"}
     assert any(c.startswith("Routing stopped: stage 1") for c in routing["comments"])
     assert RESEARCH_STATEMENT in routing["comments"]
     check_routing_region(routing, header)
@@ -146,13 +151,13 @@ def test_dcmjs_reads_the_specialty_result_in_the_routing_group(embedded_router, 
     from onevlm.specialty.execution import AdapterTask, parse_result
     from onevlm.specialty.samples import DatasetInfo
 
-    source = SAMPLES / "us_small_parts_j2k.dcm"
+    source = head_ct_with_finding(tmp_path / "ct.dcm")
     header = pydicom.dcmread(source, stop_before_pixels=True)
     decision = embedded_router.route(load_input(source))
     info = DatasetInfo("breastgrades", "grading", ("benign", "probably benign", "suspicious"), "radiology")
     task = AdapterTask("radiology", info, "letters", "grading-v1-test")
     result = parse_result(decision.model_card_id, task, "2", 0.05, {"dir": "radiology"})
-    sr = build_routing_sr(decision, [header], header, execution=result)
+    sr = build_routing_sr(decision, [header], header, executions=[result])
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
 
     (routing,) = check_document(parse(tmp_path / "sr.dcm"), header)
@@ -161,7 +166,35 @@ def test_dcmjs_reads_the_specialty_result_in_the_routing_group(embedded_router, 
     assert evaluations["Specialty task"] == "radiology/breastgrades"
     assert evaluations["Grade (specialty model)"] == "grade 2: suspicious"
     assert routing["comments"][0].endswith("; result: grade 2 (suspicious)")
-    assert "specialty answer: 2" in routing["algorithm"]["Algorithm Parameters"]
-    assert "specialty prompt: grading-v1-test" in routing["algorithm"]["Algorithm Parameters"]
+    assert f"specialty answer ({decision.model_card_id}): 2" in routing["algorithm"]["Algorithm Parameters"]
+    assert f"specialty prompt ({decision.model_card_id}): grading-v1-test" in routing["algorithm"]["Algorithm Parameters"]
     assert routing["algorithm"]["Algorithm Name"] == ["onevlm model-card router and specialty model"]
+    check_routing_region(routing, header)
+
+
+def test_dcmjs_reads_a_routed_set_and_a_review_case(embedded_router, tmp_path):
+    """The outcome is a coded value OHIF's library reads: the set's cards in order, or review and why."""
+    source = SAMPLES / "ct_head_routine_brain.dcm"  # no finding in the header: the brain CT cards as a set
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    decision, sr_path = write_routing_sr(embedded_router, source, tmp_path / "set_sr.dcm")
+    assert decision.outcome.outcome == "routed-set"
+    (routing,) = check_document(parse(sr_path), header)
+    items = routing["codedItems"]
+    assert [i["value"] for i in items if i["name"] == "Model card in the routed set"] == list(decision.cards)
+    assert routing["qualitativeEvaluations"]["Routing outcome"] == coding.OUTCOME_ROUTED_SET.meaning
+    assert routing["qualitativeEvaluations"]["Primary finding (router stage 2)"] == coding.FINDING_NOT_ASSESSED.meaning
+    assert "Selected model card (router stage 3)" not in routing["qualitativeEvaluations"]
+    assert routing["measurements"]["Route confidence"]["value"] == pytest.approx(decision.confidence, rel=1e-9)
+    assert routing["comments"][0].startswith("onevlm route: brain CT scan / finding not assessed -> one of 4 cards")
+    check_routing_region(routing, header)
+
+    source = SAMPLES / "us_small_parts_j2k.dcm"  # a four-way stage-1 tie
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    decision, sr_path = write_routing_sr(embedded_router, source, tmp_path / "review_sr.dcm")
+    (routing,) = check_document(parse(sr_path), header)
+    assert routing["qualitativeEvaluations"]["Routing outcome"] == coding.OUTCOME_REVIEW.meaning
+    assert not [i for i in routing["codedItems"] if i["name"] in ("Model card in the routed set",
+                                                                  "Selected model card (router stage 3)")]
+    assert "Route confidence" not in routing["measurements"]
+    assert "requires human review: stage 1 tie" in routing["comments"][0]
     check_routing_region(routing, header)

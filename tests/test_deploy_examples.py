@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from onevlm.reports.routing_metadata import build_metadata
+from onevlm.reports.routing_metadata import build_metadata, series_entry
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -200,16 +200,20 @@ def test_context_references_name_existing_tasks_and_artifacts(workflow, tasks):
                 # Only the Argo plugin fills `result`, from the metadata.json it finds in the task's output.
                 assert task["type"] == "argo" and len(parts) == 5, ref
             seen += 1
-    assert seen >= 6
+    assert seen >= 5
 
 
-def _metadata(routed: int, errors: int, skipped: int = 0) -> dict:
-    entries = []
-    for i in range(routed + errors + skipped):
-        kind = "routed" if i < routed else "error" if i < routed + errors else "skipped"
-        entries.append({"study_instance_uid": "1.2.3", "model_card_id": "MODEL_01" if kind == "routed" else None,
-                        "skipped": "not an image" if kind == "skipped" else None,
-                        "error": "boom" if kind == "error" else None})
+def _metadata(routed: int, errors: int, skipped: int = 0, reviews: int = 0, sets: int = 0) -> dict:
+    decisions = []
+    for outcome, count, cards in (("routed", routed, ["MODEL_01"]), ("routed-set", sets, ["MODEL_01", "MODEL_02"]),
+                                  ("review", reviews, []), ("failed", errors, [])):
+        decisions += [{"outcome": outcome, "cards": cards, "confidence": 0.8 if cards else None,
+                       "model_card_id": cards[0] if outcome == "routed" else None,
+                       "error": "boom" if outcome == "failed" else None, "stages": []}] * count
+    entries = [series_entry(d, study_instance_uid="1.2.3", series_instance_uid=f"1.2.3.{i}", dicom_modality="CT")
+               for i, d in enumerate(decisions)]
+    entries += [series_entry(None, study_instance_uid="1.2.3", series_instance_uid=f"1.2.4.{i}", dicom_modality="SR",
+                             skipped="not an image") for i in range(skipped)]
     return build_metadata(entries)
 
 
@@ -226,20 +230,28 @@ def _evaluate(condition: str, result: dict) -> bool:
     outcome = True
     for clause in resolved.split(" AND "):
         left, op, right = re.fullmatch(r"'([^']*)' (==|!=|>=|<=|>|<) '([^']*)'", clause.strip()).groups()
-        a, b = float(left), float(right)
+        try:
+            a, b = float(left), float(right)
+        except ValueError:  # booleans and words: `==` compares strings ignoring case
+            assert op in ("==", "!="), clause
+            a, b = left.lower(), right.lower()
         outcome &= {"==": a == b, "!=": a != b, ">": a > b, "<": a < b, ">=": a >= b, "<=": a <= b}[op]
     return outcome
 
 
-@pytest.mark.parametrize(("routed", "errors", "skipped", "expected"), [
-    (2, 0, 1, {"export-sr-pacs"}),
-    (1, 1, 0, {"export-sr-review"}),
-    (0, 0, 3, set()),
-    (0, 2, 0, set()),
+@pytest.mark.parametrize(("routed", "errors", "skipped", "reviews", "sets", "expected"), [
+    (2, 0, 1, 0, 0, {"export-sr-pacs"}),
+    (0, 0, 0, 0, 2, {"export-sr-pacs"}),
+    (1, 1, 0, 0, 0, {"export-sr-review"}),
+    (1, 0, 0, 1, 1, {"export-sr-review"}),
+    (0, 0, 0, 2, 0, {"export-sr-review"}),
+    (0, 0, 3, 0, 0, set()),
+    (0, 2, 0, 0, 0, {"export-sr-review"}),
 ])
-def test_router_result_branches_on_metadata_json(workflow, tasks, routed, errors, skipped, expected):
-    result = _metadata(routed, errors, skipped)
-    assert result["routed"] == routed and result["errors"] == errors
+def test_router_result_branches_on_metadata_json(workflow, tasks, routed, errors, skipped, reviews, sets, expected):
+    result = _metadata(routed, errors, skipped, reviews, sets)
+    assert result["routed"] == routed and result["errors"] == errors and result["reviews"] == reviews
+    assert result["needs_review"] is bool(reviews or errors)
     chosen = {d["name"] for d in tasks["router_result"]["task_destinations"]
               if all(_evaluate(c, result) for c in d["conditions"])}
     assert chosen == expected

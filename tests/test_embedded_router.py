@@ -38,10 +38,15 @@ def test_routes_real_images_to_their_modality(embedded_router, name, modality):
     assert s1.confidence > 0.5
     assert s1.evidence["pixels_read"] is False
     assert s1.evidence["header"]["Modality"]  # says which evidence it used
-    assert decision.model_card_id is not None
-    card = embedded_router.cards.get(decision.model_card_id)
+    assert decision.pipeline_card_id is not None
+    card = embedded_router.cards.get(decision.pipeline_card_id)
     assert card.modality == modality  # stage 3 chose among that modality's cards
     assert decision.stages[2].chosen_record.justification
+    # No finding in these headers: the router routes the modality's cards as a set, not stage 3's guess.
+    assert not decision.finding_assessed and decision.finding is None
+    assert decision.outcome.outcome in ("routed", "routed-set")
+    assert set(decision.cards) == {c.id for c in embedded_router.cards.by_modality(modality)}
+    assert decision.confidence <= decision.outcome.stages[0].p
 
 
 @pytest.mark.parametrize("name", ["rtplan.dcm", "reportsi.dcm", "test-SR.dcm", "waveform_ecg.dcm", "rtdose.dcm", "liver.dcm"])
@@ -80,12 +85,15 @@ def test_probabilities_are_a_distribution(embedded_router):
             assert stage.evidence["temperature"] > 0
 
 
-def test_no_finding_text_means_low_confidence_normal(embedded_router):
+def test_no_finding_text_is_no_finding(embedded_router):
     decision = route(embedded_router, pydicom_file("emri_small.dcm"))
     s2 = decision.stages[1]
-    assert s2.chosen == "Normal"
-    assert s2.confidence < 0.1  # no evidence either way, and it says so
+    assert s2.chosen == "Normal"  # the paper's default answer, kept for the log ...
+    assert s2.confidence < 0.1
     assert "no evidence" in s2.evidence["note"]
+    assert not s2.informative and not s2.evidence["informative"]  # ... but never presented as a finding
+    assert decision.finding is None and decision.as_dict()["finding"] is None
+    assert any("stage 2 had no evidence" in r for r in decision.outcome.reasons)
 
 
 def test_a_finding_named_in_the_header_reaches_stage3(embedded_router, tmp_path):
@@ -98,8 +106,12 @@ def test_a_finding_named_in_the_header_reaches_stage3(embedded_router, tmp_path)
     assert decision.modality == "brain CT scan"
     assert decision.finding == "subdural hemorrhage"
     assert "ReasonForStudy" in decision.stages[1].evidence["support"]["subdural hemorrhage"]
-    card = embedded_router.cards.get(decision.model_card_id)
+    assert decision.finding_assessed and decision.stages[1].informative
+    card = embedded_router.cards.get(decision.pipeline_card_id)
     assert "subdural hemorrhage" in card.findings
+    # With evidence at stage 2 the router names one card, and its confidence rests on stage 1.
+    assert decision.outcome.outcome == "routed" and decision.model_card_id == card.id
+    assert 0 < decision.confidence <= decision.outcome.stages[0].p
 
 
 def test_png_without_hint_is_other_with_low_confidence(embedded_router, tmp_path):

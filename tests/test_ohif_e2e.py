@@ -12,7 +12,6 @@ Needs ``npm ci --prefix tests/js``, the Debian packages orthanc + orthanc-dicomw
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -24,10 +23,11 @@ from onevlm.reports.box_seg import SEG_DESCRIPTION
 from onevlm.reports.boxes import ImageBox
 from onevlm.reports.routing_sr import SERIES_DESCRIPTION
 
-from conftest import SAMPLES, pydicom_file
+from conftest import SAMPLES
 from ohif_support import (
     ARTIFACTS,
     CHROMIUM,
+    head_ct_with_finding,
     ohif_stack,
     port_is_closed,
     require_node_modules,
@@ -54,7 +54,7 @@ def detection_result(decision):
     info = DatasetInfo("findings", "detection", tuple(box.label for box in BOXES), "radiology")
     task = AdapterTask("radiology", info, "letters", "detection-v1-test")
     answer = "Mass [0.156, 0.234, 0.469, 0.547]\nintracranial hemorrhage [0.547, 0.469, 0.859, 0.781]"
-    return parse_result(decision.model_card_id, task, answer, 0.1, {"dir": "radiology"})
+    return [parse_result(decision.model_card_id, task, answer, 0.1, {"dir": "radiology"})]
 
 
 def _lines(annotation: dict) -> list[str]:
@@ -67,10 +67,8 @@ def test_ohif_shows_routing_sr_and_box_seg(embedded_router, tmp_path):
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (or set ONEVLM_CHROMIUM)", pytrace=False)
     started = time.monotonic()
 
-    # Study 1: an uncompressed CT routed to a card, with two boxes (SR + SEG).
-    ct = tmp_path / "dicom" / "ct.dcm"
-    ct.parent.mkdir()
-    shutil.copy(pydicom_file("CT_small.dcm"), ct)
+    # Study 1: an uncompressed head CT naming a finding, routed to one card, with two boxes (SR + SEG).
+    ct = head_ct_with_finding(tmp_path / "dicom" / "ct.dcm")
     ct_header = pydicom.dcmread(ct, stop_before_pixels=True)
     ct_decision, ct_sr = write_routing_sr(embedded_router, ct, tmp_path / "dicom" / "ct_sr.dcm", BOXES,
                                           execution=detection_result)
@@ -160,14 +158,16 @@ def test_ohif_shows_routing_sr_and_box_seg(embedded_router, tmp_path):
         # OHIF 3.13 labels a TID 1410 region with its numbers only (not its finding or comments)
         assert f"Certainty of Finding: {box.confidence:.2f} 1" in lines, lines
     routing = drawn[ct_groups["onevlm routing"]]
-    assert routing[0].startswith("onevlm route: brain CT scan / "), routing  # the summary comes first
+    # the summary comes first: the card, its route confidence and that it is uncalibrated
+    assert routing[0].startswith(f"onevlm route: brain CT scan / subdural hemorrhage -> {ct_decision.model_card_id} "
+                                 f"(route confidence {ct_decision.confidence:.2f}, uncalibrated)"), routing
     # route -> execute: the card's result is in the label and the group's numbers
     assert "; result: 2 region(s): Mass, intracranial hemorrhage" in routing[0], routing
-    assert f"Router confidence: {ct_decision.confidence:.2f} 1" in routing
+    assert f"Route confidence: {ct_decision.confidence:.2f} 1" in routing
     assert any(line.startswith("Justification: ") for line in routing), routing
     mr_routing = {a["uid"]: _lines(a) for a in mr_view["srAnnotations"]}[mr_groups["onevlm routing"]]
     assert any(line.startswith("Routing stopped: stage 1") for line in mr_routing), mr_routing
-    assert f"Router confidence: {mr_decision.confidence:.2f} 1" in mr_routing
+    assert f"Route confidence: {mr_decision.confidence:.2f} 1" in mr_routing
 
     # The SEG loads on the CT and its segments carry the box labels.
     assert ct_view["segLabels"] == [box.label for box in BOXES] and not ct_view["segErrorBoundary"]

@@ -40,9 +40,30 @@ def _comments(sr):
     return texts
 
 
-def test_routed_series_sr(embedded_router, tmp_path):
+def _measurements(sr):
+    return {m.name.meaning: m.value for g in sr.content.get_image_measurement_groups() for m in g.get_measurements()}
+
+
+def _set_cards(path):
+    ds = pydicom.dcmread(path)
+    found = []
+
+    def walk(items):
+        for item in items:
+            if item.get("ConceptNameCodeSequence") and item.ConceptNameCodeSequence[0].CodeMeaning == "Model card in the routed set":
+                found.append(item.ConceptCodeSequence[0].CodeValue)
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(ds.ContentSequence)
+    return found
+
+
+def test_routed_set_sr(embedded_router, tmp_path):
+    """A header that names no finding: the SR routes the modality's cards as a set, claims no single card."""
     box = ImageBox(100, 120, 220, 260, "intracranial hemorrhage", 0.83)
     decision, path = _sr(embedded_router, SAMPLES / "ct_head_512_j2k.dcm", [box], tmp_path)
+    assert decision.outcome.outcome == "routed-set"
     assert dciodvfy_errors(path) == []
     sr = hd.sr.srread(path)
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
@@ -50,16 +71,21 @@ def test_routed_series_sr(embedded_router, tmp_path):
     evaluations = _evaluations(sr)
     assert evaluations["Imaging modality (router stage 1)"].meaning == "brain CT scan"
     assert evaluations["Imaging modality (router stage 1)"].scheme_designator == "99ONEVLM"
-    assert evaluations["Primary finding (router stage 2)"] == coding.finding_code(decision.finding)
-    card = evaluations["Selected model card (router stage 3)"]
-    assert card.value == decision.model_card_id and card.meaning.startswith(decision.model_card_id + ":")
-    assert evaluations["Routing outcome"] == coding.OUTCOME_ROUTED
-    measurements = {m.name.meaning: m.value for g in sr.content.get_image_measurement_groups() for m in g.get_measurements()}
-    assert measurements["Router confidence"] == pytest.approx(decision.confidence)
+    # stage 2 read no finding: "not assessed", never "Normal"
+    assert evaluations["Primary finding (router stage 2)"] == coding.FINDING_NOT_ASSESSED
+    assert "Selected model card (router stage 3)" not in evaluations  # no single card is claimed
+    assert evaluations["Routing outcome"] == coding.OUTCOME_ROUTED_SET
+    assert evaluations["Router calibration"] == coding.UNCALIBRATED
+    assert _set_cards(path) == list(decision.cards) == ["MODEL_01", "MODEL_02", "MODEL_03", "MODEL_04"]
+    measurements = _measurements(sr)
+    assert measurements["Route confidence"] == pytest.approx(decision.confidence)
+    assert measurements["Route confidence"] <= measurements["Router confidence, stage 1"]
     assert measurements["Router confidence, stage 1"] == pytest.approx(decision.stages[0].confidence)
+    assert "Router confidence, stage 2" not in measurements and "Router confidence, stage 3" not in measurements
     comments = _comments(sr)
+    assert comments[0].startswith("onevlm route: brain CT scan / finding not assessed -> one of 4 cards: MODEL_01")
+    assert comments[0].endswith("uncalibrated)")
     assert RESEARCH_STATEMENT in comments
-    assert any(c.startswith("Justification: ") for c in comments)
     # the box: a closed POLYLINE on the routed image, with a tracking identifier
     (roi,) = sr.content.get_planar_roi_measurement_groups()
     assert roi.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
@@ -71,6 +97,49 @@ def test_routed_series_sr(embedded_router, tmp_path):
     # deterministic UIDs: routing the same series again gives the same SR identity
     assert (sr.SeriesInstanceUID, sr.SOPInstanceUID) == sr_uids(source.StudyInstanceUID, source.SeriesInstanceUID)
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99ONEVLM"
+
+
+def test_routed_series_sr(embedded_router, tmp_path):
+    """A finding named in the header: one card, with its justification and a route confidence <= P1."""
+    ds = pydicom.dcmread(pydicom_file("17106"))
+    ds.ReasonForStudy = "suspected subdural hemorrhage after fall"
+    source = tmp_path / "ct_head_sdh.dcm"
+    ds.save_as(source)
+    decision, path = _sr(embedded_router, source, tmp_path=tmp_path)
+    assert decision.outcome.outcome == "routed"
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.srread(path)
+    evaluations = _evaluations(sr)
+    assert evaluations["Primary finding (router stage 2)"] == coding.finding_code("subdural hemorrhage")
+    card = evaluations["Selected model card (router stage 3)"]
+    assert card.value == decision.model_card_id and card.meaning.startswith(decision.model_card_id + ":")
+    assert evaluations["Routing outcome"] == coding.OUTCOME_ROUTED
+    measurements = _measurements(sr)
+    assert measurements["Route confidence"] == pytest.approx(decision.confidence)
+    assert measurements["Route confidence"] <= measurements["Router confidence, stage 1"]
+    comments = _comments(sr)
+    assert comments[0].startswith(f"onevlm route: brain CT scan / subdural hemorrhage -> {decision.model_card_id} "
+                                  f"(route confidence ")
+    assert any(c.startswith("Justification: ") for c in comments)
+
+
+def test_review_sr_names_no_card(embedded_router, tmp_path):
+    """A stage-1 tie: the SR says 'requires human review' and why, and shows no card and no route confidence."""
+    decision, path = _sr(embedded_router, SAMPLES / "us_small_parts_j2k.dcm", tmp_path=tmp_path)
+    assert decision.outcome.outcome == "review"
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.srread(path)
+    evaluations = _evaluations(sr)
+    assert evaluations["Routing outcome"] == coding.OUTCOME_REVIEW
+    assert "Selected model card (router stage 3)" not in evaluations
+    assert _set_cards(path) == []
+    measurements = _measurements(sr)
+    assert "Route confidence" not in measurements
+    assert measurements["Router confidence, stage 1"] < 0.5
+    label = _comments(sr)[0]
+    assert label.startswith("onevlm route: breast ultrasound scan / finding not assessed -> requires human review: "
+                            "stage 1 tie: breast ultrasound scan (0.2138) vs gallbladder ultrasound scan (0.2138)")
+    assert "MODEL_" not in label
 
 
 @pytest.mark.parametrize("name,outcome", [("mr_abdomen_liver.dcm", coding.OUTCOME_NOT_COVERED),

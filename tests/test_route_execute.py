@@ -6,9 +6,12 @@ labels are all "malignant" and "no finding", so 40 steps teach it fixed answers 
 (a learnt answer, not a hard-coded one: the base model with the adapter disabled does not give
 it), a pathology adapter on IDC-style patches that are all "IDC negative" (for the whole-slide tiles), and a
 hematology adapter (two steps on random BloodMNIST-format data) to switch to. The
-router is the embedded default on the real ``dicom_samples``: the chest CR routes to MODEL_89
-(ChestMNIST findings) and the small-parts US to MODEL_19 (BreastMNIST), both run by the
-radiology adapter; the brain CT's card names no specialty task. Research use only.
+router is the embedded default on the real ``dicom_samples``. Their headers name no finding, so
+each routes to its modality's cards as a set, and every executable card of the set runs: the chest
+CR's set holds MODEL_89 (ChestMNIST findings), the small-parts US (given Body Part Examined
+BREAST here: the sample's own header leaves a four-way ultrasound tie, a review case) the breast
+ultrasound set with MODEL_19 (BreastMNIST), both run by the radiology adapter; the brain CT's cards
+name no specialty task. Research use only.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from onevlm.specialty.manifest import MANIFEST_NAME, ManifestError
 from onevlm.specialty.datasets.synthetic import write_idc_patches, write_medmnist_npz
 from onevlm.specialty.samples import DatasetInfo, LabelledImage, NormalisedBox
 from onevlm.specialty.tasks import build_example, build_query, is_unparseable, load_specialties
+from onevlm.router.outcome import RouteOutcome
 from onevlm.study.execution import StudyExecution, execute_study, image_boxes
 from onevlm.study.outputs import write_study_outputs
 from onevlm.study.routing import route_study
@@ -247,9 +251,31 @@ def test_adapters_must_fit_the_base_and_be_unique(models, tmp_path):
 # -- a study: route, execute, report ---------------------------------------------------------------
 
 
+def copy_samples(folder: Path, names=(CHEST, BREAST_US, BRAIN_CT, "ecg_waveform.dcm")) -> Path:
+    """The samples, the small-parts US told to be a breast examination (its header names no anatomy)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if name == BREAST_US:
+            ds = pydicom.dcmread(SAMPLES / name)
+            ds.BodyPartExamined = "BREAST"
+            ds.save_as(folder / name)
+        else:
+            shutil.copy(SAMPLES / name, folder / name)
+    return folder
+
+
+def routed_to(decision, card_id: str):
+    """The decision as if the router had routed it to ``card_id`` alone."""
+    return replace(decision, outcome=RouteOutcome("routed", (card_id,), confidence=decision.outcome.stages[0].p))
+
+
 @pytest.fixture(scope="module")
-def routed_samples(embedded_router):
-    return route_study(embedded_router, [SAMPLES])
+def routed_samples(embedded_router, tmp_path_factory):
+    return route_study(embedded_router, [copy_samples(tmp_path_factory.mktemp("samples") / "in")])
+
+
+def _results(execution, uid) -> dict:
+    return {r.card_id: r for r in execution.results[uid]}
 
 
 def _by_file(routing):
@@ -277,30 +303,38 @@ def _sr_items(path: Path) -> list[tuple[str, str]]:
 
 
 def test_study_results_go_into_the_routing_srs(specialty_model, cards, routed_samples, tmp_path):
+    """Each series is routed to its modality's cards as a set; every executable card of the set runs."""
     execution = execute_study(specialty_model, routed_samples, cards)
     series = _by_file(routed_samples)
     uid = {name: entry.series.series_instance_uid for name, entry in series.items()}
-    assert execution.results[uid[BREAST_US]].labels == ("malignant",)
-    assert execution.results[uid[CHEST]].status == EXECUTED
-    assert execution.results[uid[BRAIN_CT]].status == NOT_EXECUTABLE
+    assert all(series[name].decision.outcome.outcome == "routed-set" for name in (CHEST, BREAST_US, BRAIN_CT))
+    breast_results = _results(execution, uid[BREAST_US])
+    assert list(breast_results) == ["MODEL_19", "MODEL_20", "MODEL_21"]  # in the set's order
+    assert breast_results["MODEL_19"].labels == ("malignant",)
+    assert breast_results["MODEL_20"].status == NOT_EXECUTABLE
+    assert _results(execution, uid[CHEST])["MODEL_89"].status == EXECUTED
+    assert _results(execution, uid[CHEST])["MODEL_90"].status == NOT_EXECUTABLE  # no pneumoniamnist training
+    assert {r.status for r in execution.results[uid[BRAIN_CT]]} == {NOT_EXECUTABLE}
     assert uid["ecg_waveform.dcm"] not in execution.results  # not an image: never routed
     assert not execution.boxes
 
     outputs = write_study_outputs(routed_samples, tmp_path, cards, execution=execution)
     meta = outputs.metadata
-    assert meta["executed"] == 2
+    assert meta["executed"] == 2 and meta["routed_sets"] == 3
     entries = {e["input"]: e for e in meta["entries"]}
-    assert entries[BREAST_US]["execution"]["labels"] == ["malignant"]
-    assert entries[BRAIN_CT]["execution"]["status"] == NOT_EXECUTABLE
+    assert entries[BREAST_US]["executions"][0]["labels"] == ["malignant"]
+    assert {e["status"] for e in entries[BRAIN_CT]["executions"]} == {NOT_EXECUTABLE}
     records = [json.loads(line) for line in outputs.decisions_file.read_text().splitlines()]
-    assert sum(1 for r in records if (r.get("execution") or {}).get("status") == EXECUTED) == 2
+    assert sum(1 for r in records for e in r.get("executions") or () if e["status"] == EXECUTED) == 2
 
     breast = _sr_items(outputs.sr_files[uid[BREAST_US]])
     assert ("Specialty model execution", "Executed by the specialty model") in breast
     assert ("Specialty task", "radiology/breastmnist") in breast
     assert ("Class (specialty model)", "Malignant") in breast
-    assert any(v.endswith("-> MODEL_19 (confidence " + v.split("(confidence ")[1].split(")")[0] + "); result: malignant")
-               for _, v in breast if v.startswith("onevlm route:"))
+    label = next(v for _, v in breast if v.startswith("onevlm route:"))
+    assert "-> one of 3 cards: MODEL_19, MODEL_20, MODEL_21 (route confidence " in label
+    assert label.endswith("uncalibrated); MODEL_19 result: malignant; MODEL_20 not executable here; "
+                          "MODEL_21 not executable here")
     chest = _sr_items(outputs.sr_files[uid[CHEST]])
     assert ("Finding present (specialty model)", coding.NO_FINDING_PRESENT.meaning) in chest
     brain = _sr_items(outputs.sr_files[uid[BRAIN_CT]])
@@ -327,7 +361,7 @@ def test_detected_boxes_become_sr_regions_and_a_seg(specialty_model, routed_samp
     assert boxes[0].x0 == pytest.approx(0.1 * header.columns) and boxes[0].y1 == pytest.approx(0.5 * header.rows)
     uid = entry.series.series_instance_uid
     outputs = write_study_outputs(routed_samples, tmp_path, cards,
-                                  execution=StudyExecution({uid: result}, {uid: boxes}))
+                                  execution=StudyExecution({uid: (result,)}, {uid: boxes}))
     seg = pydicom.dcmread(outputs.box_files[uid])
     assert seg.Modality == "SEG" and [s.SegmentLabel for s in seg.SegmentSequence] == ["hyperplastic", "adenomatous"]
     items = _sr_items(outputs.sr_files[uid])
@@ -357,10 +391,10 @@ def test_a_whole_slide_runs_its_patch_task_on_tissue_tiles(specialty_model, card
     routing = route_study(embedded_router, [dicom_slide])
     (entry,) = routing.series
     assert entry.decision.modality == "breast histopathology (H&E) scan"
-    as_idc = StudyRouting((replace(entry, decision=replace(entry.decision, model_card_id="MODEL_12")),))
+    as_idc = StudyRouting((replace(entry, decision=routed_to(entry.decision, "MODEL_12")),))
     execution = execute_study(specialty_model, as_idc, cards)
     uid = entry.series.series_instance_uid
-    result = execution.results[uid]
+    (result,) = execution.results[uid]
     assert result.specialty == "pathology" and result.task == "idc"
     assert 1 <= sum(result.tile_counts.values()) <= SLIDE_TILES
     names = set(specialty_model.tasks[("pathology", "idc")].info.class_names)
@@ -381,8 +415,8 @@ def test_a_whole_slide_refuses_non_patch_tasks(specialty_model, cards, embedded_
     from onevlm.study.routing import StudyRouting
 
     (entry,) = route_study(embedded_router, [dicom_slide]).series
-    as_chest = StudyRouting((replace(entry, decision=replace(entry.decision, model_card_id="MODEL_89")),))
-    result = execute_study(specialty_model, as_chest, cards).results[entry.series.series_instance_uid]
+    as_chest = StudyRouting((replace(entry, decision=routed_to(entry.decision, "MODEL_89")),))
+    (result,) = execute_study(specialty_model, as_chest, cards).results[entry.series.series_instance_uid]
     assert result.status == NOT_EXECUTABLE and "patch classification or grading tasks only" in result.reason
 
 
@@ -396,10 +430,7 @@ def _app_env(**extra: str) -> dict[str, str]:
 
 
 def test_route_execute_app_end_to_end(models, tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for name in (CHEST, BREAST_US, BRAIN_CT, "ecg_waveform.dcm"):
-        shutil.copy(SAMPLES / name, inputs / name)
+    inputs = copy_samples(tmp_path / "in")
     (inputs / "broken.dcm").write_bytes(b"DICM but not really")
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "apps.route_execute_app", "-i", str(inputs), "-o", str(out),
@@ -408,21 +439,18 @@ def test_route_execute_app_end_to_end(models, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     meta = json.loads((out / "metadata.json").read_text())
     entries = {e["input"]: e for e in meta["entries"]}
-    assert meta["executed"] == 2 and meta["routed"] == 3
-    assert entries[BREAST_US]["execution"]["labels"] == ["malignant"]
-    assert entries[CHEST]["execution"]["status"] == EXECUTED
-    assert entries[BRAIN_CT]["execution"]["status"] == NOT_EXECUTABLE
-    assert entries["ecg_waveform.dcm"]["skipped"] and entries["ecg_waveform.dcm"]["execution"] is None
+    assert meta["executed"] == 2 and meta["routed_sets"] == 3 and meta["outcome"] == "failed"  # broken.dcm
+    assert entries[BREAST_US]["executions"][0]["labels"] == ["malignant"]
+    assert entries[CHEST]["executions"][0]["status"] == EXECUTED
+    assert {e["status"] for e in entries[BRAIN_CT]["executions"]} == {NOT_EXECUTABLE}
+    assert entries["ecg_waveform.dcm"]["skipped"] and entries["ecg_waveform.dcm"]["executions"] == []
     assert [p["file"] for p in meta["problems"]] == ["broken.dcm"]
     assert len(list((out / "sr").glob("*.dcm"))) == 3
 
 
 def test_route_execute_app_with_the_vlm_in_both_roles(models, tmp_path):
     """ONEVLM_BACKEND=transformers: the router is the specialty model's base (random tiny VLM: any card)."""
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for name in (CHEST, BREAST_US):
-        shutil.copy(SAMPLES / name, inputs / name)
+    inputs = copy_samples(tmp_path / "in", (CHEST, BREAST_US))
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "apps.route_execute_app", "-i", str(inputs), "-o", str(out),
                           "-m", str(models["models"])], capture_output=True, text=True, timeout=600, cwd=REPO,
@@ -434,8 +462,7 @@ def test_route_execute_app_with_the_vlm_in_both_roles(models, tmp_path):
     assert all(r["backend"]["shared_with_specialty_adapters"] == ["hematology", "pathology", "radiology"]
                for r in records)
     for record in records:
-        if record["model_card_id"]:
-            assert record["execution"]["card_id"] == record["model_card_id"]
+        assert [e["card_id"] for e in record.get("executions") or ()] == record["cards"]
 
 
 def test_route_execute_app_refuses_a_missing_adapter_folder(models, tmp_path):
@@ -464,6 +491,7 @@ def test_listener_service_runs_route_execute(models, tmp_path):
         parse_config(service_config(spool, pipeline={"backend": "transformers"}))
     source = tmp_path / "us.dcm"
     ds = pydicom.dcmread(SAMPLES / BREAST_US)
+    ds.BodyPartExamined = "BREAST"
     ds.decompress()
     ds.save_as(source)
     with running_service(config) as service:
@@ -473,7 +501,7 @@ def test_listener_service_runs_route_execute(models, tmp_path):
         metadata = wait_until(lambda: next(results.glob("*/metadata.json"), None), 120, 0.5,
                               "the study's results")
         meta = json.loads(metadata.read_text())
-    assert meta["executed"] == 1
-    assert meta["entries"][0]["execution"]["labels"] == ["malignant"]
+    assert meta["executed"] == 1 and meta["entries"][0]["cards"] == ["MODEL_19", "MODEL_20", "MODEL_21"]
+    assert meta["entries"][0]["executions"][0]["labels"] == ["malignant"]
     sr = next(metadata.parent.glob("sr/*.dcm"))
     assert ("Class (specialty model)", "Malignant") in _sr_items(sr)

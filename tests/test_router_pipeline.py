@@ -58,7 +58,10 @@ def test_full_route_with_top2_and_justification(small_cards, item):
     assert decision.model_card_id == "MODEL_01"
     assert [s.chosen for s in decision.stages] == ["brain CT scan", "intracranial hemorrhage", "MODEL_01"]
     assert decision.stages[2].chosen_record.justification == "detects hemorrhage in head CT"
-    assert decision.confidence == pytest.approx(0.8)
+    # the paper's confidence is stage 3's p; the route confidence combines the stages: P1 x P3
+    assert decision.final_confidence == pytest.approx(0.8)
+    assert decision.confidence == pytest.approx(0.7 * 0.8)
+    assert decision.outcome.outcome == "routed" and not decision.outcome.calibrated
     # stage 3 saw only the stage-1 modality's cards, the structured fields, and no image
     s3 = backend.requests[2]
     assert [c.id for c in s3.cards] == ["MODEL_01", "MODEL_02"]

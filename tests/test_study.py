@@ -62,8 +62,19 @@ def test_route_study_writes_sr_and_metadata(embedded_router, tmp_path):
     assert meta["series"] == len(study.series)
     entries = {e["input"]: e for e in meta["entries"] if e["input"]}
     head = entries["ct_head_512_j2k.dcm"]
-    assert head["modality"] == "brain CT scan" and head["model_card_id"]
+    assert head["modality"] == "brain CT scan" and head["outcome"] == "routed-set" and head["model_card_id"] is None
+    assert head["cards"] == ["MODEL_01", "MODEL_02", "MODEL_03", "MODEL_04"] and not head["needs_review"]
+    assert head["confidence"] <= head["stage_confidence"]["1"] and head["calibrated"] is False
+    assert head["stage_confidence"]["2"] is None  # no finding evidence: no finding probability either
     assert head["stage_confidence"]["3"] is not None and head["stopped_at_stage"] is None
+    tie = entries["us_small_parts_j2k.dcm"]
+    assert tie["outcome"] == "review" and tie["needs_review"] and tie["cards"] == [] and tie["confidence"] is None
+    assert tie["reasons"][0].startswith("stage 1 tie")
+    # the study's outcome at the top level, for workflow conditions: review is the most urgent
+    assert meta["outcome"] == "review" and meta["needs_review"] is True and meta["reviews"] == 2
+    assert meta["cards"].split(",") == sorted({c for e in meta["entries"] for c in e["cards"]})
+    assert meta["confidence"] == min(e["confidence"] for e in meta["entries"] if e["cards"])
+    assert meta["calibrated"] is False and meta["calibration_id"] is None
     liver = entries["mr_abdomen_liver.dcm"]
     assert liver["modality"] == "Other" and liver["stopped_early"] and liver["stopped_at_stage"] == 1
     skipped = [e for e in meta["entries"] if e["skipped"]]
@@ -74,7 +85,7 @@ def test_route_study_writes_sr_and_metadata(embedded_router, tmp_path):
     echo_sr = pydicom.dcmread(out.metadata_file.parent / echo["sr_file"])
     evidence = echo_sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert evidence.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.6"
-    assert len(out.sr_files) == meta["routed"] + sum(1 for e in meta["entries"] if e["stopped_early"] and not e["error"])
+    assert len(out.sr_files) == sum(1 for e in meta["entries"] if not e["skipped"] and not e["error"])
     for path in out.sr_files.values():
         errors = dciodvfy_errors(path)
         if path == out.metadata_file.parent / echo["sr_file"]:

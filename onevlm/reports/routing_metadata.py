@@ -72,13 +72,14 @@ def build_metadata(entries: Sequence[Mapping[str, Any]], problems: Iterable[Mapp
 
     Workflow conditions read only top-level scalars, so the study's outcome is there too:
     ``outcome`` (the most urgent of its series', in :data:`OUTCOME_URGENCY` order),
-    ``needs_review``, ``cards`` (comma-separated), ``confidence`` (the lowest route confidence
-    among the routed series) and ``calibrated`` (every routed series' probabilities calibrated).
+    ``needs_review`` (a series went to review, or failed), ``with_cards`` (series routed to a
+    card or a set), ``cards`` (comma-separated), ``confidence`` (the lowest route confidence
+    among the routed series) and ``calibrated`` (every decided series' probabilities calibrated).
     """
     entries = list(entries)
     problems = list(problems)
-    outcomes = [e["outcome"] for e in entries]
-    outcome = next((o for o in OUTCOME_URGENCY if o in outcomes), "failed" if problems else "skipped")
+    outcomes = [e["outcome"] for e in entries] + (["failed"] if problems else [])  # an unreadable file failed
+    outcome = next((o for o in OUTCOME_URGENCY if o in outcomes), "skipped")
     cards = sorted({c for e in entries for c in e["cards"]})
     routed = [e for e in entries if e["cards"]]
     confidences = [e["confidence"] for e in routed if e["confidence"] is not None]
@@ -88,7 +89,8 @@ def build_metadata(entries: Sequence[Mapping[str, Any]], problems: Iterable[Mapp
         "study_instance_uids": sorted({e["study_instance_uid"] for e in entries}),
         # top level, because workflow conditions read only top-level values of metadata.json
         "outcome": outcome,
-        "needs_review": outcome == "review",
+        "needs_review": any(o in ("review", "failed") for o in outcomes) or bool(problems),
+        "with_cards": len(routed),
         "cards": ",".join(cards),
         "confidence": min(confidences) if confidences else None,
         "calibrated": bool(decided) and all(e["calibrated"] for e in decided),

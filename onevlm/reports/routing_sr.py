@@ -243,6 +243,8 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
                            f"specialty prompt ({execution.card_id}): {execution.prompt_id}"]
         if execution.answer is not None:
             parameters.append(f"specialty answer ({execution.card_id}): {execution.answer}")
+        if len(executions) > 1:  # the label names each card's status; the reasons go here
+            parameters.append(f"specialty result ({execution.card_id}): {execution.summary()}")
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(entropy_srcs=[source_series_uid, "onevlm-routing-group"]),

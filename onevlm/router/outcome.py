@@ -35,6 +35,8 @@ STOPPED = "stopped"
 FAILED = "failed"
 OUTCOMES = (ROUTED, ROUTED_SET, REVIEW, STOPPED, FAILED)
 STOP_ANSWERS = frozenset({NONE, OTHER})
+#: How an empty decoded answer is listed (a VLM can end its turn at once).
+EMPTY_ANSWER = "(empty answer)"
 #: Answers per stage written to the decision log (the full distribution is in the stage record).
 LOGGED_ANSWERS = 5
 
@@ -49,7 +51,8 @@ def stage_scores(stage: StageDecision) -> StageScores:
         return StageScores(stage=stage.stage, probs=dict(stage.distribution))
     probs: dict[str, float] = {}
     for candidate in stage.candidates:
-        probs[candidate.answer] = min(probs.get(candidate.answer, 0.0) + candidate.p, 1.0)
+        answer = candidate.answer.strip() or EMPTY_ANSWER
+        probs[answer] = min(probs.get(answer, 0.0) + candidate.p, 1.0)
     total = sum(probs.values())
     if total > 1.0:  # p1 + p2 of one answer's two spellings can exceed 1 only by float noise
         probs = {a: p / total for a, p in probs.items()}

@@ -69,6 +69,7 @@ function measurementGroup(group) {
     trackingUID: null,
     findings: [],
     qualitativeEvaluations: {},
+    codedItems: [],
     measurements: {},
     comments: [],
     algorithm: {},
@@ -92,7 +93,11 @@ function measurementGroup(group) {
       case "CODE": {
         const value = code(item.ConceptCodeSequence);
         if (name === "Finding" || conceptValue(item) === "121071") result.findings.push(value);
-        else result.qualitativeEvaluations[name] = value?.meaning ?? null;
+        else {
+          result.qualitativeEvaluations[name] = value?.meaning ?? null;
+          // every coded item in order: a concept may repeat (the cards of a routed set)
+          result.codedItems.push({ name, value: value?.value ?? null, meaning: value?.meaning ?? null });
+        }
         break;
       }
       case "NUM":
