@@ -434,7 +434,7 @@ def _print_heldout(calibration) -> None:
 
 
 def _fmt_opt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+    return "n/a" if value is None else f"{value:.4f}"  # inf prints as "inf": an open set (review)
 
 
 def cmd_calibrate_fit(args: argparse.Namespace) -> int:
@@ -471,8 +471,9 @@ def cmd_calibrate_fit(args: argparse.Namespace) -> int:
     for stage, fitted in sorted(calibration.stages.items()):
         qhat = fitted.conformal.qhat if fitted.conformal else None
         threshold = fitted.selective.threshold if fitted.selective else None
-        print(f"  stage {stage}: n={fitted.n} T={fitted.temperature:.4g} tau={fitted.tau} "
-              f"qhat={qhat} (alpha {fitted.conformal.alpha if fitted.conformal else None}) selective threshold={threshold}")
+        alpha = f" (alpha {fitted.conformal.alpha:.4g})" if fitted.conformal else ""
+        print(f"  stage {stage}: n={fitted.n} temperature={fitted.temperature:.4g} cutoff={_fmt_opt(fitted.tau)} "
+              f"qhat={_fmt_opt(qhat)}{alpha} selective threshold={_fmt_opt(threshold)}")
     if calibration.route_selective is not None:
         print(f"  route: selective threshold {calibration.route_selective.threshold} "
               f"(certified on {calibration.route_selective.n} routed candidates)")

@@ -465,3 +465,24 @@ def pynetdicom_scu(port: int, items: Sequence[Any] = (), aet: str = "PYSCU", cal
         if assoc.is_established:
             assoc.release()
     return statuses
+
+
+@contextlib.contextmanager
+def storescp_node(out_dir: Path, ae_title: str) -> Iterator[dict]:
+    """dcmtk ``storescp`` on a free loopback port storing what it receives in ``out_dir``.
+
+    Yields the node as an entry of the service configuration's ``destinations`` (name = the AE
+    title in lower case); stopped on exit.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    process = subprocess.Popen([dcmtk_tool("storescp"), "-aet", ae_title, "-od", str(out_dir), "+uf", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_dcmtk_env())
+    try:
+        wait_until(lambda: subprocess.run([dcmtk_tool("echoscu"), "-aec", ae_title, "127.0.0.1", str(port)],
+                                          capture_output=True, timeout=10).returncode == 0,
+                   20, message=f"storescp {ae_title} listening")
+        yield {"name": ae_title.lower(), "ae_title": ae_title, "host": "127.0.0.1", "port": port}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

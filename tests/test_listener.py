@@ -5,6 +5,7 @@ encoder loads once per session) and stops it, also on failure. Research use only
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import sqlite3
@@ -32,6 +33,7 @@ from dicom_peers import (
     pynetdicom_scu,
     running_service,
     service_config,
+    storescp_node,
     storescu,
     wait_until,
 )
@@ -468,3 +470,38 @@ def test_json_log_lines_carry_the_event_fields():
     line = json.loads(JsonFormatter().format(record))
     assert (line["event"], line["sop"], line["group"], line["calling_ae"]) == ("stored", "1.2.3", "1.2", "SCANNER")
     assert line["level"] == "INFO" and line["time"].endswith("Z")
+
+
+# --------------------------------------------------------------------------- review cases
+
+
+def test_review_cases_also_go_to_the_review_destination(tmp_path):
+    """A destination with ``role: review`` receives the SRs of the series the router sent to review, and
+    only those; the PACS receives every SR (each says its outcome)."""
+    spool = tmp_path / "spool"
+    review_case = SAMPLES / "mr_small_no_bodypart.dcm"  # brain / kidney MRI tie at stage 1
+    routed_case = SAMPLES / "ct_head_routine_brain.dcm"  # the brain CT cards as a set
+    with storescp_node(tmp_path / "pacs", "PACS") as pacs, storescp_node(tmp_path / "review", "REVIEW") as review:
+        config = service_config(spool, destinations=[pacs, {**review, "role": "review"}])
+        with running_service(config) as service:
+            sent = storescu([review_case, routed_case], service.listener.port)
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+            wait_until(lambda: service.status()["exported"] == 3, 60, message="3 SRs exported (2 PACS, 1 review)")
+    in_pacs = [pydicom.dcmread(p) for p in sorted((tmp_path / "pacs").glob("*"))]
+    in_review = [pydicom.dcmread(p) for p in sorted((tmp_path / "review").glob("*"))]
+    assert len(in_pacs) == 2 and len(in_review) == 1
+    (sr,) = in_review
+    assert sr.StudyInstanceUID == pydicom.dcmread(review_case, stop_before_pixels=True).StudyInstanceUID
+    assert sr.VerificationFlag == "UNVERIFIED"
+    texts = [item.TextValue for item in sr.ContentSequence[-1].ContentSequence[0].ContentSequence
+             if item.ValueType == "TEXT"]
+    assert any("requires human review: stage 1 tie: brain MRI scan" in t for t in texts), texts
+    meta = json.loads(next((spool / "results").glob(f"{sr.StudyInstanceUID}/metadata.json")).read_text())
+    assert meta["outcome"] == "review" and meta["needs_review"] is True
+
+
+def test_a_review_destination_role_is_validated(tmp_path):
+    bad = service_config(tmp_path / "spool", destinations=[{"name": "r", "ae_title": "R", "host": "127.0.0.1",
+                                                            "port": 104, "role": "reviewer"}])
+    with pytest.raises(ConfigError, match=r"destinations\[0\].role.*'reviewer' must be one of results, review"):
+        parse_config(bad)

@@ -187,3 +187,56 @@ def test_router_app_fails_on_a_missing_card_folder(workspace, tmp_path):
     assert result.returncode != 0
     assert "no-such-cards" in result.stderr
     assert not (output / "metadata.json").exists()
+
+
+@pytest.mark.slow
+def test_router_app_with_the_sites_calibration(workspace, tmp_path):
+    """ONEVLM_CALIBRATION (or calibration.json in the -m folder) reaches every output; one fitted for
+    another model stops the app at start-up with a message naming the file."""
+    import csv
+
+    from onevlm.calibration.site import SiteCalibration
+    from onevlm.cli import main
+
+    cards, inputs, output = workspace
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "modality", "finding", "card"])
+        writer.writerows([(str(inputs / "ct" / f"{n}.dcm"), "brain CT scan", "", "MODEL_01") for n in CT_SERIES]
+                         + [(str(inputs / "cr_chest.dcm"), "chest X-ray scan", "", "MODEL_02"),
+                            (str(inputs / "mr.dcm"), "Other", "", ""), (str(inputs / "rtplan.dcm"), "None", "", "")])
+    calibration_file = tmp_path / "calibration.json"
+    assert main(["calibrate", "fit", str(labels), "--cards", str(cards), "--holdout", "0",
+                 "-o", str(calibration_file)]) == 0
+    calibration = SiteCalibration.load(calibration_file)
+
+    result = _run_app(inputs, output, cards, ONEVLM_CALIBRATION=str(calibration_file))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metadata = json.loads((output / "metadata.json").read_text(encoding="utf-8"))
+    assert metadata["calibrated"] is True and metadata["calibration_id"] == calibration.calibration_id
+    decided = [e for e in metadata["entries"] if not e["skipped"] and not e["error"]]
+    assert decided and all(e["calibrated"] for e in decided)
+    # eight labelled inputs are far too few for a 90 % set: the sets are open and the router says review
+    assert {e["outcome"] for e in decided} <= {"review", "stopped"}
+    assert metadata["needs_review"] is True
+
+    models = tmp_path / "models"  # the MAP's -m folder: no VLM in it, only the site's calibration
+    models.mkdir()
+    shutil.copy(calibration_file, models / "calibration.json")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ONEVLM_CARDS": str(cards)}
+    env.pop("ONEVLM_CALIBRATION", None)
+    run = subprocess.run([sys.executable, "-m", "apps.router_app", "-i", str(inputs), "-o", str(tmp_path / "out2"),
+                          "-m", str(models)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "out2" / "metadata.json").read_text())["calibration_id"] == calibration.calibration_id
+
+    data = json.loads(calibration_file.read_text())
+    data["identity"]["backend"] = "transformers"
+    data.pop("calibration_id")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    refused = _run_app(inputs, tmp_path / "out3", cards, ONEVLM_CALIBRATION=str(other))
+    assert refused.returncode != 0
+    assert f"{other}: calibration" in refused.stderr and "does not fit this router" in refused.stderr
+    assert not (tmp_path / "out3" / "metadata.json").exists()

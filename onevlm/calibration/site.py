@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -157,6 +157,8 @@ class SiteCalibration:
     fitted: Mapping[str, Any] = field(default_factory=dict)
     heldout: Mapping[str, Any] | None = None
     calibrated: bool = True
+    #: Where it was read from (for messages); not part of the content.
+    path: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for key, value in self.stages.items():
@@ -191,7 +193,7 @@ class SiteCalibration:
             "policy": self.settings.policy,
         }
 
-    def check_compatible(self, identity: Mapping[str, Any], source: str = "calibration") -> None:
+    def check_compatible(self, identity: Mapping[str, Any]) -> None:
         """Refuse a calibration fitted for another backend, model, answer mode or prompt version.
 
         Raises
@@ -201,6 +203,7 @@ class SiteCalibration:
         """
         if not self.calibrated:
             return
+        source = self.path or "calibration"
         if not self.identity:
             raise CalibrationError(
                 f"{source}: fitted from scores alone (no backend identity); fit it with "
@@ -275,7 +278,7 @@ class SiteCalibration:
                 cutoffs = Cutoffs.load(path)
             except ValueError as exc:
                 raise CalibrationError(f"{path}: neither a calibration ({FORMAT}) nor a cutoffs file: {exc}") from exc
-            return cls.from_cutoffs(cutoffs, source=str(path))
+            return replace(cls.from_cutoffs(cutoffs, source=str(path)), path=str(path))
         try:
             calibration = cls.from_dict(data)
         except (TypeError, ValueError, KeyError) as exc:
@@ -283,7 +286,7 @@ class SiteCalibration:
         stored = data.get("calibration_id")
         if stored and stored != calibration.calibration_id:
             raise CalibrationError(f"{path}: content changed after fitting (id {stored} vs {calibration.calibration_id})")
-        return calibration
+        return replace(calibration, path=str(path))
 
     @classmethod
     def from_cutoffs(cls, cutoffs: Cutoffs, source: str | None = None) -> "SiteCalibration":

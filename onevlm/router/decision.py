@@ -82,7 +82,7 @@ class StageDecision:
             "evidence": self.evidence,
             "informative": self.informative,
             # every admissible answer's probability, when the backend has them (calibration refits on it)
-            "distribution": {a: round(p, 8) for a, p in self.distribution.items()} if self.distribution else None,
+            "distribution": {a: round(p, 12) for a, p in self.distribution.items()} if self.distribution else None,
         }
 
 

@@ -48,15 +48,18 @@ def stage_scores(stage: StageDecision) -> StageScores:
     lead to it.
     """
     if stage.distribution:
-        return StageScores(stage=stage.stage, probs=dict(stage.distribution))
+        return StageScores(stage=stage.stage, probs=_at_most_one(dict(stage.distribution)))
     probs: dict[str, float] = {}
     for candidate in stage.candidates:
         answer = candidate.answer.strip() or EMPTY_ANSWER
         probs[answer] = min(probs.get(answer, 0.0) + candidate.p, 1.0)
+    return StageScores(stage=stage.stage, probs=_at_most_one(probs))
+
+
+def _at_most_one(probs: dict[str, float]) -> dict[str, float]:
+    """Rescale probabilities whose sum exceeds 1 by float or rounding noise (a logged distribution)."""
     total = sum(probs.values())
-    if total > 1.0:  # p1 + p2 of one answer's two spellings can exceed 1 only by float noise
-        probs = {a: p / total for a, p in probs.items()}
-    return StageScores(stage=stage.stage, probs=probs)
+    return {a: p / total for a, p in probs.items()} if total > 1.0 else probs
 
 
 def _ranked(probs: Mapping[str, float]) -> list[tuple[str, float]]:
