@@ -75,6 +75,8 @@ test: install-dev $(JS_DEPS)
 bench: install
 	$(RUN) $(BIN)/python bench/router_bench.py --size small --images 16 --repeat 3
 	$(RUN) $(BIN)/python bench/embedded_router_bench.py --repeat 5
+	$(RUN) $(BIN)/python bench/calibration_bench.py --repeats 20
+	$(RUN) $(BIN)/python bench/calibration_bench.py --repeats 20 --top2
 	$(RUN) $(BIN)/python bench/multi_adapter_bench.py --size small --adapters 5 --requests 10 --repeat 3
 	# these two need dcmtk and orthanc (apt-get install dcmtk orthanc orthanc-dicomweb, as .ci/run does)
 	$(RUN) $(BIN)/python bench/ingest_bench.py --files 200 --repeat 3

@@ -90,3 +90,14 @@ def test_qlora_bench_runs_both_recipes(tmp_path):
     for recipe in ("notebook", "fast"):
         assert result[recipe]["samples"] == 8
         assert positive(result[recipe]["samples_per_s"])
+
+
+def test_calibration_bench_reports_every_alpha(tmp_path):
+    out = tmp_path / "calibration.json"
+    run_bench("calibration_bench.py", "--cal", "60", "--test", "100", "--repeats", "1", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert sorted(result["sets"]) == ["0.05", "0.1", "0.2"]
+    for figures in result["sets"].values():
+        assert 0 <= figures["coverage_mean"] <= 1 and figures["mean_set_size"] >= 0
+        assert figures["ece_before"] >= 0 and positive(figures["temperature_mean"])
+    assert set(result["selective"]) >= {"share_routed_mean", "certified_repeats"}
