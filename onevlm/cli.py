@@ -177,7 +177,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         elif e["error"]:
             outcome = f"ERROR: {e['error']}"
         elif e["outcome"] == "review":
-            outcome = f"{e['modality']} -> REVIEW: {(e.get('reasons') or ['see the decision log'])[0]}"
+            outcome = f"REVIEW: {(e.get('reasons') or ['see the decision log'])[0]}"
         elif e["cards"]:
             kind = "set " if e["outcome"] == "routed-set" else ""
             outcome = (f"{e['modality']} / {finding} -> {kind}{', '.join(e['cards'])} "

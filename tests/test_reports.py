@@ -137,7 +137,7 @@ def test_review_sr_names_no_card(embedded_router, tmp_path):
     assert "Route confidence" not in measurements
     assert measurements["Router confidence, stage 1"] < 0.5
     label = _comments(sr)[0]
-    assert label.startswith("onevlm route: breast ultrasound scan / finding not assessed -> requires human review: "
+    assert label.startswith("onevlm route: requires human review: "
                             "stage 1 tie: breast ultrasound scan (0.2138) vs gallbladder ultrasound scan (0.2138)")
     assert "MODEL_" not in label
 

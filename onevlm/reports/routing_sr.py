@@ -121,9 +121,9 @@ def route_summary(decision: RoutingDecision) -> str:
         parts.append(decision.finding or "finding not assessed")
     outcome = decision.outcome_name
     cards = decision.cards
-    if outcome == "review":
+    if outcome == "review":  # no answer first: a stage-1 tie's "modality" would be the list order's pick
         reason = decision.outcome.reasons[0] if decision.outcome and decision.outcome.reasons else "see the decision log"
-        return f"onevlm route: {' / '.join(parts)} -> requires human review: {reason}"
+        return f"onevlm route: requires human review: {reason}"
     if outcome == "routed-set":
         target = f"one of {len(cards)} cards: {', '.join(cards)}"
     elif outcome == "routed":

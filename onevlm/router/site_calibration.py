@@ -212,7 +212,7 @@ def heldout_report(
         if selected is not None:
             selected["share_routed_of_all"] = selected["routed"] / len(labelled) if labelled else None
         route["selective"] = selected
-    curves, marks = {}, {}
+    curves = {}
     for name, cal in (("uncalibrated", None), ("calibrated", calibration)):
         confidences = [pipeline_confidence(d, cal) for d, _ in labelled]
         correct = [same_answer(d.final_label, r.card) for d, r in labelled]
@@ -229,8 +229,7 @@ def heldout_report(
         route["aurc"] = {name: curve.aurc for name, curve in curves.items()}
         if out is not None:
             path = out / "risk_coverage.png"
-            plot_risk_coverage(curves, path, f"Risk-coverage of the routed answer, held-out (n={len(labelled)})",
-                               marks=marks or None)
+            plot_risk_coverage(curves, path, f"Risk-coverage of the routed answer, held-out (n={len(labelled)})")
             plots["risk_coverage"] = str(path)
     report["route"] = route
     report["plots"] = plots

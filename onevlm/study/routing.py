@@ -54,8 +54,8 @@ def route_prepared(router: Router, prepared: Sequence[PreparedSeries], batch_siz
         for index, decision in zip(chunk, decisions):
             entry = prepared[index]
             results[index] = SeriesRouting(entry.series, routed=entry.item, decision=decision)
-            logger.info("series %s -> %s", entry.series.series_instance_uid,
-                        decision.model_card_id or decision.error or decision.stop_reason)
+            logger.info("series %s -> %s %s", entry.series.series_instance_uid, decision.outcome_name,
+                        ", ".join(decision.cards) or decision.error or decision.stop_reason or "")
     return [results[i] for i in range(len(prepared))]
 
 

@@ -47,6 +47,7 @@ const CHROMIUM_FLAGS = [
 
 const THUMBNAIL = '[data-cy="study-browser-thumbnail"], [data-cy="study-browser-thumbnail-no-image"]';
 const ERROR_BOUNDARY_TEXT = "Something went wrong";
+const SR_ATTEMPTS = 3;
 
 function writeScreenshots(buffer, paths) {
   for (const target of paths ?? []) {
@@ -103,11 +104,49 @@ async function checkStudy(page, spec, study, report, step) {
   step("wait for the first image in the viewport");
   await page.locator('[data-cy="viewport-pane"] canvas').first().waitFor({ state: "attached", timeout });
 
-  step("open the SR (double-click its thumbnail)");
-  await srThumbnail.dblclick();
-  step("wait for the SR annotations");
-  for (const uid of study.srAnnotationUIDs ?? []) {
-    await page.locator(`svg.svg-layer g[data-annotation-uid="${uid}"]`).first().waitFor({ state: "attached", timeout });
+  // OHIF 3.13 races the SR viewport against the image viewport's first render and the measurement-tracking
+  // mode: an SR opened too early is sometimes shown without its annotations (or behind a "continue tracking?"
+  // prompt). A reader would open it again; so does this driver, at most SR_ATTEMPTS times, going back to the
+  // image first. Declining the tracking prompt keeps the SR viewport read-only, as a reviewer would.
+  const trackingPrompt = page
+    .locator("div")
+    .filter({ hasText: "Do you want to continue tracking measurements for this study?" })
+    .filter({ has: page.getByRole("button", { name: "No", exact: true }) })
+    .last();
+  const imageThumbnail = page.locator('[data-cy="study-browser-thumbnail"]').first();
+  const perAttempt = Math.max(5000, Math.floor(timeout / SR_ATTEMPTS));
+  result.srAttempts = 0;
+  for (let drawn = false; !drawn; ) {
+    result.srAttempts += 1;
+    step(`open the SR (double-click its thumbnail), attempt ${result.srAttempts}`);
+    await srThumbnail.dblclick();
+    step(`wait for the SR annotations, attempt ${result.srAttempts}`);
+    const deadline = Date.now() + perAttempt;
+    drawn = true;
+    for (const uid of study.srAnnotationUIDs ?? []) {
+      const annotation = page.locator(`svg.svg-layer g[data-annotation-uid="${uid}"]`).first();
+      while ((await annotation.count()) === 0) {
+        if (await trackingPrompt.isVisible()) {
+          result.trackingPromptDeclined = true;
+          await trackingPrompt.getByRole("button", { name: "No", exact: true }).click({ timeout });
+        }
+        if (Date.now() > deadline) {
+          drawn = false;
+          break;
+        }
+        await page.waitForTimeout(250);
+      }
+      if (!drawn) break;
+    }
+    if (!drawn && result.srAttempts >= SR_ATTEMPTS) {
+      throw new Error(`SR annotations not drawn after ${SR_ATTEMPTS} attempts of ${perAttempt} ms`);
+    }
+    if (!drawn) {
+      step(`back to the image before attempt ${result.srAttempts + 1}`);
+      await imageThumbnail.dblclick();
+      await page.locator('[data-cy="viewport-pane"] canvas').first().waitFor({ state: "attached", timeout });
+      await page.waitForTimeout(1000);
+    }
   }
   // The routing group's region is the whole image, so OHIF puts its text box beside the image
   // border, often outside the viewport: zoom out (OHIF's '-' hotkey) for the screenshot, waiting
