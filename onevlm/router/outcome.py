@@ -213,13 +213,6 @@ class RouteOutcome:
             "stages": [s.as_dict() for s in self.stages],
         }
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RouteOutcome":
-        """Read back the summary fields of :meth:`as_dict` (stage assessments are not rebuilt)."""
-        return cls(outcome=data["outcome"], cards=tuple(data.get("cards") or ()), confidence=data.get("confidence"),
-                   calibrated=bool(data.get("calibrated")), reasons=tuple(data.get("reasons") or ()),
-                   calibration=data.get("calibration"), policy=data.get("policy", "sets"))
-
 
 @dataclass
 class _Draft:
