@@ -100,7 +100,8 @@ def main() -> int:
                         if e["sr_file"]:
                             sr_uid = str(pydicom.dcmread(folder / e["sr_file"], stop_before_pixels=True).SOPInstanceUID)
                         received = "SR in PACS" if sr_uid in in_pacs else "SR NOT in PACS"
-                        line = f"{e['modality']} -> {target}; {received}"
+                        shown = "" if e["outcome"] == "review" else f"{e['modality']} -> "
+                        line = f"{shown}{target}; {received}"
                     print(f"  {e['dicom_modality']:6s} {str(e['input'])[:32]:32s} {line}")
             return 0 if status["failed"] == 0 and status["export_pending"] == 0 else 1
         finally:
