@@ -15,14 +15,14 @@ from typing import Sequence
 logger = logging.getLogger("onevlm")
 
 
-def _setup(verbose: int, command: str = "") -> None:
+def _setup(verbose: int, command: str = "", threads: int | None = None) -> None:
     from onevlm.runtime import configure_runtime
 
     # The service reports what it does (stored, processed, exported) at INFO.
     level = (logging.INFO if command == "serve" else logging.WARNING) - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
-    configure_runtime(level)
+    configure_runtime(level, threads)
 
 
 def _cards(args: argparse.Namespace):
@@ -698,6 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="One medical VLM as a calibrated model-card router. Research use only: not for clinical use.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="CPU threads for model computation (default: ONEVLM_THREADS, else all cores but one)")
     from onevlm import __version__
 
     parser.add_argument("--version", action="version", version=f"onevlm {__version__}")
@@ -811,7 +813,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup(args.verbose, args.command)
+    try:
+        _setup(args.verbose, args.command, args.threads)
+    except ValueError as exc:  # a bad ONEVLM_THREADS
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return int(args.func(args) or 0)
 
 

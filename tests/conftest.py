@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -11,6 +12,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The sentence model's ONNX export and the card-text vectors go to a cache folder of this test session
+# (subprocesses inherit it), never to the user's ~/.cache; removed at exit.
+_CACHE = tempfile.TemporaryDirectory(prefix="onevlm-test-cache-")
+os.environ.setdefault("ONEVLM_CACHE_DIR", _CACHE.name)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "dicom_samples"

@@ -37,10 +37,15 @@ import logging
 import os
 from pathlib import Path
 
-from monai.deploy.conditions import CountCondition
-from monai.deploy.core import Application
+# Holoscan's own log (set before it loads): at its default level a CPU-only run prints a CUDA-driver
+# warning and a normal end reads "Scheduler stopped: ... deadlock"; neither is something to act on.
+# HOLOSCAN_LOG_LEVEL set by the caller wins.
+os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "ERROR")
 
-from onevlm.runtime import configure_runtime
+from monai.deploy.conditions import CountCondition  # noqa: E402
+from monai.deploy.core import Application  # noqa: E402
+
+from onevlm.runtime import configure_runtime  # noqa: E402
 from operators import DicomSeriesLoaderOperator, RouterOperator, DicomResultsWriterOperator, SeriesImageOperator
 
 CARDS_ENV = "ONEVLM_CARDS"

@@ -108,6 +108,8 @@ class RoutingDecision:
     seconds: float
     error: str | None = None
     outcome: "RouteOutcome | None" = None
+    #: The process's one-time model loading before its first route (not part of ``seconds``).
+    startup_seconds: float | None = None
 
     @property
     def modality(self) -> str | None:
@@ -186,6 +188,7 @@ class RoutingDecision:
             "needs_review": self.outcome_name == "review",
             "route": self.outcome.as_dict() if self.outcome is not None else None,
             "seconds": round(self.seconds, 6),
+            "startup_seconds": None if self.startup_seconds is None else round(self.startup_seconds, 6),
             "error": self.error,
             "not_for_clinical_use": True,
         }

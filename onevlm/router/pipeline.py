@@ -90,8 +90,22 @@ class Router:
         self._stage2_prompt = stage2_prompt()
         self._backend_identity = backend.identity()
         self.identity = calibration_identity(self._backend_identity, [prompt_id(s) for s in (1, 2, 3)])
+        self.startup_seconds: float | None = None
         if calibration is not None:
             calibration.check_compatible(self.identity)
+
+    def warm_up(self) -> float:
+        """Load the backend's models now; the time is start-up, never charged to a stage.
+
+        Returns the seconds it took (the first call's; later calls return at once).
+        """
+        if self.startup_seconds is None:
+            started = time.perf_counter()
+            warm_up = getattr(self.backend, "warm_up", None)  # part of the protocol; test doubles may omit it
+            if warm_up is not None:
+                warm_up()
+            self.startup_seconds = time.perf_counter() - started
+        return self.startup_seconds
 
     def route(self, item: RoutingInput) -> RoutingDecision:
         """Route one input."""
@@ -99,6 +113,7 @@ class Router:
 
     def route_many(self, items: Sequence[RoutingInput]) -> list[RoutingDecision]:
         """Route several inputs, stage by stage, so a backend can batch each stage."""
+        self.warm_up()
         states = [_Progress(item=item, stages=[]) for item in items]
 
         self._run_stage(
@@ -262,4 +277,5 @@ class Router:
             seconds=sum(s.seconds for s in state.stages),
             error=state.error,
             outcome=self.decide(stages, state.stop_reason, state.error),
+            startup_seconds=self.startup_seconds,
         )

@@ -127,6 +127,9 @@ def load_model(model_dir: str | Path, options: LoadOptions | None = None) -> Loa
     options = options or LoadOptions()
     path = check_model_dir(model_dir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from onevlm.runtime import quiet_transformers
+
+    quiet_transformers()
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor

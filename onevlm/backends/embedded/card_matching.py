@@ -30,7 +30,8 @@ def rank_cards(
 ) -> tuple[list[Ranked], dict[str, str], dict]:
     """Stage-3 distribution over the candidate IDs and ``None``, with a justification per card."""
     query = structured_query(modality, finding)
-    sims = encoder.similarity([query], [c.task_caption for c in cards])[0] if cards else []
+    # the query is built from the card vocabulary (modality, finding): cached on disk with the captions
+    sims = encoder.similarity([query], [c.task_caption for c in cards], persist_queries=True)[0] if cards else []
     logits, justifications = [], {}
     for card, sim in zip(cards, sims):
         listed = finding.lower() in {f.lower() for f in card.findings}
