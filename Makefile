@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 # holoscan (MONAI Deploy) wants a large stack; harmless for everything else.
 RUN    := ulimit -s 32768 2>/dev/null; HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: demo demo-app demo-specialty serve route-samples test install install-dev clean device-wheels bench
+.PHONY: demo demo-app demo-specialty serve route-samples test test-deps install install-dev clean device-wheels bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,20 +61,19 @@ route-samples: install
 	@mkdir -p out
 	$(RUN) $(BIN)/onevlm route dicom_samples/ --log out/decisions.jsonl
 
-# Node side of the tests: dcmjs (OHIF's DICOM library), the built OHIF viewer, playwright-core
-# (driving Debian's chromium; it never downloads a browser).
-JS_DEPS := tests/js/node_modules/.package-lock.json
-$(JS_DEPS): tests/js/package.json tests/js/package-lock.json
-	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
+## test-deps: the Debian tools and Node test tools the tests drive (scripts/test-deps.sh; .ci/run uses it too)
+test-deps:
+	bash scripts/test-deps.sh
 
-## test: the whole pytest suite (slow end-to-end tests included)
-test: install-dev $(JS_DEPS)
-	$(RUN) $(BIN)/python -m pytest -q
+## test: everything set up, then the whole pytest suite (slow end-to-end tests included), slowest 15 listed
+test: install-dev test-deps
+	$(RUN) $(BIN)/python -m pytest -q --durations=15
 
 ## bench: the CPU benchmarks (numbers go to bench/RESULTS.md by hand, with the date)
 bench: install
 	$(RUN) $(BIN)/python bench/router_bench.py --size small --images 16 --repeat 3
 	$(RUN) $(BIN)/python bench/embedded_router_bench.py --repeat 5
+	$(RUN) $(BIN)/python bench/startup_bench.py --repeat 5
 	$(RUN) $(BIN)/python bench/calibration_bench.py --repeats 20
 	$(RUN) $(BIN)/python bench/calibration_bench.py --repeats 20 --top2
 	$(RUN) $(BIN)/python bench/multi_adapter_bench.py --size small --adapters 5 --requests 10 --repeat 3

@@ -31,6 +31,15 @@ def _cards(args: argparse.Namespace):
     return CardRepository.load(args.cards or default_cards_dir())
 
 
+def _card_error_message(exc: Exception, directory: str | Path | None) -> str:
+    """One line naming the card's path (a CardError names only the file) and the problem."""
+    from onevlm.cards import CardError, default_cards_dir
+
+    if isinstance(exc, CardError):
+        return f"{Path(directory or default_cards_dir()) / exc.source}: field '{exc.field_name}': {exc.problem}"
+    return str(exc)
+
+
 # -- cards ------------------------------------------------------------------------------------
 
 
@@ -40,11 +49,11 @@ def cmd_cards_validate(args: argparse.Namespace) -> int:
     directory = Path(args.directory or args.cards or default_cards_dir())
     try:
         cards, errors = validate_directory(directory)
-    except FileNotFoundError as exc:
+    except OSError as exc:  # no such folder, a file, no card in it: the user's error, as for `route --cards`
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     for error in errors:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_card_error_message(error, directory)}", file=sys.stderr)
     modalities = dict.fromkeys(card.modality for card in cards)
     status = "OK" if not errors else "FAILED"
     print(f"{status}: {len(cards)} valid card(s), {len(errors)} error(s), {len(modalities)} modalities in {directory}")
@@ -52,7 +61,13 @@ def cmd_cards_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_cards_list(args: argparse.Namespace) -> int:
-    repo = _cards(args)
+    from onevlm.cards import CardError
+
+    try:
+        repo = _cards(args)
+    except (CardError, OSError) as exc:  # as `route --cards` reports them
+        print(f"error: {_card_error_message(exc, args.cards)}", file=sys.stderr)
+        return 2
     cards = repo.by_modality(args.modality) if args.modality else repo.cards
     if args.modality and not cards:
         print(f"error: no card has modality {args.modality!r}; known: {', '.join(repo.modalities)}", file=sys.stderr)
@@ -161,8 +176,20 @@ def cmd_summary(args: argparse.Namespace) -> int:
     path = Path(args.output_dir) / METADATA_FILE
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"error: {path}: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"error: {path}: cannot read: {exc.strerror or exc} (is {args.output_dir} an output folder of "
+              f"the router app?)", file=sys.stderr)
+        return 1
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        print(f"error: {path}: not valid JSON: {exc}", file=sys.stderr)
+        return 1
+    # A file that is JSON but not ours would fail below on a missing key: check the keys read.
+    entry_keys = {"input", "series_instance_uid", "dicom_modality", "modality", "finding", "skipped", "error",
+                  "outcome", "cards", "stop_reason", "confidence"}
+    if not (isinstance(meta, dict) and {"series", "routed", "skipped", "errors", "entries"} <= meta.keys()
+            and isinstance(meta["entries"], list)
+            and all(isinstance(e, dict) and entry_keys <= e.keys() for e in meta["entries"])):
+        print(f"error: {path}: not an onevlm metadata.json (written by the router app or service)", file=sys.stderr)
         return 1
     calibration = "calibrated " + meta["calibration_id"] if meta.get("calibration_id") and meta.get("calibrated") else "uncalibrated"
     print(f"{meta['series']} series: {meta['routed']} routed to one card, {meta.get('routed_sets', 0)} to a set of cards, "
@@ -268,7 +295,13 @@ def cmd_synth_model(args: argparse.Namespace) -> int:
     if args.size not in SIZES:
         print(f"error: unknown size {args.size!r}; choose one of {', '.join(SIZES)}", file=sys.stderr)
         return 2
-    cards = _cards(args) if args.cards else None
+    from onevlm.cards import CardError
+
+    try:
+        cards = _cards(args) if args.cards else None
+    except (CardError, OSError) as exc:  # as `route --cards` reports them
+        print(f"error: {_card_error_message(exc, args.cards)}", file=sys.stderr)
+        return 2
     out = build_synthetic_model(args.size, args.out_dir, cards=cards, seed=args.seed)
     print(f"synthetic {args.size} model written to {out} (random weights: tests and benchmarks only)")
     return 0
@@ -293,12 +326,30 @@ def cmd_synth_data(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
+    from onevlm.cards import CardError
     from onevlm.router import DecisionLog
+    from onevlm.router.answers import normalise_modality_hint
     from onevlm.router.runner import route_files
 
     try:
         router = _router(args)
+    except CardError as exc:
+        print(f"error: {_card_error_message(exc, args.cards)}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    hint = args.hint
+    if hint is not None:
+        # Once, before routing: an unknown hint would otherwise route every image file as Other.
+        hint = normalise_modality_hint(args.hint, router.cards.modalities)
+        if hint is None:
+            print(f"error: --hint {args.hint!r} names no admissible modality; use one of: "
+                  f"{'; '.join(router.cards.modalities)} ('onevlm cards list --modalities')", file=sys.stderr)
+            return 2
+    try:
+        router.warm_up()  # a model folder that does not load (--text-model) is the user's error
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     failed = 0
@@ -309,16 +360,19 @@ def cmd_route(args: argparse.Namespace) -> int:
     if log:
         log.__enter__()
     try:
-        for decision in route_files(router, args.paths, hint=args.hint, batch_size=args.batch_size,
+        for decision in route_files(router, args.paths, hint=hint, batch_size=args.batch_size,
                                     progress=False if args.json else None):
             if log:
                 log.write(decision)
             if decision.error:
                 failed += 1
-                print(f"error: {decision.error}", file=sys.stderr)
+                # One message per bad input, on stderr, naming it as the user did (input errors
+                # already start with the path; a failed stage does not).
+                named = decision.error.startswith(decision.input)
+                print(f"error: {decision.error if named else f'{decision.input}: {decision.error}'}", file=sys.stderr)
             if args.json:
                 print(json.dumps(decision.as_dict(), ensure_ascii=False), flush=True)
-            else:
+            elif not decision.error:
                 _print_decision(decision)
     finally:
         if log:
@@ -336,12 +390,19 @@ def cmd_cutoffs_fit(args: argparse.Namespace) -> int:
 
     try:
         fits = fit_cutoffs(read_rows(args.rows))
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        print(f"error: {args.rows}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # names the file and line (a stage outside 1..3 included)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     payload = {str(stage): fit.as_dict() for stage, fit in fits.items()}
     if args.output:
-        Path(args.output).write_text(json.dumps(payload, indent=2) + "\n")
+        try:
+            Path(args.output).write_text(json.dumps(payload, indent=2) + "\n")
+        except OSError as exc:
+            print(f"error: {args.output}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(payload))
         return 0
@@ -811,6 +872,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+
+    if hasattr(signal, "SIGPIPE") and argv is None:  # `onevlm route ... | head` ends quietly, as other tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

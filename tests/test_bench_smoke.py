@@ -101,3 +101,14 @@ def test_calibration_bench_reports_every_alpha(tmp_path):
         assert 0 <= figures["coverage_mean"] <= 1 and figures["mean_set_size"] >= 0
         assert figures["ece_before"] >= 0 and positive(figures["temperature_mean"])
     assert set(result["selective"]) >= {"share_routed_mean", "certified_repeats"}
+
+
+def test_startup_bench_times_every_command(tmp_path):
+    out = tmp_path / "startup.json"
+    run_bench("startup_bench.py", "--repeat", "1", "--json", str(out), timeout=600)
+    result = json.loads(out.read_text())
+    names = set(result["commands"])
+    assert {"onevlm route dicom_samples/ (17 files)", "onevlm serve -> C-ECHO", "onevlm status",
+            "python -m apps.router_app -i dicom_samples"} <= names
+    assert all(positive(c["median"]) for c in result["commands"].values())
+    assert positive(result["first_run_ever_seconds"])

@@ -130,5 +130,5 @@ def test_cli_validate_and_list(small_cards, capsys):
 
 
 def test_missing_folder(tmp_path, capsys):
-    assert main(["cards", "validate", str(tmp_path / "nothing")]) == 1
+    assert main(["cards", "validate", str(tmp_path / "nothing")]) == 2  # a user error, as for `route --cards`
     assert "not found" in capsys.readouterr().err

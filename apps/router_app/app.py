@@ -42,6 +42,10 @@ from pathlib import Path
 # HOLOSCAN_LOG_LEVEL set by the caller wins.
 os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "ERROR")
 
+from apps.monai_core_skip import register_monai_lazily  # noqa: E402
+
+register_monai_lazily()  # the SDK without MONAI core's 4-second eager import
+
 from monai.deploy.conditions import CountCondition  # noqa: E402
 from monai.deploy.core import Application  # noqa: E402
 

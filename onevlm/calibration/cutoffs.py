@@ -21,6 +21,8 @@ from typing import Iterable, Mapping, Sequence
 FIRST = "FIRST"
 SECOND = "SECOND"
 WIDTH_TOLERANCE = 1e-12
+#: The router's stages (modality, finding, card): the only ones a cutoff exists for.
+STAGES = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class CutoffRow:
     label: str
 
     def __post_init__(self) -> None:
+        # Rejected at fit time: a cutoffs file with another stage would only fail at `route --cutoffs`.
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be 1, 2 or 3, got {self.stage!r}")
         if self.label not in (FIRST, SECOND):
             raise ValueError(f"label must be FIRST or SECOND, got {self.label!r}")
         if math.isnan(self.p2) or not 0.0 <= self.p2 <= 1.0:
@@ -82,7 +87,8 @@ def sweep(p2_values: Sequence[float], labels: Sequence[str]) -> CutoffFit:
         raise ValueError("p2_values and labels differ in length")
     if not p2_values:
         raise ValueError("cannot fit a cutoff without rows")
-    rows = [CutoffRow(stage=0, p2=float(p), label=str(l)) for p, l in zip(p2_values, labels)]
+    # The rows validate p2 and label; the sweep does not depend on which stage they are.
+    rows = [CutoffRow(stage=1, p2=float(p), label=str(l)) for p, l in zip(p2_values, labels)]
     flips = Counter(r.p2 for r in rows if r.label == SECOND)  # A: correct only when switched
     stays = Counter(r.p2 for r in rows if r.label == FIRST)  # B: correct only when kept
     events = sorted(set(flips) | set(stays))

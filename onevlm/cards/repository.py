@@ -42,6 +42,8 @@ class CardRepository:
             On the first invalid card (use :func:`validate_directory` to collect all errors).
         FileNotFoundError
             If the folder does not exist or holds no card.
+        NotADirectoryError
+            If ``directory`` is a file.
         """
         cards, errors = _read_directory(directory)
         if errors:
@@ -85,6 +87,8 @@ def _id_order(card: ModelCard) -> tuple[int, str]:
 
 
 def _card_files(directory: Path) -> list[Path]:
+    if directory.is_file():
+        raise NotADirectoryError(f"{directory}: not a folder (give the folder that holds the *.yaml cards)")
     if not directory.is_dir():
         raise FileNotFoundError(f"model-card folder not found: {directory}")
     files = sorted(p for p in directory.iterdir() if p.suffix in CARD_SUFFIXES and p.is_file())

@@ -304,6 +304,15 @@ def _execute(value: Any, source: str) -> ExecuteSpec | None:
     return ExecuteSpec(specialty=value["specialty"], task=value["task"].strip())
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    # One line with the position, not PyYAML's multi-line dump of "<unicode string>" and carets.
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def load_card(path: str | Path) -> ModelCard:
     """Read and validate one card file.
 
@@ -316,7 +325,7 @@ def load_card(path: str | Path) -> ModelCard:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise CardError(path.name, "<document>", f"is not valid YAML: {exc}") from exc
+        raise CardError(path.name, "<document>", f"is not valid YAML: {_yaml_problem(exc)}") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise CardError(path.name, "<document>", f"cannot be read: {exc}") from exc
     card = ModelCard.from_mapping(data, source=path.name)

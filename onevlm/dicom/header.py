@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from onevlm.dicom.pixel_data import pixel_data_problem
 from onevlm.dicom.sop_classes import MODALITY_BY_SOP_CLASS, non_image_kind, sop_class_name
 
 #: Free-text header fields that describe the acquisition (never patient identity).
@@ -24,7 +26,20 @@ DESCRIPTIVE_FIELDS = (
 
 
 class DicomReadError(ValueError):
-    """A file could not be read as DICOM. The message names the file and the problem."""
+    """A file could not be read as DICOM. The message names the file and the problem.
+
+    Attributes
+    ----------
+    source:
+        How the message names the file (its name).
+    problem:
+        The problem alone, in the user's terms, for callers that name the file their own way.
+    """
+
+    def __init__(self, source: str, problem: str) -> None:
+        self.source = source
+        self.problem = problem
+        super().__init__(f"{source}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,8 @@ class DicomHeader:
     number_of_frames: int | None
     instance_number: int | None = None
     slice_position: float | None = None
+    #: Why the Pixel Data is certainly incomplete (truncated file…), else ``None``.
+    pixel_data_problem: str | None = None
 
     @property
     def sop_class_name(self) -> str:
@@ -131,7 +148,7 @@ def header_from_dataset(ds: pydicom.Dataset, source: str = "<dataset>") -> Dicom
     """
     sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
     if not sop_class:
-        raise DicomReadError(f"{source}: not a DICOM instance: no SOP Class UID")
+        raise DicomReadError(source, "not a DICOM instance: no SOP Class UID")
     region = ""
     if "AnatomicRegionSequence" in ds and len(ds.AnatomicRegionSequence):
         region = _text(ds.AnatomicRegionSequence[0], "CodeMeaning")
@@ -166,20 +183,30 @@ def read_header(path: str | Path, force: bool = False) -> DicomHeader:
     ------
     DicomReadError
         If the file is missing, not DICOM, truncated in its header, or has no SOP Class UID.
+        Pixel Data cut short is not an error here: it is the header's ``pixel_data_problem``.
     """
     path = Path(path)
     try:
-        # defer_size keeps large values (pixel data) on disk: we only need to know they exist.
-        ds = pydicom.dcmread(path, defer_size="64 KB", force=force)
+        with path.open("rb") as handle:
+            # defer_size keeps large values (pixel data) on disk: we only need to know they exist.
+            ds = pydicom.dcmread(handle, defer_size="64 KB", force=force)
+            # Checked on this read, through the same handle: the file is parsed once, no pixel loaded.
+            stopped_at = handle.tell()
+            problem = pixel_data_problem(ds, handle, os.fstat(handle.fileno()).st_size, stopped_at)
     except InvalidDicomError as exc:
-        raise DicomReadError(f"{path.name}: not a DICOM file ({exc})") from exc
+        # pydicom's text advises force=True: not the user's terms.
+        raise DicomReadError(path.name, "not a DICOM file") from exc
     except FileNotFoundError as exc:
-        raise DicomReadError(f"{path.name}: file not found") from exc
+        raise DicomReadError(path.name, "file not found") from exc
     except Exception as exc:  # pydicom raises many types on corrupt data
-        raise DicomReadError(f"{path.name}: corrupt DICOM file: {type(exc).__name__}: {exc}") from exc
+        raise DicomReadError(path.name, f"corrupt DICOM file: its header cannot be parsed ({exc or type(exc).__name__})") from exc
     try:
-        return header_from_dataset(ds, source=path.name)
+        header = header_from_dataset(ds, source=path.name)
     except DicomReadError:
         raise
     except Exception as exc:
-        raise DicomReadError(f"{path.name}: corrupt DICOM header: {type(exc).__name__}: {exc}") from exc
+        raise DicomReadError(path.name, f"corrupt DICOM header ({exc or type(exc).__name__})") from exc
+    if problem is None:
+        return header
+    # A dropped (unparseable) Pixel Data element still means the file was an image.
+    return replace(header, pixel_data_problem=problem, has_pixel_data=True)

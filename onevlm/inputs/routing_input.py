@@ -67,7 +67,10 @@ def load_input(path: str | Path, hint: str | None = None) -> RoutingInput:
     Raises
     ------
     InputError
-        If the file is missing, empty, corrupt, or neither DICOM nor an image.
+        If the file is missing, empty, corrupt, or neither DICOM nor an image. The message
+        names the file as given (``path``, relative if it was) and says the problem in the
+        user's terms; a DICOM file whose Pixel Data is cut short is not an error here (see
+        :attr:`DicomHeader.pixel_data_problem`; the router refuses it).
     """
     path = Path(path)
     if not path.exists():
@@ -76,14 +79,20 @@ def load_input(path: str | Path, hint: str | None = None) -> RoutingInput:
         raise InputError(f"{path}: not a regular file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file")
-    if is_dicom_file(path) or path.suffix.lower() == ".dcm":
+    if is_dicom_file(path):
         return RoutingInput(path=path, kind="dicom", header=_header(path), hint=hint)
+    if path.suffix.lower() == ".dcm":
+        # No Part 10 preamble: an old archive's file (read it forced) or no DICOM at all.
+        return RoutingInput(path=path, kind="dicom", header=_header(path, force=True), hint=hint)
     if path.suffix.lower() in IMAGE_SUFFIXES or _is_image(path):
         try:
             with Image.open(path) as image:
                 image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise InputError(f"{path}: corrupt or unsupported image: {exc}") from exc
+        except UnidentifiedImageError as exc:
+            # PIL's text repeats the path: say it once, in the user's terms.
+            raise InputError(f"{path}: not a readable image (unknown format or corrupt)") from exc
+        except (OSError, SyntaxError) as exc:
+            raise InputError(f"{path}: corrupt image ({exc})") from exc
         return RoutingInput(path=path, kind="image", hint=hint)
     # DICOM without the Part 10 preamble still happens (old archives): try it last.
     try:
@@ -93,11 +102,13 @@ def load_input(path: str | Path, hint: str | None = None) -> RoutingInput:
     return RoutingInput(path=path, kind="dicom", header=header, hint=hint)
 
 
-def _header(path: Path) -> DicomHeader:
+def _header(path: Path, force: bool = False) -> DicomHeader:
     try:
-        return read_header(path)
+        return read_header(path, force=force)
     except DicomReadError as exc:
-        raise InputError(str(exc)) from exc
+        # Forced reading of a file that is not DICOM fails in arbitrary ways: say what it is.
+        problem = "not a DICOM file" if force else exc.problem
+        raise InputError(f"{path}: {problem}") from exc
 
 
 def _is_image(path: Path) -> bool:

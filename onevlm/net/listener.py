@@ -175,8 +175,10 @@ class Listener:
 
     def _handle_rejected(self, event) -> None:
         requestor = event.assoc.requestor
+        # The title the caller asked for, from its A-ASSOCIATE-RQ (acceptor.ae_title is our own).
+        called = str(getattr(requestor.primitive, "called_ae_title", "") or "").strip()
         logger.warning("event=association_rejected address=%s calling_ae=%s called_ae=%s", requestor.address,
-                       requestor.ae_title, event.assoc.acceptor.ae_title)
+                       requestor.ae_title, called)
 
     def _handle_abort(self, event) -> None:
         logger.info("event=association_aborted address=%s", event.assoc.requestor.address)

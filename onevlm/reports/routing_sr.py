@@ -2,7 +2,8 @@
 
 Content (TID 1500 "Imaging Measurement Report"):
 
-- observation context: the device "onevlm" (version, backend and model identity);
+- observation context: the device "onevlm" (backend and model identity; the version is in the
+  algorithm identification; no host paths anywhere: see :func:`without_host_paths`);
 - procedure reported: the acquisition modality of the source (CID 29);
 - one measurement group "onevlm routing" (TID 1501) with the algorithm identification, the
   stage answers as coded qualitative evaluations (modality, finding, model card, outcome —
@@ -28,7 +29,9 @@ writes the same SR (a PACS keeps one copy).
 from __future__ import annotations
 
 import json
-from typing import Sequence
+import os
+import re
+from typing import Any, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -68,6 +71,41 @@ def sr_uids(study_uid: str, source_series_uid: str) -> tuple[str, str]:
         generate_uid(entropy_srcs=[study_uid, source_series_uid, "onevlm-routing-sr-series"]),
         generate_uid(entropy_srcs=[study_uid, source_series_uid, "onevlm-routing-sr-instance"]),
     )
+
+
+_PATH_KEY = re.compile(r"(?:^|_)(?:dir|path|file|folder)$")
+_ABSOLUTE_PATH = re.compile(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\)")
+
+
+def without_host_paths(value: Any, key: str = "") -> Any:
+    """``value`` (JSON-like) with every file path cut to its last component.
+
+    DICOM outputs leave the host: a folder such as ``/opt/site/.venv/...`` says nothing about the
+    model (its name and fingerprint do) and everything about the machine. Path-valued fields
+    (keys ending in ``dir``, ``path``, ``file``, ``folder``) and any absolute path are reduced to
+    the name of the file or folder; everything else is kept.
+
+    Parameters
+    ----------
+    value:
+        A mapping, sequence or scalar (a backend identity, a calibration identity…).
+    key:
+        The key ``value`` was found under (path-valued keys are recognised by name).
+
+    Returns
+    -------
+    Any
+        The same structure, mappings as dicts and sequences as lists.
+    """
+    if isinstance(value, dict):
+        return {k: without_host_paths(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_host_paths(v, key) for v in value]
+    if isinstance(value, os.PathLike) or (
+        isinstance(value, str) and (_PATH_KEY.search(key) or _ABSOLUTE_PATH.match(value))
+    ):
+        return re.split(r"[\\/]", os.fspath(value).rstrip("/\\"))[-1]
+    return value
 
 
 def _model_name(backend: dict) -> str:
@@ -223,14 +261,16 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
         measurements.append(
             hd.sr.Measurement(name=coding.STAGE_CONFIDENCE_CONCEPTS[stage.stage], value=float(p), unit=coding.UNITLESS)
         )
-    backend = decision.backend
+    # No host paths in a DICOM output (model folders…): the model's name and fingerprint stay.
+    backend = without_host_paths(decision.backend)
     parameters = [
         f"backend: {json.dumps(backend, sort_keys=True, default=str)}",
         f"cutoffs: {json.dumps(decision.cutoffs)}",
         f"prompts: {', '.join(s.prompt_id for s in decision.stages)}",
     ]
     if decision.outcome is not None:
-        parameters.append(f"calibration: {json.dumps(decision.outcome.calibration, sort_keys=True, default=str)}")
+        calibration = without_host_paths(decision.outcome.calibration)
+        parameters.append(f"calibration: {json.dumps(calibration, sort_keys=True, default=str)}")
         parameters += [f"outcome note: {reason}" for reason in decision.outcome.reasons[1 if outcome == 'review' else 0:]]
     name = "onevlm model-card router"
     for execution in executions:
@@ -239,7 +279,8 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
         measurements += more_measurements
         name = "onevlm model-card router and specialty model"
         if execution.specialty:
-            parameters += [f"specialty adapter ({execution.card_id}): {json.dumps(execution.adapter, sort_keys=True, default=str)}",
+            adapter = without_host_paths(execution.adapter)
+            parameters += [f"specialty adapter ({execution.card_id}): {json.dumps(adapter, sort_keys=True, default=str)}",
                            f"specialty prompt ({execution.card_id}): {execution.prompt_id}"]
         if execution.answer is not None:
             parameters.append(f"specialty answer ({execution.card_id}): {execution.answer}")
@@ -376,7 +417,8 @@ def build_routing_sr(
             name="onevlm",
             manufacturer_name="onevlm",
             model_name=_model_name(decision.backend),
-            serial_number=__version__,
+            # No serial number (optional in TID 1004): a version is not one, and it is in the
+            # algorithm identification already; the device UID identifies the software.
         ),
     )
     procedure = coding.acquisition_modality_code(str(routed_image.get("Modality", ""))) or GENERIC_IMAGING

@@ -86,6 +86,40 @@ def normalise(raw: str, allowed: Sequence[str]) -> NormalisedAnswer:
     return NormalisedAnswer(cleaned, raw, False, "none")
 
 
+def normalise_modality_hint(hint: str, modalities: Sequence[str]) -> str | None:
+    """Map a user's modality hint onto one of the cards' ``modalities``, or ``None``.
+
+    The hint is matched as the router matches a stage-1 answer (:func:`normalise`). Every card
+    modality ends in a kind of image ("chest X-ray scan") that users leave out ("chest x-ray"),
+    so a hint that matches nothing is tried once more as ``"<hint> scan"``; that second try takes
+    only an exact or close match, never a modality merely contained in it ("left knee brain CT"
+    is not "brain CT scan").
+
+    Parameters
+    ----------
+    hint:
+        The user's words, e.g. ``"chest x-ray"``.
+    modalities:
+        The admissible modalities (:attr:`CardRepository.modalities`); ``None`` and ``Other`` are
+        not modalities a user can hint.
+
+    Returns
+    -------
+    str or None
+        The admissible modality, or ``None`` when the hint names none of them.
+    """
+    direct = normalise(hint, modalities)
+    if direct.in_allowed_set:
+        return direct.answer
+    cleaned = clean(hint)
+    if not cleaned:
+        return None
+    scanned = normalise(f"{cleaned} scan", modalities)
+    if scanned.in_allowed_set and scanned.match in ("exact", "close"):
+        return scanned.answer
+    return None
+
+
 def normalise_card_choice(raw: str, card_ids: Sequence[str], none_answer: str = "None") -> NormalisedAnswer:
     """Parse a stage-3 answer: ``MODEL_07: justification`` or ``None``.
 

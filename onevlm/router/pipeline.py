@@ -35,6 +35,12 @@ from onevlm.router.selector import select_answer
 logger = logging.getLogger(__name__)
 
 
+def _pixel_data_error(item: RoutingInput) -> str | None:
+    # Not logged here: the decision's error carries it and the caller reports it.
+    problem = item.header.pixel_data_problem if item.header is not None else None
+    return f"{item.path}: {problem}" if problem else None
+
+
 @dataclass
 class _Progress:
     """Mutable per-input state while the stages run."""
@@ -114,7 +120,8 @@ class Router:
     def route_many(self, items: Sequence[RoutingInput]) -> list[RoutingDecision]:
         """Route several inputs, stage by stage, so a backend can batch each stage."""
         self.warm_up()
-        states = [_Progress(item=item, stages=[]) for item in items]
+        # A file whose Pixel Data is cut short is a bad input, even for a backend that reads no pixels.
+        states = [_Progress(item=item, stages=[], error=_pixel_data_error(item)) for item in items]
 
         self._run_stage(
             states,
@@ -233,10 +240,16 @@ class Router:
             state.stop_reason = f"stage 1 answer {chosen.answer!r} is not an admissible modality"
         elif decision.chosen in (NONE, OTHER):
             state.stopped_early = True
-            state.stop_reason = (
-                "stage 1: not a medical image (None)" if decision.chosen == NONE
-                else "stage 1: medical image of a modality no card covers (Other)"
-            )
+            source = decision.evidence.get("source") if isinstance(decision.evidence, dict) else None
+            if not decision.informative:
+                # Nothing was known (an image file without a usable hint): say so, not a verdict.
+                known = source or "no evidence of the modality"
+                state.stop_reason = f"stage 1: {known} ({decision.chosen})"
+            else:
+                state.stop_reason = (
+                    "stage 1: not a medical image (None)" if decision.chosen == NONE
+                    else "stage 1: medical image of a modality no card covers (Other)"
+                )
 
     @staticmethod
     def _after_stage2(state: _Progress, decision: StageDecision) -> None:

@@ -2,7 +2,8 @@
 
 Non-image series (SR, RT plan, ECG…) are recognised and skipped. When the backend looks at
 pixels, the representative image is decoded here, once, so a series whose pixels cannot be
-decoded gets an error naming the file while the rest of the study goes on. Whole-slide series
+decoded (or whose pixel data was cut short) gets an error naming the file while the rest of the
+study goes on. Whole-slide series
 are shown to the router as a thumbnail of the slide.
 """
 
@@ -55,13 +56,25 @@ def slide_input(series: SeriesGroup) -> RoutingInput:
 
 
 def prepare_series(groups: Sequence[SeriesGroup], decode_pixels: bool) -> list[PreparedSeries]:
-    """Prepare every series; ``decode_pixels`` when the router's backend reads the image."""
+    """Prepare every series; ``decode_pixels`` when the router's backend reads the image.
+
+    A series with an instance whose Pixel Data is cut short (see
+    :attr:`~onevlm.dicom.header.DicomHeader.pixel_data_problem`) gets that error, naming the file.
+    """
     prepared = []
     for series in groups:
         kind = series.non_image_kind
         if kind is not None:
             logger.info("series %s skipped: %s (%d instance(s))", series.series_instance_uid, kind, len(series.members))
             prepared.append(PreparedSeries(series, skipped=f"not an image: {kind}"))
+            continue
+        damaged = [m for m in series.members if m.header.pixel_data_problem]
+        if damaged:
+            # An instance cut short in transfer: the series is incomplete, whichever image routes it.
+            more = f" (and {len(damaged) - 1} more file(s) of the series)" if len(damaged) > 1 else ""
+            message = f"{damaged[0].path.name}: {damaged[0].header.pixel_data_problem}{more}"
+            logger.error("series %s: %s", series.series_instance_uid, message)
+            prepared.append(PreparedSeries(series, item=damaged[0], error=message))
             continue
         try:
             if is_whole_slide_series(series):

@@ -22,7 +22,7 @@ from onevlm.backends.embedded.modality_evidence import (
 from onevlm.backends.embedded.text_encoder import TextEncoder, shared_encoder
 from onevlm.cards.repository import CardRepository
 from onevlm.inputs.routing_input import RoutingInput
-from onevlm.router.answers import normalise
+from onevlm.router.answers import normalise_modality_hint
 from onevlm.router.backend import NONE, Candidate, StageRequest, StageResponse
 
 logger = logging.getLogger(__name__)
@@ -86,10 +86,8 @@ class EmbeddedBackend:
             if item.header is not None:
                 ranking, evidence = rank_modalities(item.header, self._profiles)
             else:
-                matched = None
-                if item.hint:
-                    hint = normalise(item.hint, self.cards.modalities)
-                    matched = hint.answer if hint.in_allowed_set else None
+                # The same mapping the CLI validates --hint with.
+                matched = normalise_modality_hint(item.hint, self.cards.modalities) if item.hint else None
                 ranking, evidence = rank_for_image_file(item.hint, self._profiles, matched)
             return _response(ranking, evidence)
         if request.stage == 2:
