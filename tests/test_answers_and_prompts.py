@@ -70,3 +70,26 @@ def test_prompt_ids_identify_the_template(monkeypatch):
     before = prompts.prompt_id(2)
     monkeypatch.setitem(prompts._TEMPLATES, 2, prompts.STAGE2_TEMPLATE + " Be brief.")
     assert prompts.prompt_id(2) != before
+
+
+@pytest.mark.parametrize(
+    "hint,modality",
+    [
+        ("chest X-ray scan", "chest X-ray scan"),
+        ("Chest x-ray", "chest X-ray scan"),  # "<hint> scan" matches exactly
+        ("chest xray", "chest X-ray scan"),  # ... or by a close spelling
+        ("brain ct", "brain CT scan"),
+        ("a brain MRI scan of an adult", "brain MRI scan"),  # contained, as the router matches answers
+        ("banana", None),
+        ("x-ray", None),  # names no anatomy: several modalities would fit
+        ("left knee brain CT", None),  # the "<hint> scan" try never takes a merely contained modality
+        ("Other", None),  # not a modality a user can hint
+        ("None", None),
+        ("", None),
+    ],
+)
+def test_modality_hint(hint, modality):
+    from onevlm.router.answers import normalise_modality_hint
+
+    modalities = [a for a in ALLOWED if a not in ("None", "Other")]
+    assert normalise_modality_hint(hint, modalities) == modality

@@ -132,3 +132,27 @@ def test_cli_validate_and_list(small_cards, capsys):
 def test_missing_folder(tmp_path, capsys):
     assert main(["cards", "validate", str(tmp_path / "nothing")]) == 2  # a user error, as for `route --cards`
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_card_folder_errors_are_messages_not_tracebacks(small_cards, tmp_path, capsys):
+    (small_cards / "MODEL_09.yaml").write_text("id: [unclosed\n")
+    broken = small_cards / "MODEL_09.yaml"
+    # `cards list`, `cards validate` and `route --cards` report the same card the same way
+    assert main(["cards", "list", "--cards", str(small_cards)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {broken}: field '<document>': is not valid YAML: line 2, column 1:")
+    assert len(err.strip().splitlines()) == 1  # one line, not PyYAML's multi-line dump
+    assert main(["cards", "validate", str(small_cards)]) == 1
+    assert f"error: {broken}: field '<document>'" in capsys.readouterr().err
+    assert main(["route", str(tmp_path), "--cards", str(small_cards), "--log", str(tmp_path / "log.jsonl")]) == 2
+    assert f"error: {broken}: field '<document>'" in capsys.readouterr().err
+    missing = tmp_path / "nowhere"
+    assert main(["cards", "list", "--cards", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: model-card folder not found: {missing}\n"
+    card_file = small_cards / "MODEL_01.yaml"
+    for argv in (["cards", "validate", str(card_file)], ["cards", "list", "--cards", str(card_file)]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == (f"error: {card_file}: not a folder (give the folder that holds the "
+                                           "*.yaml cards)\n")
+    assert main(["synth-model", "tiny", str(tmp_path / "model"), "--cards", str(missing)]) == 2
+    assert "model-card folder not found" in capsys.readouterr().err

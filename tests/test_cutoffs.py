@@ -144,3 +144,28 @@ def test_cli_fit_json(tmp_path, capsys):
 def test_cli_fit_reports_bad_file(tmp_path, capsys):
     assert main(["cutoffs", "fit", str(tmp_path / "nope.csv")]) == 1
     assert "nope.csv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", [0, 4, -1])
+def test_a_stage_outside_1_to_3_is_refused_at_fit_time(tmp_path, capsys, stage):
+    with pytest.raises(ValueError, match=f"stage must be 1, 2 or 3, got {stage}"):
+        CutoffRow(stage=stage, p2=0.2, label=FIRST)
+    rows = tmp_path / "rows.csv"
+    rows.write_text(f"stage,p2,label\n1,0.2,FIRST\n{stage},0.3,SECOND\n")
+    with pytest.raises(ValueError, match=rf"rows\.csv: line 3: stage must be 1, 2 or 3, got {stage}"):
+        read_rows(rows)
+    # the CLI writes no cutoffs file that `route --cutoffs` would then refuse
+    out = tmp_path / "cutoffs.json"
+    assert main(["cutoffs", "fit", str(rows), "-o", str(out)]) == 1
+    assert f"rows.csv: line 3: stage must be 1, 2 or 3, got {stage}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_fitted_cutoffs_load_for_every_stage(tmp_path, capsys):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("stage,p2,label\n1,0.2,FIRST\n1,0.4,SECOND\n2,0.1,FIRST\n3,0.3,SECOND\n")
+    out = tmp_path / "cutoffs.json"
+    assert main(["cutoffs", "fit", str(rows), "-o", str(out)]) == 0
+    capsys.readouterr()
+    loaded = Cutoffs.load(out)  # what `route --cutoffs` reads
+    assert loaded.stage1 is not None and loaded.stage2 is not None and loaded.stage3 is not None
