@@ -771,7 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(p)
     p.add_argument("--log", help="decision log (JSON Lines); default out/decisions.jsonl")
     p.add_argument("--json", action="store_true", help="print one JSON record per input")
-    p.add_argument("--hint", help="modality hint for PNG/JPEG inputs (e.g. 'chest X-ray scan')")
+    p.add_argument("--hint", help="modality hint for PNG/JPEG inputs: one of 'onevlm cards list --modalities' "
+                                  "(e.g. 'chest X-ray scan'; 'chest x-ray' is read as that); another is an error")
     p.set_defaults(func=cmd_route)
 
     p = sub.add_parser("serve", help="run the DICOM listener service (C-STORE in, results out)")

@@ -168,3 +168,85 @@ def test_evaluate_shipped_sample_labels(tmp_path, capsys):
     assert baseline["final_n"] == 10  # the 6 routed image rows carry '?'
     assert baseline["stage_accuracy"]["2"]["n"] == 0  # no finding labels
     capsys.readouterr()
+
+
+def test_an_unknown_hint_is_an_error_and_a_close_one_is_normalised(tmp_path, capsys):
+    from PIL import Image
+
+    png = tmp_path / "photo.png"
+    Image.new("RGB", (16, 16)).save(png)
+    log = str(tmp_path / "log.jsonl")
+    for hint in ("banana", "x-ray"):
+        assert main(["route", "--hint", hint, str(png), "--json", "--log", log]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""  # nothing routed
+        assert f"--hint '{hint}' names no admissible modality" in captured.err
+        assert "chest X-ray scan" in captured.err and "brain CT scan" in captured.err  # the admissible list
+    assert main(["route", "--hint", "chest x-ray", str(png), "--json", "--log", log]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["stages"][0]["chosen"] == "chest X-ray scan" and record["stages"][0]["informative"]
+    # without a hint the stop reason says what is known, not a verdict
+    assert main(["route", str(png), "--log", log]) == 0
+    assert "=> stopped: stage 1: no DICOM header and no hint: the modality is unknown (Other)" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
+def test_truncated_pixel_data_is_a_bad_input(tmp_path, monkeypatch, capsys):
+    from damaged_dicom import cut_last_fragment, cut_native_pixels
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    kept = cut_native_pixels(SAMPLES / "ct_head_routine_brain.dcm", folder / "ct_cut.dcm")
+    cut_last_fragment(SAMPLES / "ct_head_512_j2k.dcm", folder / "j2k_cut.dcm")
+    shutil.copy(SAMPLES / "mr_brain_pilot.dcm", folder / "whole.dcm")
+    assert main(["route", "in", "--json", "--log", "log.jsonl"]) == 1
+    captured = capsys.readouterr()
+    records = {r["reference"]["file"]: r for r in map(json.loads, captured.out.splitlines())}
+    assert records["ct_cut.dcm"]["error"] == f"in/ct_cut.dcm: pixel data truncated: {kept} of {2 * kept} bytes"
+    assert records["j2k_cut.dcm"]["error"].startswith("in/j2k_cut.dcm: pixel data truncated: ")
+    assert all(records[n]["stages"] == [] and records[n]["cards"] == [] for n in ("ct_cut.dcm", "j2k_cut.dcm"))
+    assert records["whole.dcm"]["error"] is None  # the rest goes on
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {records['ct_cut.dcm']['error']}", f"error: {records['j2k_cut.dcm']['error']}"]
+
+
+def test_each_bad_input_is_reported_once_in_the_users_terms(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "empty.dcm").write_bytes(b"")
+    (mixed / "notdicom.dcm").write_text("a text file, not DICOM\n" * 20)
+    (mixed / "fake.png").write_text("not an image")
+    shutil.copy(SAMPLES / "rt_plan.dcm", mixed / "plan.dcm")
+    assert main(["route", "mixed", "--log", "log.jsonl"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "error: mixed/empty.dcm: empty file",
+        "error: mixed/fake.png: not a readable image (unknown format or corrupt)",
+        "error: mixed/notdicom.dcm: not a DICOM file",
+    ]
+    assert "ERROR" not in captured.out and "mixed/plan.dcm" in captured.out  # the table holds the routed input
+    # the log and --json keep each record's error field
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert sorted(r["error"] for r in records if r["error"]) == [line[len("error: "):] for line in captured.err.splitlines()]
+    assert main(["route", "mixed/notdicom.dcm", "--json", "--log", "log.jsonl"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["error"] == "mixed/notdicom.dcm: not a DICOM file"
+    assert captured.err == "error: mixed/notdicom.dcm: not a DICOM file\n"
+
+
+def test_user_errors_of_other_commands_are_messages(tmp_path, capsys):
+    assert main(["summary", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'metadata.json'}: cannot read: No such file")
+    (tmp_path / "metadata.json").write_text("{}")
+    assert main(["summary", str(tmp_path)]) == 1
+    assert "not an onevlm metadata.json" in capsys.readouterr().err
+    assert main(["route", str(SAMPLES / "ct_head_routine_brain.dcm"), "--text-model", str(tmp_path / "nowhere"),
+                 "--log", str(tmp_path / "log.jsonl")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert main(["calibrate", "apply", "--calibration", str(tmp_path / "missing.json"),
+                 "--scores", str(tmp_path / "missing.jsonl")]) == 1
+    assert "missing.json" in capsys.readouterr().err
+    assert main(["status", "--config", str(tmp_path / "missing.yaml")]) == 1
+    assert "missing.yaml" in capsys.readouterr().err

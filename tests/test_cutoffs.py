@@ -169,3 +169,11 @@ def test_fitted_cutoffs_load_for_every_stage(tmp_path, capsys):
     capsys.readouterr()
     loaded = Cutoffs.load(out)  # what `route --cutoffs` reads
     assert loaded.stage1 is not None and loaded.stage2 is not None and loaded.stage3 is not None
+
+
+def test_cli_fit_reports_an_unwritable_output(tmp_path, capsys):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("stage,p2,label\n1,0.2,FIRST\n1,0.4,SECOND\n")
+    out = tmp_path / "no_such_folder" / "cutoffs.json"
+    assert main(["cutoffs", "fit", str(rows), "-o", str(out)]) == 1
+    assert capsys.readouterr().err == f"error: {out}: cannot write: No such file or directory\n"

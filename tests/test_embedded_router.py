@@ -149,3 +149,98 @@ def test_bad_inputs_name_the_file(tmp_path):
     broken_png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     with pytest.raises(InputError, match="broken.png"):
         load_input(broken_png)
+
+
+def test_png_without_hint_says_what_is_known(embedded_router, tmp_path):
+    png = tmp_path / "photo.png"
+    Image.new("RGB", (16, 16)).save(png)
+    decision = route(embedded_router, png)
+    assert not decision.stages[0].informative
+    # no verdict ("a modality no card covers"): only that nothing tells the modality
+    assert decision.stop_reason == "stage 1: no DICOM header and no hint: the modality is unknown (Other)"
+    assert decision.outcome.reasons[0] == decision.stop_reason
+    hinted = route(embedded_router, png, hint="chest x-ray")  # normalised as the CLI validates it
+    assert hinted.modality == "chest X-ray scan" and hinted.stages[0].informative
+
+
+# -- pixel data completeness (checked on the header read, no pixel loaded) ----------------------
+
+PYDICOM_IMAGES = [
+    "CT_small.dcm", "MR_small.dcm", "17106",  # native 16-bit
+    "SC_rgb_small_odd.dcm",  # 27 bytes: the pad byte of an odd length
+    "SC_ybr_full_422_uncompressed.dcm",  # subsampled native colour
+    "liver.dcm",  # 1-bit SEG, 3 frames
+    "emri_small_jpeg_2k_lossless.dcm", "emri_small_RLE.dcm",  # compressed, 10 frames
+    "SC_rgb_rle_32bit_2frame.dcm", "JPEG2000.dcm", "color3d_jpeg_baseline.dcm",
+]
+
+
+@pytest.mark.parametrize("path", sorted(SAMPLES.glob("*.dcm")), ids=lambda p: p.name)
+def test_every_shipped_sample_has_complete_pixel_data(path):
+    assert load_input(path).header.pixel_data_problem is None
+
+
+@pytest.mark.parametrize("name", PYDICOM_IMAGES)
+def test_pydicom_images_have_complete_pixel_data(name):
+    header = load_input(pydicom_file(name)).header
+    assert header.has_pixel_data and header.pixel_data_problem is None
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
+def test_pydicom_truncated_files_are_flagged():
+    assert load_input(pydicom_file("MR_truncated.dcm")).header.pixel_data_problem == (
+        "pixel data truncated: 8130 of 8192 bytes")
+    short = load_input(pydicom_file("emri_small_jpeg_2k_lossless_too_short.dcm")).header
+    assert short.has_pixel_data and short.pixel_data_problem.startswith("pixel data truncated: ")
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
+def test_truncated_pixel_data_is_found_without_reading_pixels(tmp_path):
+    from damaged_dicom import cut_last_fragment, cut_native_pixels
+
+    native = tmp_path / "ct_cut.dcm"
+    kept = cut_native_pixels(SAMPLES / "ct_head_routine_brain.dcm", native)
+    header = load_input(native).header
+    assert header.pixel_data_problem == f"pixel data truncated: {kept} of {2 * kept} bytes"
+    # a value above the reader's defer size is measured against the file, not loaded
+    big = tmp_path / "mr_cut.dcm"
+    kept = cut_native_pixels(SAMPLES / "mr_abdomen_liver.dcm", big)
+    assert load_input(big).header.pixel_data_problem == f"pixel data truncated: {kept} of {2 * kept} bytes"
+    # compressed: pydicom drops a Pixel Data element that runs past the end; it is still reported
+    for name in ("ct_head_512_j2k.dcm", "us_obstetric_rle.dcm", "nm_whole_body_j2k.dcm"):
+        cut = tmp_path / f"cut_{name}"
+        cut_last_fragment(SAMPLES / name, cut)
+        header = load_input(cut).header
+        assert header.has_pixel_data and header.non_image_kind is None, name  # still an image
+        assert header.pixel_data_problem.startswith("pixel data truncated: "), name
+    # the same checks on pydicom's own files
+    cut = tmp_path / "cut_emri_rle.dcm"
+    cut_last_fragment(pydicom_file("emri_small_RLE.dcm"), cut)
+    assert load_input(cut).header.pixel_data_problem.startswith("pixel data truncated: ")
+
+
+def test_fewer_fragments_than_frames_is_flagged(tmp_path):
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(pydicom_file("emri_small_jpeg_2k_lossless.dcm"))
+    frames = list(generate_frames(ds.PixelData, number_of_frames=10))
+    ds.PixelData = encapsulate(frames[:7])  # three frames lost, the sequence closed as if whole
+    path = tmp_path / "seven_of_ten.dcm"
+    ds.save_as(path)
+    assert load_input(path).header.pixel_data_problem == "pixel data truncated: 7 compressed fragment(s) for 10 frames"
+    # frames split over several fragments each are fine (PS3.5 A.4)
+    ds.PixelData = encapsulate(frames, fragments_per_frame=2)
+    ds.save_as(path)
+    assert load_input(path).header.pixel_data_problem is None
+
+
+def test_pixel_data_check_on_a_dataset_in_memory():
+    from onevlm.dicom.pixel_data import pixel_data_problem
+
+    ds = pydicom.dcmread(pydicom_file("SC_rgb_small_odd.dcm"))
+    assert len(ds.PixelData) == 28 and pixel_data_problem(ds) is None  # 27 bytes + the pad byte
+    ds.PixelData = ds.PixelData[:26]
+    assert pixel_data_problem(ds) == "pixel data truncated: 26 of 27 bytes"
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    del ds.Rows  # nothing to compare with: not flagged
+    assert pixel_data_problem(ds) is None

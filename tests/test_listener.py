@@ -163,6 +163,23 @@ def test_unknown_calling_and_wrong_called_ae_are_rejected(tmp_path):
         assert len(incoming(spool)) == 1
 
 
+def test_a_refused_called_ae_title_is_logged_as_the_caller_asked(tmp_path):
+    spool = tmp_path / "spool"
+    with running_service(service_config(spool)) as service, LogRecords() as logs:
+        port = service.listener.port
+        with pytest.raises(ConnectionError):
+            pynetdicom_scu(port, [SAMPLES / "ct_head_routine_brain.dcm"], aet="PYSCU", called="SOMEONE_ELSE")
+        refused = storescu([SAMPLES / "ct_head_routine_brain.dcm"], port, aet="DCMTK_SCU", called="OTHER_NODE")
+        assert refused.returncode != 0
+        wait_until(lambda: logs.text().count("event=association_rejected") >= 2, 5, message="two rejections logged")
+        rejections = [m for m in logs.text().splitlines() if "event=association_rejected" in m]
+        # the title each caller asked for, never the listener's own (ONEVLM)
+        assert any("calling_ae=PYSCU called_ae=SOMEONE_ELSE" in m for m in rejections)
+        assert any("calling_ae=DCMTK_SCU called_ae=OTHER_NODE" in m for m in rejections)
+        assert not any("called_ae=ONEVLM" in m for m in rejections)
+        assert incoming(spool) == []
+
+
 def test_address_allow_list_refuses_loopback(tmp_path):
     spool = tmp_path / "spool"
     config = service_config(spool, listener={"allowed_addresses": ["10.255.255.1/32"]})

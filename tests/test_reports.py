@@ -207,3 +207,57 @@ def test_box_validation():
     source = pydicom.dcmread(SAMPLES / "ct_head_512_j2k.dcm")
     with pytest.raises(ValueError, match="outside"):
         build_box_seg(source, [ImageBox(600, 600, 700, 700, "x")])
+
+
+def _text_values(ds: pydicom.Dataset) -> list[str]:
+    """Every text value of the dataset, nested sequences included."""
+    values = []
+    for element in ds.iterall():
+        if element.VR in ("SQ", "OB", "OW", "OF", "OD", "UN") or element.value is None:
+            continue
+        items = element.value if isinstance(element.value, (list, pydicom.multival.MultiValue)) else [element.value]
+        values += [str(v) for v in items]
+    return values
+
+
+def test_sr_carries_no_host_path_and_no_version_as_serial_number(embedded_router, tmp_path):
+    import dataclasses
+    import sys
+
+    from conftest import REPO
+
+    decision = embedded_router.route(load_input(SAMPLES / "ct_head_512_j2k.dcm"))
+    # the embedded backend names its sentence model's folder (inside sys.prefix here); a
+    # transformers backend names its model folder: give the decision both kinds of path
+    model_dir = REPO / "models" / "medgemma-4b-it"
+    backend = {**decision.backend, "model_dir": str(model_dir), "fingerprint": "sha256:abc123"}
+    assert str(decision.backend["text_model_dir"]).startswith(sys.prefix)
+    decision = dataclasses.replace(decision, backend=backend)
+    header = pydicom.dcmread(SAMPLES / "ct_head_512_j2k.dcm", stop_before_pixels=True)
+    sr = build_routing_sr(decision, [header], header)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    texts = _text_values(pydicom.dcmread(path))
+    host = [p for p in (str(REPO), sys.prefix, sys.base_prefix, str(tmp_path)) if p and p != "/"]
+    assert not [t for t in texts if any(p in t for p in host)]
+    parameters = next(t for t in texts if t.startswith("backend: "))
+    # model identity stays: the folders' names, the model name and the fingerprint
+    assert '"model_dir": "medgemma-4b-it"' in parameters and '"fingerprint": "sha256:abc123"' in parameters
+    assert "all-MiniLM-L6-v2" in parameters
+    read = hd.sr.srread(path)
+    context = {item.ConceptNameCodeSequence[0].CodeValue for item in read.ContentSequence}
+    assert "121012" in context  # Device Observer UID: the device is still identified
+    assert "121016" not in context  # Device Observer Serial Number: left out (a version is not one)
+
+
+def test_without_host_paths_keeps_identity():
+    from onevlm.reports.routing_sr import without_host_paths
+
+    identity = {"backend": "transformers", "model_dir": "models/medgemma-4b-it", "model": "google/medgemma-4b-it",
+                "fingerprint": "abc", "adapters": {"radiology": {"dir": "/srv/adapters/radiology-v2"}},
+                "paths": ["/home/someone/x.json", "relative words"], "base_dir": "C:\\models\\base"}
+    assert without_host_paths(identity) == {
+        "backend": "transformers", "model_dir": "medgemma-4b-it", "model": "google/medgemma-4b-it",
+        "fingerprint": "abc", "adapters": {"radiology": {"dir": "radiology-v2"}},
+        "paths": ["x.json", "relative words"], "base_dir": "base"}

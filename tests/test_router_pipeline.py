@@ -161,3 +161,32 @@ def test_decision_record_and_log(small_cards, item, tmp_path):
     ds = pydicom.dcmread(item.path)
     assert str(ds.PatientName) not in text
     json.loads(text.splitlines()[0])
+
+
+class _UninformedBackend(ScriptedBackend):
+    """Stage 1 as for an image file without a usable hint: a default answer, no evidence."""
+
+    def answer(self, items, requests):
+        return [StageResponse((Candidate("Other", 0.08), Candidate("None", 0.05)),
+                              evidence={"source": "no DICOM header and no hint: the modality is unknown"},
+                              informative=False) for _ in items]
+
+
+def test_stop_reason_says_what_is_known_when_stage1_had_no_evidence(small_cards, item):
+    router = Router(CardRepository.load(small_cards), _UninformedBackend({}))
+    decision = router.route(item)
+    assert decision.stopped_early and decision.modality == "Other"
+    assert decision.stop_reason == "stage 1: no DICOM header and no hint: the modality is unknown (Other)"
+    assert "no card covers" not in decision.stop_reason  # no verdict without evidence
+
+
+def test_pixel_data_cut_short_is_an_error_before_any_stage(small_cards, item):
+    from dataclasses import replace
+
+    damaged = replace(item, header=replace(item.header, pixel_data_problem="pixel data truncated: 256 of 512 bytes"))
+    router, backend = _router(small_cards, {1: [("brain CT scan", 0.9)], 2: [("Normal", 0.9)], 3: [("MODEL_01", 0.9)]})
+    bad, good = router.route_many([damaged, item])
+    assert bad.error == f"{item.path}: pixel data truncated: 256 of 512 bytes"
+    assert bad.stages == () and bad.model_card_id is None and bad.outcome.outcome == "failed"
+    assert good.error is None and good.model_card_id == "MODEL_01"
+    assert len(backend.requests) == 3  # only the intact input was asked about, once per stage

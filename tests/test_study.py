@@ -146,3 +146,31 @@ def test_boxes_become_sr_regions_and_seg_or_annotations(embedded_router, dicom_s
     entries = {e["series_instance_uid"]: e for e in out.metadata["entries"]}
     assert entries[series_uid["CT"]]["box_file"].startswith("seg/")
     assert entries[series_uid["SM"]]["box_file"].startswith("annotations/")
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
+def test_a_series_with_pixel_data_cut_short_gets_the_error(embedded_router, tmp_path):
+    from damaged_dicom import cut_last_fragment, cut_native_pixels
+
+    study_dir = tmp_path / "study"
+    ct = study_dir / "ct"
+    ct.mkdir(parents=True)
+    for slice_file in sorted(pydicom_file("17106").parent.iterdir()):  # four CT slices of one series
+        shutil.copy(slice_file, ct / f"{slice_file.name}.dcm")
+    cut_native_pixels(pydicom_file("17196"), ct / "17196.dcm")  # one slice, not the representative
+    cut_last_fragment(SAMPLES / "ct_head_512_j2k.dcm", study_dir / "j2k_cut.dcm")
+    shutil.copy(SAMPLES / "mr_brain_pilot.dcm", study_dir / "mr.dcm")
+    routing = route_study(embedded_router, [study_dir])
+    assert routing.problems == ()  # the damaged files are read, and their series reported
+    out = write_study_outputs(routing, tmp_path / "out", embedded_router.cards)
+    meta = json.loads(out.metadata_file.read_text())
+    by_modality = {e["dicom_modality"]: e for e in meta["entries"] if e["input"] != "j2k_cut.dcm"}
+    damaged_ct = by_modality["CT"]
+    assert damaged_ct["error"] == "17196.dcm: pixel data truncated: 256 of 512 bytes"
+    assert damaged_ct["outcome"] == "failed" and damaged_ct["sr_file"] is None and damaged_ct["cards"] == []
+    j2k = next(e for e in meta["entries"] if e["input"] == "j2k_cut.dcm")
+    assert j2k["error"].startswith("j2k_cut.dcm: pixel data truncated: ") and j2k["sr_file"] is None
+    # the rest of the study goes on
+    mr = by_modality["MR"]
+    assert mr["error"] is None and mr["sr_file"] and mr["modality"] == "brain MRI scan"
+    assert meta["errors"] == 2 and meta["needs_review"] is True

@@ -198,6 +198,8 @@ def read_header(path: str | Path, force: bool = False) -> DicomHeader:
         raise DicomReadError(path.name, "not a DICOM file") from exc
     except FileNotFoundError as exc:
         raise DicomReadError(path.name, "file not found") from exc
+    except OSError as exc:  # permissions, I/O: not the file's content
+        raise DicomReadError(path.name, f"cannot be read: {exc.strerror or exc}") from exc
     except Exception as exc:  # pydicom raises many types on corrupt data
         raise DicomReadError(path.name, f"corrupt DICOM file: its header cannot be parsed ({exc or type(exc).__name__})") from exc
     try:

@@ -68,7 +68,8 @@ def pixel_data_problem(
         element = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
         if element is None:
             return _dropped_pixel_data(ds, source, size, stopped_at)
-        if element.length == _UNDEFINED_LENGTH or getattr(element, "is_undefined_length", False):
+        # A raw element (as read) has a length; a converted one (set in memory) knows if it is undefined.
+        if getattr(element, "length", None) == _UNDEFINED_LENGTH or getattr(element, "is_undefined_length", False):
             return _encapsulated_problem(ds, element, source, size)
         return _native_problem(ds, element, size)
     except Exception as exc:  # a check that cannot decide flags nothing
@@ -86,6 +87,8 @@ def _native_problem(ds: pydicom.Dataset, element, size: int | None) -> str | Non
     value = element.value
     if isinstance(value, (bytes, bytearray)):
         available = len(value)  # a short read at the end of the file keeps what was there
+    elif value is not None or getattr(element, "length", None) is None:
+        return None  # not bytes (pixels set as an array?): nothing to measure
     else:
         available = element.length
         tell = getattr(element, "value_tell", None)
