@@ -15,6 +15,9 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 SILENCED_MESSAGES = (
     # bitsandbytes on CPU without the optional `kernels` package: 4-bit matmuls use its reference path
     "Failed to load CPU gemm_4bit_forward from kernels-community",
+    # pydicom on a file cut short, twice (its logger and a UserWarning); onevlm reports the file once, as
+    # "<file>: pixel data truncated: N of M bytes" (onevlm.dicom.pixel_data)
+    "End of file reached before delimiter",
 )
 
 

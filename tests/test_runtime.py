@@ -68,3 +68,14 @@ def test_threads_are_chosen_and_validated():
     zero = subprocess.run([sys.executable, "-m", "onevlm", "--threads", "0", "cards", "list"], capture_output=True,
                           text=True, timeout=60, cwd=REPO, env=env)
     assert zero.returncode == 2 and "must be >= 1" in zero.stderr
+
+
+def test_a_truncated_file_is_reported_once(tmp_path):
+    from damaged_dicom import cut_last_fragment
+
+    damaged = tmp_path / "cut.dcm"
+    cut_last_fragment(SAMPLES / "ct_head_512_j2k.dcm", damaged)
+    result = subprocess.run([sys.executable, "-m", "onevlm", "route", str(damaged), "--log", str(tmp_path / "l.jsonl")],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: {damaged}: pixel data truncated: 66271 of 132530 bytes"], result.stderr
