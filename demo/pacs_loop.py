@@ -47,6 +47,7 @@ def main() -> int:
     from onevlm.net.sender import send_files
     from onevlm.net.service import Service
     from onevlm.net.spool import Spool
+    from onevlm.reports.routing_metadata import DETAIL_FILE
 
     with tempfile.TemporaryDirectory(prefix="onevlm-demo-") as tmp:
         root = Path(tmp)
@@ -80,9 +81,9 @@ def main() -> int:
                   f"{status['exported']} result object(s) exported, {len(in_pacs)} in the PACS, "
                   f"{status['failed']} failed  [research use only, not for clinical use]")
             for folder in sorted(service.spool.results.iterdir()):
-                meta = json.loads((folder / "metadata.json").read_text())
+                detail = json.loads((folder / DETAIL_FILE).read_text())  # per series; metadata.json is flat
                 print(f"study {folder.name}")
-                for e in meta["entries"]:
+                for e in detail["entries"]:
                     if e["skipped"]:
                         line = f"skipped ({e['skipped']})"
                     elif e["error"]:

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 logger = logging.getLogger("onevlm")
 
@@ -170,32 +170,46 @@ def _print_decision(decision, stream=None) -> None:
         print(f"     note: {note}", file=stream)
 
 
-def cmd_summary(args: argparse.Namespace) -> int:
-    from onevlm.reports.routing_metadata import METADATA_FILE
-
-    path = Path(args.output_dir) / METADATA_FILE
+def _read_output_json(folder: str, name: str) -> Any:
+    """A JSON file of an output folder, or ``None`` after saying on stderr why it cannot be read."""
+    path = Path(folder) / name
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        print(f"error: {path}: cannot read: {exc.strerror or exc} (is {args.output_dir} an output folder of "
+        print(f"error: {path}: cannot read: {exc.strerror or exc} (is {folder} an output folder of "
               f"the router app?)", file=sys.stderr)
-        return 1
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         print(f"error: {path}: not valid JSON: {exc}", file=sys.stderr)
+    return None
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from onevlm.reports.routing_metadata import DETAIL_FILE, METADATA_FILE
+
+    # metadata.json holds the study's outcome (flat, for workflow conditions), series.json the entries
+    meta = _read_output_json(args.output_dir, METADATA_FILE)
+    if meta is None:
         return 1
     # A file that is JSON but not ours would fail below on a missing key: check the keys read.
+    if not (isinstance(meta, dict) and {"series", "routed", "skipped", "errors"} <= meta.keys()):
+        print(f"error: {Path(args.output_dir) / METADATA_FILE}: not an onevlm metadata.json (written by the router "
+              f"app or service)", file=sys.stderr)
+        return 1
+    detail = _read_output_json(args.output_dir, DETAIL_FILE)
+    if detail is None:
+        return 1
     entry_keys = {"input", "series_instance_uid", "dicom_modality", "modality", "finding", "skipped", "error",
                   "outcome", "cards", "stop_reason", "confidence"}
-    if not (isinstance(meta, dict) and {"series", "routed", "skipped", "errors", "entries"} <= meta.keys()
-            and isinstance(meta["entries"], list)
-            and all(isinstance(e, dict) and entry_keys <= e.keys() for e in meta["entries"])):
-        print(f"error: {path}: not an onevlm metadata.json (written by the router app or service)", file=sys.stderr)
+    if not (isinstance(detail, dict) and isinstance(detail.get("entries"), list)
+            and all(isinstance(e, dict) and entry_keys <= e.keys() for e in detail["entries"])):
+        print(f"error: {Path(args.output_dir) / DETAIL_FILE}: not an onevlm {DETAIL_FILE} (written by the router "
+              f"app or service)", file=sys.stderr)
         return 1
     calibration = "calibrated " + meta["calibration_id"] if meta.get("calibration_id") and meta.get("calibrated") else "uncalibrated"
     print(f"{meta['series']} series: {meta['routed']} routed to one card, {meta.get('routed_sets', 0)} to a set of cards, "
           f"{meta.get('reviews', 0)} for review, {meta['skipped']} skipped (not images), {meta['errors']} error(s); "
           f"probabilities {calibration}  [research use only, not for clinical use]")
-    for e in meta["entries"]:
+    for e in detail["entries"]:
         label = e["input"] or e["series_instance_uid"]
         finding = e["finding"] or "finding not assessed"
         calibrated = "calibrated" if e.get("calibrated") else "uncalibrated"
@@ -216,7 +230,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
             print(f"         card: {execution['summary']}")
         if e.get("sr_file"):
             print(f"         SR: {e['sr_file']}")
-    for problem in meta.get("problems", []):
+    for problem in detail.get("problems", []):
         print(f"  unreadable: {problem['error']}")
     return 0
 
@@ -792,7 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("summary", help="print the per-series routing outcome of an app output folder")
-    p.add_argument("output_dir", help="folder holding metadata.json (written by the MONAI Deploy app)")
+    p.add_argument("output_dir", help="folder holding metadata.json and series.json (router app or service)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("synth-model", help="write a synthetic Gemma 3 (MedGemma-architecture) model folder")

@@ -1,5 +1,5 @@
 """MONAI Deploy operator: a study's DICOM results — routing SRs, box SEGs / bulk annotations —
-plus decisions.jsonl and metadata.json.
+plus decisions.jsonl, metadata.json and series.json.
 
 Research use only: not for clinical use.
 """
@@ -30,10 +30,11 @@ class DicomResultsWriterOperator(Operator):
         outputs: :class:`onevlm.study.outputs.StudyOutputs` (optional downstream, e.g. an exporter).
 
     Files in ``output_folder``: ``sr/``, ``seg/``, ``annotations/`` (``<SOP Instance UID>.dcm``;
-    VerificationFlag UNVERIFIED, not for clinical use), ``decisions.jsonl`` and ``metadata.json``
-    (per series: outcome — routed, routed-set, review, stopped — card(s), route confidence,
-    whether calibrated, per-stage probabilities, where it stopped, files; the study's outcome and
-    ``needs_review`` at the top level, for a MONAI Deploy Workflow Manager to branch on).
+    VerificationFlag UNVERIFIED, not for clinical use), ``decisions.jsonl``, ``metadata.json``
+    (flat, scalars only: the study's outcome, ``needs_review``, counts, for a MONAI Deploy
+    Workflow Manager to branch on) and ``series.json`` (per series: outcome — routed,
+    routed-set, review, stopped — card(s), route confidence, whether calibrated, per-stage
+    probabilities, where it stopped, files; and the unreadable files).
     """
 
     INPUT_NAME = "routing"

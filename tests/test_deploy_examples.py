@@ -1,13 +1,19 @@
-"""The deployment examples under ``deploy/`` stay consistent with each other and with the app (fast).
+"""The deployment examples under ``deploy/`` stay consistent with each other, with the app and with upstream (fast).
 
 Research use only: not for clinical use.
 
 What is checked here is what can be checked without a Workflow Manager, an Informatics Gateway, Argo or Docker:
 the files parse; the workflow obeys the rules the Workflow Manager's own validator enforces (task ids, task types,
-destinations, Argo arguments); its conditions read only top-level scalar keys of the ``metadata.json`` the app writes
-(the Argo plugin loads that file as a flat dictionary); the MAP command, paths, environment and resources match
-``Dockerfile`` and ``app.yaml``; the Informatics Gateway bodies name the workflow's AE title, origin and destinations;
-and ``register.sh`` POSTs the right bodies to the right endpoints (against a stand-in ``curl``).
+destinations, Argo arguments); its conditions, evaluated the way the Workflow Manager evaluates them, read only
+top-level scalar keys of the ``metadata.json`` the app writes, and branch as intended; the MAP command, paths,
+environment and resources match ``Dockerfile`` and ``app.yaml``; the Informatics Gateway bodies pass the gateway's
+own validation and name the workflow's AE title, origin and destinations; the README's examples keep what the
+gateway would otherwise reset; and ``register.sh`` POSTs the right bodies to the right endpoints (against a
+stand-in ``curl``).
+
+Each upstream rule names the file it comes from, as read in stored copies of
+``Project-MONAI/monai-deploy-workflow-manager`` (WM) and ``Project-MONAI/monai-deploy-informatics-gateway`` (MIG);
+the project's issue compared against WM 9e10e95 and MIG 89c9218, and a live deployment may run a newer version.
 """
 
 from __future__ import annotations
@@ -17,12 +23,13 @@ import os
 import re
 import shlex
 import subprocess
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import pytest
 import yaml
 
-from onevlm.reports.routing_metadata import build_metadata, series_entry
+from onevlm.reports.routing_metadata import DETAIL_FILE, build_detail, build_metadata, series_entry
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -30,6 +37,7 @@ WORKFLOW_FILE = DEPLOY / "workflow-manager" / "onevlm-router-workflow.json"
 ARGO_TEMPLATE_FILE = DEPLOY / "workflow-manager" / "argo-workflow-template.json"
 IG = DEPLOY / "informatics-gateway"
 MAP = DEPLOY / "map"
+README = DEPLOY / "README.md"
 
 ENTRYPOINT = ["python", "-m", "apps.router_app", "-i", "/var/holoscan/input", "-o", "/var/holoscan/output"]
 
@@ -39,7 +47,22 @@ WM_TASK_TYPES = {"argo", "aide_clinical_review", "router", "export", "docker", "
 WM_ARGO_ARGS = {"namespace", "server_url", "allow_insecure", "workflow_template_name", "timeoutSeconds", "apiToken",
                 "endpoint", "username", "password", "exchange", "virtualHost", "resources", "parameters", "priority",
                 "cpu", "memory", "gpu_required"}
+# WM src/WorkflowManager/Contracts/Models/Workflow.cs: the workflow's JSON properties (dataRetentionDays, an int,
+# -1 = never delete; predicate, a list of conditions) are accepted beside the spec's five.
+WM_WORKFLOW_KEYS = {"name", "version", "description", "informatics_gateway", "tasks", "dataRetentionDays", "predicate"}
+# WM src/WorkflowManager/WorkflowManager/Validators/WorkflowValidator.cs (ValidateArgoTask): the `priority` values.
+WM_PRIORITIES = {"high", "standard", "low"}
 PARAMETER = re.compile(r"\{\{\s*(.*?)\s*\}\}")
+
+# MIG src/Configuration/ValidationExtensions.cs: IsAeTitleValid, IsValidHostNameIp, IsPortValid, IsValidDicomTag.
+MIG_AE_TITLE = re.compile(r"[a-zA-Z0-9_\-]+")  # and 1 to 15 characters
+MIG_IP = re.compile(r"((25[0-5]|(2[0-4]|1\d|[1-9]|)\d)\.?\b){4}")
+MIG_HOST_NAME = re.compile(r"(([a-zA-Z]|[a-zA-Z][a-zA-Z0-9\-]*[a-zA-Z0-9])\.)*"
+                           r"([A-Za-z]|[A-Za-z][A-Za-z0-9\-]*[A-Za-z0-9])")
+MIG_GROUPING_TAGS = {"0010,0020", "0020,000D", "0020,000E"}  # PatientID, StudyInstanceUID, SeriesInstanceUID
+# MIG src/Api/MonaiApplicationEntity.cs: the properties a client sets (the others are the gateway's own).
+MIG_AE_KEYS = {"name", "aeTitle", "grouping", "workflows", "plugInAssemblies", "ignoredSopClasses", "allowedSopClasses",
+               "timeout"}
 
 
 def _load(path: Path):
@@ -114,7 +137,9 @@ def test_every_json_under_deploy_parses():
 
 
 def test_workflow_top_level_follows_the_spec(workflow):
-    assert set(workflow) <= {"name", "version", "description", "informatics_gateway", "tasks"}
+    assert set(workflow) <= WM_WORKFLOW_KEYS, set(workflow) - WM_WORKFLOW_KEYS
+    assert isinstance(workflow.get("dataRetentionDays", 3), int)
+    assert isinstance(workflow.get("predicate", []), list)
     assert workflow["name"] and len(workflow["name"]) <= 15
     assert workflow["version"]
     assert len(workflow["description"]) <= 200
@@ -163,6 +188,7 @@ def test_argo_task_arguments_are_ones_the_validator_accepts(workflow, app_yaml):
         assert all(isinstance(v, str) for v in args.values()), "task args are a string dictionary"
         assert float(args["cpu"]).is_integer() and float(args["cpu"]) >= 1
         assert args["gpu_required"] in {"true", "false"}
+        assert args.get("priority", "standard").lower() in WM_PRIORITIES
         assert args["cpu"] == str(app_yaml["resources"]["cpu"])
         assert args["memory"] == app_yaml["resources"]["memory"]
         assert args["gpu_required"] == str(app_yaml["resources"]["gpu"] > 0).lower()
@@ -203,7 +229,7 @@ def test_context_references_name_existing_tasks_and_artifacts(workflow, tasks):
     assert seen >= 5
 
 
-def _metadata(routed: int, errors: int, skipped: int = 0, reviews: int = 0, sets: int = 0) -> dict:
+def _entries(routed: int, errors: int, skipped: int = 0, reviews: int = 0, sets: int = 0) -> list[dict]:
     decisions = []
     for outcome, count, cards in (("routed", routed, ["MODEL_01"]), ("routed-set", sets, ["MODEL_01", "MODEL_02"]),
                                   ("review", reviews, []), ("failed", errors, [])):
@@ -214,29 +240,147 @@ def _metadata(routed: int, errors: int, skipped: int = 0, reviews: int = 0, sets
                for i, d in enumerate(decisions)]
     entries += [series_entry(None, study_instance_uid="1.2.3", series_instance_uid=f"1.2.4.{i}", dicom_modality="SR",
                              skipped="not an image") for i in range(skipped)]
-    return build_metadata(entries)
+    return entries
 
 
-def _evaluate(condition: str, result: dict) -> bool:
-    """The subset of the Workflow Manager's conditional language this workflow uses: parameters are replaced by
-    the quoted string value (as its parser does), then `'a' OP 'b'` clauses joined by AND are compared as numbers."""
-    def value(match):
+def _metadata(routed: int, errors: int, skipped: int = 0, reviews: int = 0, sets: int = 0) -> dict:
+    return build_metadata(_entries(routed, errors, skipped, reviews, sets))
+
+
+# --- the Workflow Manager's condition language, as its sources evaluate it -------------------------------------------
+#
+# WM src/WorkflowManager/ConditionsResolver/Parser/ConditionalParameterParser.cs (ResolveParameters, ResultNullCheck,
+# ResolveExecutionTasks, GetValueFromDictionary, TryParse) and .../Resovler/Conditional.cs (Parse, Evaluate,
+# ContainsEvaluate). Only what this workflow can meet is modelled: AND (not OR, not brackets around clauses).
+
+NULL = "NULL"
+
+
+class ConditionFailed(Exception):
+    """The Workflow Manager's parser throws; TryParse catches it and the condition is false."""
+
+
+def _resolve(condition: str, result: dict) -> str:
+    """Replace each ``{{ context.executions.TASK.result.KEY }}`` by its value, as ``ResolveParameters`` does."""
+    def value(match: re.Match) -> str:
         parts = match.group(1).split(".")
-        raw = result.get(parts[4])
-        assert raw is not None and not isinstance(raw, (list, dict)), f"{parts[4]} is not a top-level scalar"
-        return f"'{raw}'"
+        assert parts[:2] == ["context", "executions"] and parts[3] == "result", match.group(0)
+        key = parts[4] if len(parts) > 4 else None  # ResolveExecutionTasks reads the fifth part only: no nesting
+        if key not in result:
+            text = ""  # a missing key resolves to null
+        elif result[key] is None:
+            # GetValueFromDictionary calls ToString() on a JSON null: the parser throws, the condition is false
+            raise ConditionFailed(f"{key} is null")
+        else:
+            raw = result[key]
+            assert not isinstance(raw, (list, dict)), f"{key} is not a scalar"
+            text = raw if isinstance(raw, str) else str(raw)  # C#: True/False, numbers in invariant form
+        if text.strip().upper() in ("", NULL, "UNDEFINED"):  # ResultNullCheck
+            text = NULL
+        return text if text.startswith("[") and text.endswith("]") else f"'{text}'"
 
-    resolved = PARAMETER.sub(value, condition)
-    outcome = True
-    for clause in resolved.split(" AND "):
-        left, op, right = re.fullmatch(r"'([^']*)' (==|!=|>=|<=|>|<) '([^']*)'", clause.strip()).groups()
-        try:
-            a, b = float(left), float(right)
-        except ValueError:  # booleans and words: `==` compares strings ignoring case
-            assert op in ("==", "!="), clause
-            a, b = left.lower(), right.lower()
-        outcome &= {"==": a == b, "!=": a != b, ">": a > b, "<": a < b, ">=": a >= b, "<=": a <= b}[op]
-    return outcome
+    return PARAMETER.sub(value, condition)
+
+
+def _operand(text: str) -> tuple[str, bool]:
+    text = text.strip()
+    if text.startswith("["):
+        return text[1:-1], True
+    if text.upper() == NULL or text in ("''", '""'):  # Conditional.Parse turns null, '' and undefined into NULL
+        return NULL, False
+    return text[1:-1], False
+
+
+def _clean(item: str) -> str:
+    item = item.strip().strip('"').strip("'").strip("\u201c").strip("\u201d")
+    return NULL if item.upper() in (NULL, "UNDEFINED") else item
+
+
+def _compare(clause: str) -> bool:
+    """One ``LEFT OP RIGHT`` clause, as ``Conditional.Evaluate`` compares it."""
+    operand = r"(\[[^\]]*\]|'[^']*'|NULL)"
+    match = re.fullmatch(rf"\s*{operand}\s+(==|!=|>=|<=|=>|=<|>|<|NOT_CONTAINS|CONTAINS)\s+{operand}\s*", clause,
+                         flags=re.IGNORECASE)
+    if match is None:
+        raise ConditionFailed(f"cannot parse {clause!r}")
+    (left, left_array), op, (right, right_array) = _operand(match[1]), match[2].upper(), _operand(match[3])
+    if op in ("==", "!="):  # strings, trimmed, compared ignoring case (InvariantCultureIgnoreCase)
+        return (left.strip().lower() == right.strip().lower()) == (op == "==")
+    if op in ("CONTAINS", "NOT_CONTAINS"):
+        if left_array and right_array:
+            found = bool({_clean(i) for i in left.split(",")} & {_clean(i) for i in right.split(",")})
+        elif left_array:
+            found = any(_clean(i) == right for i in left.split(","))
+        else:  # no array on the left: the right-hand string is split at commas, the left is looked up in it
+            found = any(_clean(i) == left for i in right.split(","))
+        return found == (op == "CONTAINS")
+    try:  # Convert.ToDecimal: a value that is not a number throws
+        a, b = Decimal(left), Decimal(right)
+    except InvalidOperation:
+        raise ConditionFailed(f"not a number in {clause!r}") from None
+    return {">": a > b, "<": a < b, ">=": a >= b, "=>": a >= b, "<=": a <= b, "=<": a <= b}[op]
+
+
+def _evaluate(conditions: str | list[str], result: dict) -> bool:
+    """A task destination's conditions (a list is joined with AND), true or false as the Workflow Manager decides."""
+    text = " AND ".join(conditions) if isinstance(conditions, list) else conditions
+    assert " OR " not in text.upper(), "OR is not modelled here"
+    try:
+        return all(_compare(clause) for clause in re.split(r"\s+AND\s+", _resolve(text, result), flags=re.IGNORECASE))
+    except ConditionFailed:
+        return False
+
+
+def _key(name: str) -> str:
+    return "{{ context.executions.router.result." + name + " }}"
+
+
+def test_the_condition_language_is_modelled_as_upstream_evaluates_it():
+    result = {"needs_review": True, "with_cards": 2, "cards": "MODEL_01,MODEL_03", "outcome": "routed",
+              "confidence": 0.87, "none": None, "a": "x", "a.b": "y"}
+    # Conditional.cs: `==` compares strings ignoring case, so a JSON true (C# "True") equals 'true'
+    assert _evaluate(f"{_key('needs_review')} == 'true'", result)
+    assert _evaluate(f"{_key('outcome')} == 'ROUTED'", result)
+    assert not _evaluate(f"{_key('outcome')} != 'Routed'", result)
+    # numbers compare as decimals; a word where a number is expected makes the condition false
+    assert _evaluate(f"{_key('with_cards')} > '1'", result) and _evaluate(f"{_key('confidence')} >= '0.5'", result)
+    assert not _evaluate(f"{_key('outcome')} > '0'", result)
+    # ConditionalParameterParser.cs: a missing key is NULL: `== 'false'` and `> '0'` are false, but `!= 'true'` is
+    # true, so a condition that must not pass on a missing key tests `== 'false'`, never `!= 'true'`
+    assert _evaluate(f"{_key('missing')} == NULL", result)
+    assert not _evaluate(f"{_key('missing')} == 'false'", result) and not _evaluate(f"{_key('missing')} > '0'", result)
+    assert _evaluate(f"{_key('missing')} != 'true'", result)
+    # ...whereas a JSON null makes the parser throw: false, even for `== NULL` (metadata.json never holds one)
+    assert not _evaluate(f"{_key('none')} == NULL", result)
+    # CONTAINS without brackets splits the right-hand side at commas: the card goes on the left
+    assert _evaluate(f"'MODEL_03' CONTAINS {_key('cards')}", result)
+    assert not _evaluate(f"{_key('cards')} CONTAINS 'MODEL_03'", result)
+    assert _evaluate(f"'MODEL_02' NOT_CONTAINS {_key('cards')}", result)
+    # only the fifth part of the path is read: `result.a.b` is the value of `a`, so keys hold no dots
+    assert _evaluate(f"{_key('a.b')} == 'x'", result)
+
+
+def test_metadata_json_holds_scalars_only():
+    """WM ArgoMetadataRepository.cs reads metadata.json into a flat Dictionary<string, object>; conditions read
+    top-level keys only (ConditionalParameterParser.cs), and the WM's documentation (guidelines/mwm-workflow-spec.md,
+    "Argo Metadata") shows scalar values only. Lists go to series.json; a value that does not exist is left out."""
+    problems = [{"file": "broken.dcm", "error": "broken.dcm: not a DICOM file"}]
+    calibration = {"calibration_id": "site-1"}
+    for counts in ((2, 0, 1, 0, 0), (0, 0, 0, 0, 0), (1, 1, 2, 1, 1)):
+        entries = _entries(*counts)
+        for document in (build_metadata(entries), build_metadata(entries, problems, calibration)):
+            assert all(isinstance(v, (str, int, float, bool)) for v in document.values()), document
+            assert all(re.fullmatch(r"[a-z_]+", k) for k in document), "a key a condition's path can name"
+            assert json.loads(json.dumps(document)) == document
+            assert document["detail_file"] == DETAIL_FILE
+    meta = build_metadata(_entries(1, 0, 1, 0, 1), problems, calibration)
+    assert meta["studies"] == 1 and meta["study_instance_uid"] == "1.2.3" and meta["calibration_id"] == "site-1"
+    assert meta["cards"] == "MODEL_01,MODEL_02" and meta["unreadable"] == 1 and meta["outcome"] == "failed"
+    empty = build_metadata([])
+    assert empty["outcome"] == "skipped" and "confidence" not in empty and "study_instance_uid" not in empty
+    detail = build_detail(_entries(1, 0, 1, 0, 1), problems)
+    assert detail["model_card_ids"] == ["MODEL_01", "MODEL_02"] and detail["study_instance_uids"] == ["1.2.3"]
+    assert len(detail["entries"]) == 3 and detail["problems"] == problems
 
 
 @pytest.mark.parametrize(("routed", "errors", "skipped", "reviews", "sets", "expected"), [
@@ -252,9 +396,13 @@ def test_router_result_branches_on_metadata_json(workflow, tasks, routed, errors
     result = _metadata(routed, errors, skipped, reviews, sets)
     assert result["routed"] == routed and result["errors"] == errors and result["reviews"] == reviews
     assert result["needs_review"] is bool(reviews or errors)
-    chosen = {d["name"] for d in tasks["router_result"]["task_destinations"]
-              if all(_evaluate(c, result) for c in d["conditions"])}
+    chosen = {d["name"] for d in tasks["router_result"]["task_destinations"] if _evaluate(d["conditions"], result)}
     assert chosen == expected
+
+
+def test_without_metadata_json_nothing_is_exported(tasks):
+    """No metadata.json found (ArgoMetadataRepository returns an empty dictionary): every key is NULL."""
+    assert not any(_evaluate(d["conditions"], {}) for d in tasks["router_result"]["task_destinations"])
 
 
 def test_exports_take_the_routers_output_folder(tasks):
@@ -356,6 +504,40 @@ def test_gateway_source_and_destinations_match_the_workflow(workflow):
         assert len(d["aeTitle"]) <= 15
 
 
+def _valid_ae_title(title: str) -> bool:
+    return 0 < len(title) <= 15 and MIG_AE_TITLE.fullmatch(title) is not None
+
+
+def _valid_host(host: str) -> bool:
+    return bool(host.strip()) and (MIG_IP.fullmatch(host) is not None or MIG_HOST_NAME.fullmatch(host) is not None)
+
+
+def test_the_gateways_validation_rules_as_upstream_writes_them():
+    """MIG src/Configuration/ValidationExtensions.cs, on examples that pass and fail there."""
+    assert all(_valid_ae_title(t) for t in ("ONEVLM", "REVIEW_PACS", "SOURCE-PACS", "A" * 15))
+    assert not any(_valid_ae_title(t) for t in ("", "A" * 16, "ONE VLM", "ONEVLM.1", "ÉCHO"))
+    assert all(_valid_host(h) for h in ("192.0.2.10", "255.255.255.255", "pacs", "pacs-1.example.org"))
+    assert not any(_valid_host(h) for h in ("", "256.1.1.1", "-pacs.example.org", "pacs_1", "2001:db8::1"))
+
+
+def test_gateway_bodies_pass_the_gateways_validation(workflow):
+    """What MIG checks before it stores an AE, a source or a destination (ValidationExtensions.cs,
+    MonaiAeTitleController.cs ValidateCreateAsync, src/Api/MonaiApplicationEntity.cs)."""
+    ae = _load(IG / "ae.json")
+    assert set(ae) <= MIG_AE_KEYS, set(ae) - MIG_AE_KEYS
+    assert _valid_ae_title(ae["aeTitle"]) and _valid_ae_title(workflow["informatics_gateway"]["ae_title"])
+    assert ae["grouping"].strip("()").upper() in MIG_GROUPING_TAGS
+    assert isinstance(ae["timeout"], int) and ae["timeout"] >= 0  # a uint
+    # allowed and ignored SOP classes are mutually exclusive
+    assert not (ae.get("allowedSopClasses") and ae.get("ignoredSopClasses"))
+    for path in [IG / "source.json", *sorted(IG.glob("destination-*.json"))]:
+        body = _load(path)
+        assert body["name"].strip(), path.name
+        assert _valid_ae_title(body["aeTitle"]) and _valid_host(body["hostIp"]), path.name
+        if "port" in body:
+            assert isinstance(body["port"], int) and 0 < body["port"] <= 65535, path.name
+
+
 def _fake_curl(folder: Path, status: str) -> dict:
     """A `curl` that logs its URL and body and answers `status`; returns the environment to run register.sh with."""
     bin_dir = folder / "bin"
@@ -413,3 +595,38 @@ def test_register_script_rejects_bad_arguments(tmp_path):
         run = subprocess.run([str(IG / "register.sh"), *args], env=env, capture_output=True, text=True, timeout=30)
         assert run.returncode == 2, args
     assert not (tmp_path / "calls.log").exists()
+
+
+# --- the README's instructions ---------------------------------------------------------------------------------------
+
+
+def test_readme_put_example_resends_the_whole_ae():
+    """MIG MonaiAeTitleController.cs (Edit): a PUT replaces grouping, timeout, workflows, allowed and ignored SOP
+    classes with the body's, defaults for any left out (`IgnoredSopClasses = item.IgnoredSopClasses ?? []`). A body
+    without ignoredSopClasses would let the app's own SRs flow back into ONEVLM."""
+    text = README.read_text(encoding="utf-8")
+    match = re.search(r"curl -X PUT \"\$MIG_URL/config/ae\".*?--data '(\{.*?\})'", text, flags=re.S)
+    assert match, "the README's PUT /config/ae example"
+    body = json.loads(match[1])
+    ae = _load(IG / "ae.json")
+    assert body["workflows"] == ["<WORKFLOW_ID>"]
+    for key in ("name", "grouping", "timeout", "ignoredSopClasses"):
+        assert body[key] == ae[key], key
+    assert not body.get("allowedSopClasses")
+
+
+def test_readme_sends_from_the_registered_source():
+    """MIG ApplicationEntityManager.cs (IsValidSourceAsync): with rejectUnknownSources the calling AE title and the
+    association's host must both match a registered source."""
+    text = README.read_text(encoding="utf-8")
+    source = _load(IG / "source.json")
+    assert f"storescu -aet {source['aeTitle']} -aec {_load(IG / 'ae.json')['aeTitle']} " in text
+    assert "rejectUnknownSources" in text and f"`{source['hostIp']}`" in text
+
+
+def test_readme_says_what_upstream_does():
+    text = README.read_text(encoding="utf-8")
+    assert "guidelines/mwm-workflow-spec.md" in text and "docs/setup/mwm-workflow-spec.md" not in text
+    assert "PriorityClass named `standard`" not in text and "taskPriorityClass" in text
+    for key in build_metadata(_entries(1, 1, 1, 1, 1), [{"file": "x", "error": "y"}], {"calibration_id": "c"}):
+        assert f"`{key}`" in text, f"the README names the condition key {key}"

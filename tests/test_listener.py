@@ -415,8 +415,10 @@ def _closed_port() -> int:
 def test_restart_recovers_the_spool_and_requeues_only_changed_results(tmp_path):
     """State a crash leaves behind: a partial write in tmp/, an acknowledged file the journal never
     recorded, a group caught mid-processing. After a restart the partial write is gone, the file
-    is recorded, both groups are processed again, and their SRs keep their SOP Instance UIDs; the
-    SR whose study did not change is not queued again (same digest), the other one is."""
+    is recorded, both groups are processed again (after a whole idle time from the restart). The SR
+    whose study did not change keeps its SOP Instance UID and is not queued again (same digest); the
+    grown study's SR is amended: a new SOP Instance UID naming the first as its predecessor, queued in
+    place of the first, which never reached the PACS (superseded)."""
     spool = tmp_path / "spool"
     unchanged, grown = make_copies(pydicom_file("CT_small.dcm"), tmp_path / "data", studies=2, per_study=3).items()
     dead = {"name": "nowhere", "ae_title": "NOWHERE", "host": "127.0.0.1", "port": _closed_port()}
@@ -445,13 +447,20 @@ def test_restart_recovers_the_spool_and_requeues_only_changed_results(tmp_path):
                    {unchanged[0]: 2, grown[0]: 2} and service.status()["processed"] == 2, 60,
                    message="both groups processed a second time")
         time.sleep(0.5)
-        after = dict(journal_query(spool, "SELECT group_key, sop_instance_uid || ' ' || digest FROM outbox"))
+        rows = journal_query(spool, "SELECT group_key, sop_instance_uid, digest, status FROM outbox ORDER BY id")
         status = service.status()
-    assert after[unchanged[0]] == before[unchanged[0]], "an unchanged SR was queued again"
-    assert after[grown[0]].split()[0] == before[grown[0]].split()[0], "the SR UID changed"
-    assert after[grown[0]] != before[grown[0]], "the grown study's new SR was not queued"
-    assert status["export_failures"] == 3  # the unchanged SR waits for its retry; the new one was tried at once
+    after = {group: [r[1:] for r in rows if r[0] == group] for group in (unchanged[0], grown[0])}
+    first_uid, first_digest = before[unchanged[0]].split()
+    assert after[unchanged[0]] == [(first_uid, first_digest, "pending")], "an unchanged SR was queued again"
+    (old_uid, _, old_status), (new_uid, _, new_status) = after[grown[0]]
+    assert old_uid == before[grown[0]].split()[0] and old_status == "superseded"
+    assert new_uid != old_uid and new_status == "pending", "the grown study's amended SR was not queued"
+    assert status["export_failures"] == 3  # the unchanged SR waits for its retry; the amended one was tried at once
+    assert status["export_superseded"] == 1
     sr = pydicom.dcmread(next((spool / "results" / grown[0] / "sr").glob("*.dcm")))
+    assert sr.SOPInstanceUID == new_uid
+    assert sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == old_uid
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
     assert {item.ReferencedSOPInstanceUID for item in evidence} == {str(header(p).SOPInstanceUID) for p in grown[1]}
 
@@ -522,3 +531,22 @@ def test_a_review_destination_role_is_validated(tmp_path):
                                                             "port": 104, "role": "reviewer"}])
     with pytest.raises(ConfigError, match=r"destinations\[0\].role.*'reviewer' must be one of results, review"):
         parse_config(bad)
+
+
+def test_a_restart_gives_unfinished_groups_a_fresh_idle_timer(tmp_path):
+    """After kill -9 a scanner retries what was not acknowledged: the group must wait a whole idle time from the
+    restart, so the retry lands in the same result instead of a partial one being processed first."""
+    from onevlm.net.journal import Journal
+
+    journal = Journal(tmp_path / "journal.sqlite")
+    long_ago = time.time() - 3600
+    for group, status in (("g-processing", "processing"), ("g-queued", "queued"), ("g-receiving", "receiving"),
+                          ("g-done", "done")):
+        journal._db.execute("INSERT INTO groups(group_key, status, last_received, received, updated_at) "
+                            "VALUES (?, ?, ?, 1, ?)", (group, status, long_ago, long_ago))
+    journal._db.commit()
+    journal.recover([])
+    assert journal.due_groups(idle_seconds=5) == []  # nothing is due right after the restart
+    later = time.time() + 6
+    assert sorted(journal.due_groups(idle_seconds=5, now=later)) == ["g-processing", "g-queued", "g-receiving"]
+    journal.close()

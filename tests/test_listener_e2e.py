@@ -32,6 +32,7 @@ from dicom_peers import (
     running_service,
     service_config,
     spool_files,
+    storescp_node,
     storescu,
     storescu_acknowledged,
     storescu_popen,
@@ -280,3 +281,64 @@ def test_export_retries_until_the_pacs_comes_up(tmp_path):
             assert pacs.count_instances() == 1
     finally:
         pacs.stop()
+
+
+# --------------------------------------------------------------------------- 11. amended results
+
+
+def _sr_files(folder: Path) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(p) for p in sorted(folder.iterdir()) if p.is_file()]
+
+
+def _evidence_count(sr: pydicom.Dataset) -> int:
+    return sum(len(series.ReferencedSOPSequence) for study in sr.CurrentRequestedProcedureEvidenceSequence
+               for series in study.ReferencedSeriesSequence)
+
+
+def test_a_grown_study_gets_an_amended_sr_with_a_new_uid(tmp_path):
+    """10 instances, their SR; 5 more of the same series: a second SR in the same series with a new SOP Instance
+    UID naming the first as its predecessor, both in the PACS (Orthanc keeps the first copy of a UID, so a
+    re-sent UID would leave the partial result there); sending everything again changes nothing."""
+    spool = tmp_path / "spool"
+    (study_uid, files), = make_copies(pydicom_file("CT_small.dcm"), tmp_path / "data", studies=1, per_study=15).items()
+    with Pacs(tmp_path / "pacs") as pacs, storescp_node(tmp_path / "storescp", "STORESCP") as storescp:
+        config = service_config(spool, destinations=[pacs.destination(), storescp])
+        with running_service(config) as service:
+            assert storescu(files[:10], service.listener.port).returncode == 0
+            wait_until(lambda: service.status()["exported"] == 2, 60, 0.2, "the first SR at both destinations")
+            assert storescu(files[10:], service.listener.port).returncode == 0
+            wait_until(lambda: service.status()["exported"] == 4, 60, 0.2, "the amended SR at both destinations")
+            assert storescu(files, service.listener.port).returncode == 0  # all again: duplicates, same content
+            wait_until(lambda: service.status()["duplicates"] >= 15 and service.status()["queued"] == 0, 60, 0.2,
+                       "the duplicates processed")
+            time.sleep(1.0)
+            status = service.status()
+        assert status["exported"] == 4 and status["export_pending"] == 0 and status["failed"] == 0
+        in_orthanc = pacs.routing_srs()[study_uid]
+        assert len(in_orthanc) == 2
+        first, second = sorted(_sr_files(tmp_path / "storescp"), key=_evidence_count)
+    assert {first.SOPInstanceUID, second.SOPInstanceUID} == {sr["SOPInstanceUID"] for sr in in_orthanc}
+    assert first.SOPInstanceUID != second.SOPInstanceUID and first.SeriesInstanceUID == second.SeriesInstanceUID
+    assert (_evidence_count(first), _evidence_count(second)) == (10, 15)
+    assert "PredecessorDocumentsSequence" not in first
+    (predecessor,) = second.PredecessorDocumentsSequence
+    assert predecessor.StudyInstanceUID == study_uid
+    (series,) = predecessor.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID
+    (item,) = series.ReferencedSOPSequence
+    assert (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID) == (first.SOPClassUID, first.SOPInstanceUID)
+    assert second.CompletionFlag == "COMPLETE" and second.VerificationFlag == "UNVERIFIED"
+    assert dciodvfy_errors_of(second) == []
+    versions = journal_query(spool, "SELECT version, sop_instance_uid FROM results")
+    assert versions == [(2, second.SOPInstanceUID)]
+
+
+def dciodvfy_errors_of(dataset: pydicom.Dataset) -> list[str]:
+    from dicom_validation import dciodvfy_errors
+
+    path = Path(f"/tmp/onevlm-amended-{dataset.SOPInstanceUID}.dcm")
+    dataset.save_as(path, enforce_file_format=True)
+    try:
+        return dciodvfy_errors(path)
+    finally:
+        path.unlink()

@@ -321,7 +321,7 @@ def test_study_results_go_into_the_routing_srs(specialty_model, cards, routed_sa
     outputs = write_study_outputs(routed_samples, tmp_path, cards, execution=execution)
     meta = outputs.metadata
     assert meta["executed"] == 2 and meta["routed_sets"] == 3
-    entries = {e["input"]: e for e in meta["entries"]}
+    entries = {e["input"]: e for e in outputs.detail["entries"]}
     assert entries[BREAST_US]["executions"][0]["labels"] == ["malignant"]
     assert {e["status"] for e in entries[BRAIN_CT]["executions"]} == {NOT_EXECUTABLE}
     records = [json.loads(line) for line in outputs.decisions_file.read_text().splitlines()]
@@ -438,13 +438,14 @@ def test_route_execute_app_end_to_end(models, tmp_path):
                          env=_app_env(ONEVLM_SPECIALTY_QUANTIZE="nf4", ONEVLM_DEVICE="cpu"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     meta = json.loads((out / "metadata.json").read_text())
-    entries = {e["input"]: e for e in meta["entries"]}
+    detail = json.loads((out / "series.json").read_text())
+    entries = {e["input"]: e for e in detail["entries"]}
     assert meta["executed"] == 2 and meta["routed_sets"] == 3 and meta["outcome"] == "failed"  # broken.dcm
     assert entries[BREAST_US]["executions"][0]["labels"] == ["malignant"]
     assert entries[CHEST]["executions"][0]["status"] == EXECUTED
     assert {e["status"] for e in entries[BRAIN_CT]["executions"]} == {NOT_EXECUTABLE}
     assert entries["ecg_waveform.dcm"]["skipped"] and entries["ecg_waveform.dcm"]["executions"] == []
-    assert [p["file"] for p in meta["problems"]] == ["broken.dcm"]
+    assert [p["file"] for p in detail["problems"]] == ["broken.dcm"] and meta["unreadable"] == 1
     assert len(list((out / "sr").glob("*.dcm"))) == 3
 
 
@@ -501,7 +502,9 @@ def test_listener_service_runs_route_execute(models, tmp_path):
         metadata = wait_until(lambda: next(results.glob("*/metadata.json"), None), 120, 0.5,
                               "the study's results")
         meta = json.loads(metadata.read_text())
-    assert meta["executed"] == 1 and meta["entries"][0]["cards"] == ["MODEL_19", "MODEL_20", "MODEL_21"]
-    assert meta["entries"][0]["executions"][0]["labels"] == ["malignant"]
+        detail = json.loads((metadata.parent / meta["detail_file"]).read_text())
+    assert meta["executed"] == 1 and meta["cards"] == "MODEL_19,MODEL_20,MODEL_21"
+    assert detail["entries"][0]["cards"] == ["MODEL_19", "MODEL_20", "MODEL_21"]
+    assert detail["entries"][0]["executions"][0]["labels"] == ["malignant"]
     sr = next(metadata.parent.glob("sr/*.dcm"))
     assert ("Class (specialty model)", "Malignant") in _sr_items(sr)

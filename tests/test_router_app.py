@@ -121,7 +121,7 @@ def _dciodvfy_errors(path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_router_app_routes_a_folder_end_to_end(workspace):
+def test_router_app_routes_a_folder_end_to_end(workspace, capsys):
     import highdicom as hd
     import pydicom
 
@@ -130,9 +130,13 @@ def test_router_app_routes_a_folder_end_to_end(workspace):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     metadata = json.loads((output / "metadata.json").read_text(encoding="utf-8"))
-    assert metadata["not_for_clinical_use"] is True
+    detail = json.loads((output / metadata["detail_file"]).read_text(encoding="utf-8"))
+    assert metadata["not_for_clinical_use"] is True and detail["not_for_clinical_use"] is True
     assert metadata["series"] == 5  # CT (4 slices), MR, CR, RT plan, SR
-    by_modality = {e["dicom_modality"]: e for e in metadata["entries"]}
+    # flat for the Workflow Manager's conditions; the lists per series are in series.json
+    assert all(isinstance(v, (str, int, float, bool)) for v in metadata.values()), metadata
+    assert metadata["unreadable"] == 1 and metadata["studies"] == len(detail["study_instance_uids"])
+    by_modality = {e["dicom_modality"]: e for e in detail["entries"]}
     ct = by_modality["CT"]
     assert ct["modality"] == "brain CT scan" and ct["error"] is None and ct["model_card_id"] == "MODEL_01"
     assert ct["stage_confidence"]["1"] is not None and ct["stopped_at_stage"] is None
@@ -140,8 +144,8 @@ def test_router_app_routes_a_folder_end_to_end(workspace):
     for modality in ("RTPLAN", "SR"):
         assert by_modality[modality]["skipped"].startswith("not an image"), by_modality[modality]
         assert by_modality[modality]["sr_file"] is None
-    assert [p["file"] for p in metadata["problems"]] == [CORRUPT_NAME]
-    assert CORRUPT_NAME in metadata["problems"][0]["error"]
+    assert [p["file"] for p in detail["problems"]] == [CORRUPT_NAME]
+    assert CORRUPT_NAME in detail["problems"][0]["error"]
 
     # one routing SR per image series, valid, readable, referencing every slice of the CT series
     sr_path = output / ct["sr_file"]
@@ -160,6 +164,15 @@ def test_router_app_routes_a_folder_end_to_end(workspace):
 
     lines = (output / "decisions.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 3 and all(json.loads(line)["not_for_clinical_use"] for line in lines)
+
+    # `onevlm summary` reads both files: the counts from metadata.json, the series from series.json
+    from onevlm.cli import main
+
+    capsys.readouterr()
+    assert main(["summary", str(output)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("5 series: ") and "1 error(s)" in text
+    assert f"SR: {ct['sr_file']}" in text and f"unreadable: {detail['problems'][0]['error']}" in text
 
 
 @pytest.mark.slow
@@ -215,7 +228,8 @@ def test_router_app_with_the_sites_calibration(workspace, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metadata = json.loads((output / "metadata.json").read_text(encoding="utf-8"))
     assert metadata["calibrated"] is True and metadata["calibration_id"] == calibration.calibration_id
-    decided = [e for e in metadata["entries"] if not e["skipped"] and not e["error"]]
+    entries = json.loads((output / "series.json").read_text(encoding="utf-8"))["entries"]
+    decided = [e for e in entries if not e["skipped"] and not e["error"]]
     assert decided and all(e["calibrated"] for e in decided)
     # eight labelled inputs are far too few for a 90 % set: the sets are open and the router says review
     assert {e["outcome"] for e in decided} <= {"review", "stopped"}

@@ -1,4 +1,4 @@
-"""A study routed series by series: grouping, skipping, whole slides, SR outputs and metadata.json."""
+"""A study routed series by series: grouping, skipping, whole slides, SR outputs, metadata.json and series.json."""
 
 from __future__ import annotations
 
@@ -58,9 +58,16 @@ def test_route_study_writes_sr_and_metadata(embedded_router, tmp_path):
     study = route_study(embedded_router, [SAMPLES])
     out = write_study_outputs(study, tmp_path / "out", embedded_router.cards)
     meta = json.loads(out.metadata_file.read_text())
-    assert meta["not_for_clinical_use"] is True
-    assert meta["series"] == len(study.series)
-    entries = {e["input"]: e for e in meta["entries"] if e["input"]}
+    detail = json.loads(out.detail_file.read_text())
+    assert (meta, detail) == (out.metadata, out.detail)
+    assert meta["not_for_clinical_use"] is True and detail["not_for_clinical_use"] is True
+    assert meta["series"] == len(study.series) == len(detail["entries"])
+    # metadata.json is flat (a workflow condition reads top-level scalars only); the lists are in series.json
+    assert all(isinstance(v, (str, int, float, bool)) for v in meta.values()), meta
+    assert meta["detail_file"] == out.detail_file.name == "series.json"
+    assert detail["study_instance_uids"] == sorted({r.series.study_instance_uid for r in study.series})
+    assert meta["studies"] == len(detail["study_instance_uids"]) > 1 and "study_instance_uid" not in meta
+    entries = {e["input"]: e for e in detail["entries"] if e["input"]}
     head = entries["ct_head_512_j2k.dcm"]
     assert head["modality"] == "brain CT scan" and head["outcome"] == "routed-set" and head["model_card_id"] is None
     assert head["cards"] == ["MODEL_01", "MODEL_02", "MODEL_03", "MODEL_04"] and not head["needs_review"]
@@ -72,12 +79,14 @@ def test_route_study_writes_sr_and_metadata(embedded_router, tmp_path):
     assert tie["reasons"][0].startswith("stage 1 tie")
     # the study's outcome at the top level, for workflow conditions: review is the most urgent
     assert meta["outcome"] == "review" and meta["needs_review"] is True and meta["reviews"] == 2
-    assert meta["cards"].split(",") == sorted({c for e in meta["entries"] for c in e["cards"]})
-    assert meta["confidence"] == min(e["confidence"] for e in meta["entries"] if e["cards"])
-    assert meta["calibrated"] is False and meta["calibration_id"] is None
+    cards = sorted({c for e in detail["entries"] for c in e["cards"]})
+    assert meta["cards"].split(",") == detail["model_card_ids"] == cards
+    assert meta["with_cards"] == sum(1 for e in detail["entries"] if e["cards"])
+    assert meta["confidence"] == min(e["confidence"] for e in detail["entries"] if e["cards"])
+    assert meta["calibrated"] is False and "calibration_id" not in meta  # no value: left out, never null
     liver = entries["mr_abdomen_liver.dcm"]
     assert liver["modality"] == "Other" and liver["stopped_early"] and liver["stopped_at_stage"] == 1
-    skipped = [e for e in meta["entries"] if e["skipped"]]
+    skipped = [e for e in detail["entries"] if e["skipped"]]
     assert {e["dicom_modality"] for e in skipped} == {"RTPLAN", "SR", "ECG", "SEG"}
     # a retired SOP class (1994 ultrasound) still gets its SR, whose evidence names the retired class
     echo = entries["us_echocardiogram.dcm"]
@@ -85,7 +94,7 @@ def test_route_study_writes_sr_and_metadata(embedded_router, tmp_path):
     echo_sr = pydicom.dcmread(out.metadata_file.parent / echo["sr_file"])
     evidence = echo_sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert evidence.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.6"
-    assert len(out.sr_files) == sum(1 for e in meta["entries"] if not e["skipped"] and not e["error"])
+    assert len(out.sr_files) == sum(1 for e in detail["entries"] if not e["skipped"] and not e["error"])
     for path in out.sr_files.values():
         errors = dciodvfy_errors(path)
         if path == out.metadata_file.parent / echo["sr_file"]:
@@ -94,7 +103,7 @@ def test_route_study_writes_sr_and_metadata(embedded_router, tmp_path):
         assert errors == [], path.name
         assert hd.sr.srread(path).VerificationFlag == "UNVERIFIED"
     decisions = out.decisions_file.read_text().splitlines()
-    assert len(decisions) == sum(1 for e in meta["entries"] if not e["skipped"])
+    assert len(decisions) == sum(1 for e in detail["entries"] if not e["skipped"])
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +127,8 @@ def test_whole_slide_series_is_routed_by_its_thumbnail(embedded_router, dicom_sl
     out = write_study_outputs(routing, tmp_path / "out", embedded_router.cards)
     (sr_path,) = out.sr_files.values()
     assert dciodvfy_errors(sr_path) == []
+    # one study: its UID is a scalar a workflow condition can read
+    assert out.metadata["studies"] == 1 and out.metadata["study_instance_uid"] == result.series.study_instance_uid
 
 
 def test_boxes_become_sr_regions_and_seg_or_annotations(embedded_router, dicom_slide, tmp_path):
@@ -143,7 +154,7 @@ def test_boxes_become_sr_regions_and_seg_or_annotations(embedded_router, dicom_s
     for uid, count in ((series_uid["CT"], 1), (series_uid["SM"], 2)):
         sr = hd.sr.srread(out.sr_files[uid])
         assert len(sr.content.get_planar_roi_measurement_groups()) == count
-    entries = {e["series_instance_uid"]: e for e in out.metadata["entries"]}
+    entries = {e["series_instance_uid"]: e for e in out.detail["entries"]}
     assert entries[series_uid["CT"]]["box_file"].startswith("seg/")
     assert entries[series_uid["SM"]]["box_file"].startswith("annotations/")
 
@@ -164,11 +175,12 @@ def test_a_series_with_pixel_data_cut_short_gets_the_error(embedded_router, tmp_
     assert routing.problems == ()  # the damaged files are read, and their series reported
     out = write_study_outputs(routing, tmp_path / "out", embedded_router.cards)
     meta = json.loads(out.metadata_file.read_text())
-    by_modality = {e["dicom_modality"]: e for e in meta["entries"] if e["input"] != "j2k_cut.dcm"}
+    detail = json.loads(out.detail_file.read_text())
+    by_modality = {e["dicom_modality"]: e for e in detail["entries"] if e["input"] != "j2k_cut.dcm"}
     damaged_ct = by_modality["CT"]
     assert damaged_ct["error"] == "17196.dcm: pixel data truncated: 256 of 512 bytes"
     assert damaged_ct["outcome"] == "failed" and damaged_ct["sr_file"] is None and damaged_ct["cards"] == []
-    j2k = next(e for e in meta["entries"] if e["input"] == "j2k_cut.dcm")
+    j2k = next(e for e in detail["entries"] if e["input"] == "j2k_cut.dcm")
     assert j2k["error"].startswith("j2k_cut.dcm: pixel data truncated: ") and j2k["sr_file"] is None
     # the rest of the study goes on
     mr = by_modality["MR"]

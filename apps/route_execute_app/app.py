@@ -25,8 +25,8 @@ Environment variables of this application (besides the router app's ``ONEVLM_CAR
 
 The router uses the embedded default unless ``ONEVLM_BACKEND=transformers``: then it routes with
 the specialty model's own base, adapters switched off for its calls (the paper's one VLM in two
-roles, one copy in memory). The output folder is the
-router app's (``sr/``, ``seg/``, ``annotations/``, ``decisions.jsonl``, ``metadata.json``); each
+roles, one copy in memory). The output folder is the router app's (``sr/``, ``seg/``,
+``annotations/``, ``decisions.jsonl``, ``metadata.json``, ``series.json``); each
 routing SR also holds the card's result (coded class, grade or findings; boxes as SCOORD
 regions, also written as a SEG) or says the card is not executable here, and why.
 """

@@ -27,8 +27,9 @@ Environment variables of this application:
     ``HOLOSCAN_MODEL_PATH``) names a model folder, else ``embedded``.
 
 The output folder receives ``sr/<SOP Instance UID>.dcm`` (one TID 1500 routing SR per routed
-series), ``decisions.jsonl`` (one decision record per routed series) and ``metadata.json`` (one
-entry per series, for a MONAI Deploy Workflow Manager to branch on).
+series), ``decisions.jsonl`` (one decision record per routed series), ``metadata.json`` (flat:
+the study's outcome and counts, for a MONAI Deploy Workflow Manager to branch on) and
+``series.json`` (one entry per series, and the unreadable files).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@
 #
 # POSTs, in order: source.json -> /config/source, destination-*.json -> /config/destination, ae.json -> /config/ae.
 # The source goes first because the Workflow Manager checks the workflow's data_origins against it.
-# An entity that already exists (HTTP 409) is reported and left as it is; use PUT on the same path to change it.
+# An entity that already exists (HTTP 409) is reported and left as it is; use PUT on the same path to change it,
+# with the whole body: the gateway resets what a PUT leaves out (for an AE, ignoredSopClasses, the SR loop guard).
 # Edit hostIp/port/aeTitle in the JSON files for your site first. Needs bash and curl.
 set -euo pipefail
 
@@ -34,7 +35,7 @@ post() {  # post API_PATH JSON_FILE
         -H 'Content-Type: application/json' --data-binary "@$body")" || code="000"
     case "$code" in
         200|201) echo "POST $path $(basename "$body"): $code created" ;;
-        409)     echo "POST $path $(basename "$body"): 409 already exists (left unchanged; PUT $path to update)" ;;
+        409)     echo "POST $path $(basename "$body"): 409 already exists (left unchanged; PUT $path with the whole body to update)" ;;
         *)       echo "POST $path $(basename "$body"): HTTP $code" >&2
                  [[ -s "$tmp/response" ]] && cat "$tmp/response" >&2 && echo >&2
                  failed=1 ;;

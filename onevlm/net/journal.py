@@ -9,13 +9,14 @@ lost is sent again with the same SOP Instance UID (a PACS keeps one copy).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -43,7 +44,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     sop_class_uid TEXT NOT NULL,
     path TEXT NOT NULL,
     digest TEXT NOT NULL,
-    status TEXT NOT NULL,            -- pending | sent | failed
+    status TEXT NOT NULL,            -- pending | sent | failed | superseded (amended before it was sent)
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     last_error TEXT,
@@ -51,9 +52,28 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (sop_instance_uid, destination)
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS results (  -- the latest version of each result object (SR, SEG, annotations)
+    result_key TEXT PRIMARY KEY,     -- group | kind | result series UID
+    version INTEGER NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    content_digest TEXT NOT NULL,
+    previous TEXT NOT NULL,          -- JSON: earlier versions [[study, series, class, instance], ...]
+    updated_at REAL NOT NULL
+);
 """
 
 COUNTERS = ("received", "duplicates", "quarantined", "refused", "processed", "exported", "export_failures", "failed")
+
+
+@dataclass(frozen=True)
+class ResultVersion:
+    """The latest version of one result object: its identity, content digest and earlier versions."""
+
+    result_key: str
+    version: int
+    sop_instance_uid: str
+    content_digest: str
+    previous: tuple[tuple[str, str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,13 +167,16 @@ class Journal:
         return bool(row and row[0] > since)
 
     def recover(self, spool_files: list[tuple[str, Path]]) -> int:
-        """After a restart: unfinished groups go back to receiving; files missing from the journal
-        (acknowledged, then a crash before the journal write) are recorded. Returns files added."""
+        """After a restart: unfinished groups go back to receiving with a fresh idle timer; files missing
+        from the journal (acknowledged, then a crash before the journal write) are recorded, their groups
+        too. Returns files added."""
         now = time.time()
         added = 0
         with self._tx() as db:
-            db.execute("UPDATE groups SET status = 'receiving', updated_at = ? WHERE status IN ('queued', 'processing')",
-                       (now,))
+            # Unfinished groups wait a whole idle time from the restart: a scanner retrying what was not
+            # acknowledged lands in the same result instead of a partial one first.
+            db.execute("UPDATE groups SET status = 'receiving', last_received = MAX(last_received, ?), updated_at = ? "
+                       "WHERE status IN ('queued', 'processing', 'receiving')", (now, now))
             for group_key, path in spool_files:
                 cur = db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, '', 'recovered', ?)",
                                  (path.stem, group_key, str(path), now))
@@ -163,10 +186,40 @@ class Journal:
                     db.execute(
                         "INSERT INTO groups(group_key, status, last_received, received, updated_at) "
                         "VALUES (?, 'receiving', ?, 1, ?) ON CONFLICT(group_key) DO UPDATE SET "
-                        "status = 'receiving', received = received + 1, updated_at = ?",
-                        (group_key, now, now, now),
+                        "status = 'receiving', received = received + 1, last_received = ?, updated_at = ?",
+                        (group_key, now, now, now, now),
                     )
         return added
+
+    # -- result versions --------------------------------------------------------------------------
+
+    def result_version(self, result_key: str) -> ResultVersion | None:
+        """The latest recorded version of a result object, or ``None``."""
+        with self._lock:
+            row = self._db.execute("SELECT version, sop_instance_uid, content_digest, previous FROM results "
+                                   "WHERE result_key = ?", (result_key,)).fetchone()
+        if row is None:
+            return None
+        return ResultVersion(result_key, int(row[0]), row[1], row[2], tuple(tuple(p) for p in json.loads(row[3])))
+
+    def record_result_versions(self, versions: Iterable[ResultVersion]) -> None:
+        """Record result versions once their files are in place (one transaction)."""
+        now = time.time()
+        with self._tx() as db:
+            for v in versions:
+                db.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(result_key) DO UPDATE SET "
+                           "version = excluded.version, sop_instance_uid = excluded.sop_instance_uid, "
+                           "content_digest = excluded.content_digest, previous = excluded.previous, "
+                           "updated_at = excluded.updated_at",
+                           (v.result_key, v.version, v.sop_instance_uid, v.content_digest,
+                            json.dumps([list(p) for p in v.previous]), now))
+
+    def supersede_exports(self, sop_uid: str) -> int:
+        """A version amended before it was sent is not sent any more (its successor references it)."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE outbox SET status = 'superseded' WHERE sop_instance_uid = ? AND status = 'pending'",
+                             (sop_uid,))
+            return cur.rowcount
 
     # -- exporting ------------------------------------------------------------------------------
 
@@ -232,6 +285,7 @@ class Journal:
             "failed": groups.get("failed", 0) + outbox.get("failed", 0),
             "exported": outbox.get("sent", 0),
             "export_pending": outbox.get("pending", 0),
+            "export_superseded": outbox.get("superseded", 0),
             "export_failures": counters.get("export_failures", 0),
             "groups": groups,
             "outbox": outbox,

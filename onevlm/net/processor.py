@@ -20,6 +20,7 @@ import pydicom
 from onevlm.cards.repository import CardRepository
 from onevlm.net.config import Destination
 from onevlm.net.journal import Journal
+from onevlm.net.result_versions import JournalVersions
 from onevlm.net.spool import Spool
 from onevlm.router.pipeline import Router
 from onevlm.study.execution import execute_study
@@ -72,13 +73,17 @@ class GroupProcessor:
             final = self.spool.result_folder(group_key)
             staging = final.with_name(f".{final.name}.staging")
             shutil.rmtree(staging, ignore_errors=True)
-            outputs = write_study_outputs(study, staging, self.cards, execution=execution)
+            versions = JournalVersions(self.journal, group_key)
+            outputs = write_study_outputs(study, staging, self.cards, execution=execution, versions=versions)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
+            for version in versions.commit():
+                if version.previous:  # the amended version's file is gone: if unsent, its successor goes instead
+                    self.journal.supersede_exports(version.previous[-1][3])
             queued = 0
             meta = outputs.metadata
-            review_files = {e["sr_file"] for e in meta["entries"] if e["needs_review"] and e["sr_file"]}
+            review_files = {e["sr_file"] for e in outputs.detail["entries"] if e["needs_review"] and e["sr_file"]}
             for kind in ("sr", "seg", "annotations"):
                 for path in sorted((final / kind).glob("*.dcm")):
                     header = pydicom.dcmread(path, stop_before_pixels=True)

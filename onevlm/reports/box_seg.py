@@ -52,8 +52,11 @@ def box_masks(source: pydicom.Dataset, boxes: Sequence[ImageBox], labels: Sequen
     return mask
 
 
-def build_box_seg(source: pydicom.Dataset, boxes: Sequence[ImageBox]) -> hd.seg.Segmentation:
+def build_box_seg(source: pydicom.Dataset, boxes: Sequence[ImageBox],
+                  sop_instance_uid: str | None = None) -> hd.seg.Segmentation:
     """Build a binary SEG of ``boxes`` on the image ``source`` (a full dataset, pixels included).
+
+    ``sop_instance_uid`` overrides the first version's UID (derived from the source series).
 
     Raises
     ------
@@ -78,6 +81,7 @@ def build_box_seg(source: pydicom.Dataset, boxes: Sequence[ImageBox]) -> hd.seg.
         for i, label in enumerate(labels)
     ]
     series_uid, instance_uid = seg_uids(str(source.StudyInstanceUID), str(source.SeriesInstanceUID))
+    instance_uid = sop_instance_uid or instance_uid
     seg = hd.seg.Segmentation(
         source_images=[evidence_ready(source)],
         pixel_array=box_masks(source, boxes, labels),

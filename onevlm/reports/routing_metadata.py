@@ -1,4 +1,12 @@
-"""``metadata.json``: the routing outcome per series, for a MONAI Deploy Workflow Manager to branch on.
+"""``metadata.json`` (the study's outcome, flat) and ``series.json`` (the outcome per series).
+
+``metadata.json`` is for a MONAI Deploy Workflow Manager to branch on. Its Argo plug-in reads
+the file into a flat ``Dictionary<string, object>`` and stores it before any condition runs;
+conditions read top-level keys only and compare them as strings (a missing key is ``NULL``).
+So ``metadata.json`` holds scalars only, and never a JSON ``null``: the WM's parser fails a
+condition on one, whereas a missing key is its documented ``NULL``. The lists (one entry per
+series, unreadable files, study UIDs, card IDs) are in ``series.json`` next to it, which
+``metadata.json`` names in ``detail_file``.
 
 Research use only: not for clinical use.
 """
@@ -9,6 +17,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 DECISIONS_FILE = "decisions.jsonl"
 METADATA_FILE = "metadata.json"
+DETAIL_FILE = "series.json"
+
+#: A value of ``metadata.json``: what a workflow condition can compare.
+Scalar = str | int | float | bool
 
 
 #: Study-level outcome: the most urgent of its series' outcomes, in this order.
@@ -67,14 +79,20 @@ def series_entry(decision: Mapping[str, Any] | None, *, study_instance_uid: str,
 
 
 def build_metadata(entries: Sequence[Mapping[str, Any]], problems: Iterable[Mapping[str, str]] = (),
-                   calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``metadata.json`` document: a flag, counts, the study's outcome, one entry per series.
+                   calibration: Mapping[str, Any] | None = None) -> dict[str, Scalar]:
+    """The ``metadata.json`` document: the study's outcome and counts, scalars only.
 
-    Workflow conditions read only top-level scalars, so the study's outcome is there too:
-    ``outcome`` (the most urgent of its series', in :data:`OUTCOME_URGENCY` order),
-    ``needs_review`` (a series went to review, or failed), ``with_cards`` (series routed to a
-    card or a set), ``cards`` (comma-separated), ``confidence`` (the lowest route confidence
-    among the routed series) and ``calibrated`` (every decided series' probabilities calibrated).
+    ``outcome`` is the most urgent of its series' outcomes (in :data:`OUTCOME_URGENCY` order),
+    ``needs_review`` whether a series went to review or failed (or a file was unreadable),
+    ``with_cards`` the number of series routed to a card or a set, ``cards`` the chosen card
+    IDs (sorted, comma-separated; empty when none), ``confidence`` the lowest route confidence
+    among the routed series, ``calibrated`` whether every decided series' probabilities were
+    calibrated, and ``study_instance_uid`` the study when the output holds exactly one
+    (``studies`` counts them). ``detail_file`` names the :func:`build_detail` document.
+
+    A value that does not exist (``confidence`` with nothing routed, ``calibration_id`` when
+    uncalibrated, ``study_instance_uid`` with several studies) is left out rather than written
+    as ``null``: a workflow condition reads a missing key as ``NULL``.
     """
     entries = list(entries)
     problems = list(problems)
@@ -84,10 +102,12 @@ def build_metadata(entries: Sequence[Mapping[str, Any]], problems: Iterable[Mapp
     routed = [e for e in entries if e["cards"]]
     confidences = [e["confidence"] for e in routed if e["confidence"] is not None]
     decided = [e for e in entries if not e["skipped"] and not e["error"]]
-    return {
+    studies = sorted({e["study_instance_uid"] for e in entries})
+    document: dict[str, Scalar | None] = {
         "not_for_clinical_use": True,
-        "study_instance_uids": sorted({e["study_instance_uid"] for e in entries}),
-        # top level, because workflow conditions read only top-level values of metadata.json
+        "detail_file": DETAIL_FILE,
+        "studies": len(studies),
+        "study_instance_uid": studies[0] if len(studies) == 1 else None,
         "outcome": outcome,
         "needs_review": any(o in ("review", "failed") for o in outcomes) or bool(problems),
         "with_cards": len(routed),
@@ -101,8 +121,24 @@ def build_metadata(entries: Sequence[Mapping[str, Any]], problems: Iterable[Mapp
         "reviews": sum(1 for e in entries if e["outcome"] == "review"),
         "skipped": sum(1 for e in entries if e["skipped"]),
         "errors": sum(1 for e in entries if e["error"]) + len(problems),
-        "model_card_ids": cards,
+        "unreadable": len(problems),
         "executed": sum(1 for e in entries for x in e["executions"] if x.get("status") == "executed"),
+    }
+    return {key: value for key, value in document.items() if value is not None}
+
+
+def build_detail(entries: Sequence[Mapping[str, Any]], problems: Iterable[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """The ``series.json`` document: the structured detail that ``metadata.json`` cannot hold.
+
+    ``entries`` (one :func:`series_entry` per series), ``problems`` (unreadable files: ``file``
+    and ``error``), ``study_instance_uids`` and ``model_card_ids`` (both sorted).
+    """
+    entries = [dict(e) for e in entries]
+    return {
+        "not_for_clinical_use": True,
+        "metadata_file": METADATA_FILE,
+        "study_instance_uids": sorted({e["study_instance_uid"] for e in entries}),
+        "model_card_ids": sorted({c for e in entries for c in e["cards"]}),
         "entries": entries,
-        "problems": problems,
+        "problems": [dict(p) for p in problems],
     }

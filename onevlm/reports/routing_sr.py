@@ -380,6 +380,8 @@ def build_routing_sr(
     boxes: Sequence[ImageBox] = (),
     card_captions: dict[str, str] | None = None,
     executions: Sequence[SpecialtyResult] = (),
+    sop_instance_uid: str | None = None,
+    previous_versions: Sequence[pydicom.Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the routing SR of one series.
 
@@ -399,6 +401,11 @@ def build_routing_sr(
     executions:
         The specialty model's results for the routed card(s) (route -> execute), if it was
         asked: executed, or why not; one per card of a routed set.
+    sop_instance_uid:
+        The SR's instance UID (default: derived from the source study and series, the first version's).
+    previous_versions:
+        Earlier SRs of the same series this one amends (their study, series, class and instance UIDs
+        suffice): referenced in the Predecessor Documents Sequence.
 
     Returns
     -------
@@ -431,15 +438,17 @@ def build_routing_sr(
         imaging_measurements=groups,
     )
     sr_series_uid, sr_instance_uid = sr_uids(str(routed_image.StudyInstanceUID), series_uid)
+    sr_instance_uid = sop_instance_uid or sr_instance_uid
     try:
-        return _comprehensive_sr(evidence, report, sr_series_uid, sr_instance_uid)
+        return _comprehensive_sr(evidence, report, sr_series_uid, sr_instance_uid, previous_versions)
     except KeyError as exc:
         # highdicom copies patient/study modules by the source's IOD; retired SOP classes have none.
         name = pydicom.uid.UID(str(routed_image.SOPClassUID)).name
         raise ValueError(f"highdicom cannot use a '{name}' instance as SR evidence (SOP class {exc})") from exc
 
 
-def _comprehensive_sr(evidence: Sequence[pydicom.Dataset], report, series_uid: str, instance_uid: str) -> hd.sr.Comprehensive3DSR:
+def _comprehensive_sr(evidence: Sequence[pydicom.Dataset], report, series_uid: str, instance_uid: str,
+                      previous_versions: Sequence[pydicom.Dataset] = ()) -> hd.sr.Comprehensive3DSR:
     retired = {str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in evidence
                if str(ds.get("SOPClassUID", "")) in RETIRED_TO_CURRENT}
     sr = hd.sr.Comprehensive3DSR(
@@ -455,6 +464,7 @@ def _comprehensive_sr(evidence: Sequence[pydicom.Dataset], report, series_uid: s
         is_verified=False,
         series_description=SERIES_DESCRIPTION,
         coding_schemes=[coding.scheme_item()],
+        previous_versions=list(previous_versions) or None,
     )
     if retired:  # the evidence references must name the classes the instances really have
         restore_referenced_sop_classes(sr.get("CurrentRequestedProcedureEvidenceSequence"), retired)
