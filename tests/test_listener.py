@@ -550,3 +550,29 @@ def test_a_restart_gives_unfinished_groups_a_fresh_idle_timer(tmp_path):
     later = time.time() + 6
     assert sorted(journal.due_groups(idle_seconds=5, now=later)) == ["g-processing", "g-queued", "g-receiving"]
     journal.close()
+
+
+def test_dicomweb_destinations_are_validated(tmp_path, monkeypatch):
+    spool = tmp_path / "spool"
+
+    def parse(destination):
+        return parse_config(service_config(spool, destinations=[destination]))
+
+    monkeypatch.setenv("ONEVLM_TEST_TOKEN", "t0ken")
+    parsed = parse({"name": "vna", "dicomweb": "https://vna.example/dicom-web/", "auth": "bearer",
+                    "token_env": "ONEVLM_TEST_TOKEN"}).destinations[0]
+    assert parsed.dicomweb == "https://vna.example/dicom-web" and parsed.auth.kind == "bearer"
+    assert parse({"name": "open", "dicomweb": "http://127.0.0.1:8042/dicom-web"}).destinations[0].auth.kind == "none"
+    cases = [
+        ({"name": "v", "dicomweb": "ftp://x/dicom-web"}, r"destinations\[0\].dicomweb.*http:// or https://"),
+        ({"name": "v", "dicomweb": "http://x/dicom-web", "auth": "digest"}, r"destinations\[0\].auth.*'digest'"),
+        ({"name": "v", "dicomweb": "http://x/dicom-web", "auth": "basic", "username": "u"},
+         r"destinations\[0\].password_env.*required with auth: basic"),
+        ({"name": "v", "dicomweb": "http://x/dicom-web", "auth": "bearer", "token_env": "ONEVLM_NO_SUCH_VARIABLE"},
+         r"destinations\[0\].token_env.*ONEVLM_NO_SUCH_VARIABLE is not set"),
+        ({"name": "v", "dicomweb": "http://x/dicom-web", "port": 104}, r"destinations\[0\].port.*does not apply"),
+        ({"name": "v", "ae_title": "PACS", "host": "127.0.0.1"}, r"destinations\[0\].port.*is required"),
+    ]
+    for destination, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            parse(destination)

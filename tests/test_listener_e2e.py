@@ -342,3 +342,53 @@ def dciodvfy_errors_of(dataset: pydicom.Dataset) -> list[str]:
         return dciodvfy_errors(path)
     finally:
         path.unlink()
+
+
+# --------------------------------------------------------------------------- 12. DICOMweb (STOW-RS) destination
+
+
+class AuthenticatedPacs(Pacs):
+    """Orthanc with HTTP basic authentication on its REST and DICOMweb API."""
+
+    USER, PASSWORD = "onevlm", "stow-secret"
+
+    def config(self) -> dict:
+        return {**super().config(), "AuthenticationEnabled": True, "RegisteredUsers": {self.USER: self.PASSWORD}}
+
+    def get_json(self, path: str):
+        import base64
+        import urllib.request
+
+        request = urllib.request.Request(self.url + path)
+        token = base64.b64encode(f"{self.USER}:{self.PASSWORD}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+
+def test_results_go_to_a_dicomweb_destination_by_stow_rs(tmp_path, monkeypatch):
+    """A `dicomweb:` destination with basic auth (password from the environment): the SR arrives in Orthanc's
+    DICOMweb store once; a wrong password is a failed attempt that is retried, not a lost result."""
+    monkeypatch.setenv("ONEVLM_TEST_STOW_PASSWORD", AuthenticatedPacs.PASSWORD)
+    monkeypatch.setenv("ONEVLM_TEST_WRONG_PASSWORD", "not-it")
+    spool = tmp_path / "spool"
+    (study_uid, files), = make_copies(pydicom_file("CT_small.dcm"), tmp_path / "data", studies=1, per_study=3).items()
+    with AuthenticatedPacs(tmp_path / "pacs") as pacs:
+        root = f"{pacs.url}/dicom-web"
+        good = {"name": "vna", "dicomweb": root, "auth": "basic", "username": pacs.USER,
+                "password_env": "ONEVLM_TEST_STOW_PASSWORD"}
+        wrong = {"name": "wrong", "dicomweb": root, "auth": "basic", "username": pacs.USER,
+                 "password_env": "ONEVLM_TEST_WRONG_PASSWORD"}
+        config = service_config(spool, destinations=[good, wrong],
+                                retry={"base_seconds": 0.2, "max_seconds": 0.5, "max_attempts": 3})
+        with running_service(config) as service:
+            assert storescu(files, service.listener.port).returncode == 0
+            wait_until(lambda: service.status()["exported"] == 1 and service.status()["failed"] == 1, 60, 0.2,
+                       "the SR stored by STOW-RS, the wrong password given up after 3 attempts")
+            status = service.status()
+        found = pacs.routing_srs()
+    assert list(found) == [study_uid] and len(found[study_uid]) == 1
+    assert status["export_failures"] == 3
+    rows = journal_query(spool, "SELECT destination, status, attempts, last_error FROM outbox ORDER BY destination")
+    assert [(r[0], r[1]) for r in rows] == [("vna", "sent"), ("wrong", "failed")]
+    assert "HTTP 401" in rows[1][3] and root in rows[1][3]

@@ -20,13 +20,9 @@ def plot_reliability(results: Mapping[str, EceResult], path: str | Path, title: 
     title:
         Figure title (e.g. "Reliability — held-out split").
     """
-    import matplotlib
+    from onevlm.calibration.figures import new_axes, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(5.5, 5.0), dpi=120)
+    fig, ax, plt = new_axes(height=5.0)
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="ideal (y = x)")
     markers = "osd^v"
     for i, (name, result) in enumerate(results.items()):
@@ -43,13 +39,4 @@ def plot_reliability(results: Mapping[str, EceResult], path: str | Path, title: 
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xticks([i / 10 for i in range(11)])
-    ax.grid(alpha=0.3)
-    ax.set_xlabel("confidence (mean per bin)")
-    ax.set_ylabel("accuracy (per bin)")
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, plt, path, title, "confidence (mean per bin)", "accuracy (per bin)")

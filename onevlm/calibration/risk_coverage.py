@@ -122,13 +122,9 @@ def plot_risk_coverage(
     """
     if not curves:
         raise ValueError("at least one curve is needed")
-    import matplotlib
+    from onevlm.calibration.figures import new_axes, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
+    fig, ax, plt = new_axes(height=4.5)
     for name, curve in curves.items():
         # steps: a coverage between two points takes the risk of the right one (tie groups)
         ax.step(curve.coverage, curve.risk, where="pre",
@@ -137,13 +133,5 @@ def plot_risk_coverage(
         ax.scatter([cov], [rsk], marker="x", s=60, zorder=3, label=f"{name} ({cov:.2f}, {rsk:.3f})")
     ax.set_xlim(0, 1.0)
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.set_xlabel("coverage (share of cases answered)")
-    ax.set_ylabel("risk (error rate among answered)")
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, plt, path, title, "coverage (share of cases answered)",
+                       "risk (error rate among answered)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,16 +48,35 @@ class ListenerConfig:
 DESTINATION_ROLES = ("results", "review")
 
 
+#: How a DICOMweb destination authenticates; secrets come from environment variables, never the file.
+DICOMWEB_AUTH = ("none", "basic", "bearer")
+
+
+@dataclass(frozen=True)
+class DicomWebAuth:
+    """Credentials of a DICOMweb destination: the names of the environment variables holding them."""
+
+    kind: str = "none"
+    username: str | None = None
+    password_env: str | None = None
+    token_env: str | None = None
+
+
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM node results are sent to by C-STORE (``role: review`` gets the review cases' SRs only)."""
+    """Where results go: a DICOM node by C-STORE, or a DICOMweb service by STOW-RS (``dicomweb`` set).
+
+    ``role: review`` gets the review cases' SRs only.
+    """
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     tls: TlsConfig = field(default_factory=TlsConfig)
     role: str = "results"
+    dicomweb: str | None = None
+    auth: DicomWebAuth = field(default_factory=DicomWebAuth)
 
     def wants(self, sop_class_uid: str, needs_review: bool) -> bool:
         """Whether this destination receives a result object (a review destination: review SRs only)."""
@@ -257,13 +277,19 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
     for i, d in enumerate(raw_destinations):
         where = f"destinations[{i}]"
         d = _mapping(d, source, where)
-        _check_keys(d, {"name", "ae_title", "host", "port", "tls", "role"}, source, where)
-        for key in ("name", "ae_title", "host", "port"):
-            if key not in d:
-                raise _err(source, f"{where}.{key}", "is required")
+        _check_keys(d, {"name", "ae_title", "host", "port", "tls", "role", "dicomweb", "auth", "username",
+                        "password_env", "token_env"}, source, where)
+        if "name" not in d:
+            raise _err(source, f"{where}.name", "is required")
         role = d.get("role", "results")
         if role not in DESTINATION_ROLES:
             raise _err(source, f"{where}.role", f"{role!r} must be one of {', '.join(DESTINATION_ROLES)}")
+        if "dicomweb" in d:
+            destinations.append(_dicomweb_destination(d, source, where, role))
+            continue
+        for key in ("ae_title", "host", "port"):
+            if key not in d:
+                raise _err(source, f"{where}.{key}", "is required (or dicomweb: URL for a STOW-RS destination)")
         destinations.append(Destination(
             name=str(d["name"]), ae_title=_ae(d["ae_title"], source, f"{where}.ae_title"), host=str(d["host"]),
             port=_port(d["port"], source, f"{where}.port"), tls=_tls(d.get("tls"), source, f"{where}.tls", base),
@@ -305,6 +331,28 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
         pipeline=pipeline,
         source=source,
     )
+
+
+def _dicomweb_destination(d: Mapping[str, Any], source: str, where: str, role: str) -> Destination:
+    """A STOW-RS destination: ``dicomweb: http(s)://host/path`` (the DICOMweb root), optional ``auth``."""
+    url = str(d["dicomweb"]).rstrip("/")
+    if not url.startswith(("http://", "https://")) or len(url) < 10:
+        raise _err(source, f"{where}.dicomweb", f"{url!r} must be an http:// or https:// DICOMweb root URL")
+    for key in ("ae_title", "host", "port", "tls"):
+        if key in d:
+            raise _err(source, f"{where}.{key}", "does not apply to a dicomweb destination (its URL says where)")
+    kind = d.get("auth", "none")
+    if kind not in DICOMWEB_AUTH:
+        raise _err(source, f"{where}.auth", f"{kind!r} must be one of {', '.join(DICOMWEB_AUTH)}")
+    needs = {"none": (), "basic": ("username", "password_env"), "bearer": ("token_env",)}[kind]
+    for key in needs:
+        if not d.get(key):
+            raise _err(source, f"{where}.{key}", f"is required with auth: {kind}")
+    for key in ("password_env", "token_env"):
+        if d.get(key) and not os.environ.get(str(d[key])):
+            raise _err(source, f"{where}.{key}", f"the environment variable {d[key]} is not set")
+    auth = DicomWebAuth(kind, d.get("username"), d.get("password_env"), d.get("token_env"))
+    return Destination(name=str(d["name"]), role=role, dicomweb=url, auth=auth)
 
 
 def load_config(path: str | Path) -> ServiceConfig:

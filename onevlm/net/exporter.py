@@ -1,4 +1,4 @@
-"""Send result files to the configured destinations by C-STORE, from the persistent outbox.
+"""Send result files to the configured destinations by C-STORE or STOW-RS, from the persistent outbox.
 
 One association per destination and round; TCP_NODELAY on the socket; a failed send is retried
 with exponential backoff (capped), the outbox surviving restarts; after ``max_attempts`` the
@@ -63,8 +63,14 @@ class Exporter:
 
     def _send(self, destination: Destination, items: list[OutboxItem]) -> int:
         try:
-            results = send_files([i.path for i in items], destination.host, destination.port, destination.ae_title,
-                                 self.ae_title, self.timeout_seconds, client_context(destination.tls))
+            if destination.dicomweb:
+                from onevlm.net.stow import stow_files
+
+                results = stow_files([i.path for i in items], destination, self.timeout_seconds)
+            else:
+                results = send_files([i.path for i in items], destination.host, destination.port,
+                                     destination.ae_title, self.ae_title, self.timeout_seconds,
+                                     client_context(destination.tls))
         except (AssociationError, OSError, ValueError) as exc:
             for item in items:
                 self._fail(item, str(exc))
@@ -76,5 +82,5 @@ class Exporter:
                 sent += 1
                 logger.info("event=exported sop=%s destination=%s", item.sop_instance_uid, destination.name)
             else:
-                self._fail(item, result.error or f"C-STORE status {result.status!r}")
+                self._fail(item, result.error or f"C-STORE status {getattr(result, 'status', None)!r}")
         return sent
