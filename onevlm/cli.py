@@ -341,9 +341,7 @@ def cmd_synth_data(args: argparse.Namespace) -> int:
 
 def cmd_route(args: argparse.Namespace) -> int:
     from onevlm.cards import CardError
-    from onevlm.router import DecisionLog
     from onevlm.router.answers import normalise_modality_hint
-    from onevlm.router.runner import route_files
 
     try:
         router = _router(args)
@@ -366,6 +364,38 @@ def cmd_route(args: argparse.Namespace) -> int:
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="onevlm-dicomweb-") as fetched:
+        try:
+            paths = _fetch_dicomweb(args.paths, Path(fetched), router)
+        except RuntimeError as exc:  # DicomWebError
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return _route_and_report(router, args, paths, hint)
+
+
+def _fetch_dicomweb(paths: Sequence[str], folder: Path, router) -> list[str | Path]:
+    """DICOMweb study/series references fetched into ``folder`` (metadata only when no pixels are read)."""
+    from onevlm.inputs.dicomweb_source import DicomWebReference, fetch
+
+    out: list[str | Path] = []
+    reads_pixels = bool(router.backend.identity().get("pixels_read", True))
+    for number, text in enumerate(paths):
+        reference = DicomWebReference.parse(text)
+        if reference is None:
+            out.append(text)
+            continue
+        target = folder / f"{number:03d}-{reference.series_instance_uid or reference.study_instance_uid}"
+        out.append(target)
+        fetch(reference, target, metadata_only=not reads_pixels)
+    return out
+
+
+def _route_and_report(router, args: argparse.Namespace, paths: Sequence[str | Path], hint: str | None) -> int:
+    from onevlm.router import DecisionLog
+    from onevlm.router.runner import route_files
+
     failed = 0
     log_path = Path(args.log) if args.log else None
     if log_path is None and not args.json:
@@ -374,7 +404,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     if log:
         log.__enter__()
     try:
-        for decision in route_files(router, args.paths, hint=hint, batch_size=args.batch_size,
+        for decision in route_files(router, paths, hint=hint, batch_size=args.batch_size,
                                     progress=False if args.json else None):
             if log:
                 log.write(decision)
@@ -781,7 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("route", help="route DICOM files or images to model cards")
-    p.add_argument("paths", nargs="+", help="files or folders")
+    p.add_argument("paths", nargs="+", help="files or folders, or DICOMweb study/series URLs "
+                                            "(https://HOST/dicom-web/studies/UID[/series/UID])")
     _add_backend_args(p)
     p.add_argument("--log", help="decision log (JSON Lines); default out/decisions.jsonl")
     p.add_argument("--json", action="store_true", help="print one JSON record per input")

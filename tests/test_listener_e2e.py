@@ -392,3 +392,43 @@ def test_results_go_to_a_dicomweb_destination_by_stow_rs(tmp_path, monkeypatch):
     rows = journal_query(spool, "SELECT destination, status, attempts, last_error FROM outbox ORDER BY destination")
     assert [(r[0], r[1]) for r in rows] == [("vna", "sent"), ("wrong", "failed")]
     assert "HTTP 401" in rows[1][3] and root in rows[1][3]
+
+
+# --------------------------------------------------------------------------- 13. DICOMweb source
+
+
+def test_route_a_study_straight_from_a_dicomweb_archive(tmp_path, capsys):
+    """`onevlm route https://.../dicom-web/studies/UID[/series/UID]`: QIDO-RS lists, WADO-RS fetches metadata only
+    (the embedded backend reads no pixels), and the answers equal routing the same files from disk."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from onevlm.cli import main
+    from onevlm.inputs.dicomweb_source import DicomWebReference, fetch
+
+    names = ["ct_head_routine_brain.dcm", "mr_brain_pilot.dcm", "rt_plan.dcm"]
+    with Pacs(tmp_path / "pacs") as pacs:
+        root = f"{pacs.url}/dicom-web"
+        DICOMwebClient(url=root).store_instances([pydicom.dcmread(SAMPLES / n) for n in names])
+        ct = pydicom.dcmread(SAMPLES / names[0], stop_before_pixels=True)
+        study_ref = f"{root}/studies/{ct.StudyInstanceUID}"
+        series_ref = f"{study_ref}/series/{ct.SeriesInstanceUID}"
+
+        headers = fetch(DicomWebReference.parse(series_ref), tmp_path / "fetched", metadata_only=True)
+        assert [p.name for p in headers] == [f"{ct.SOPInstanceUID}.dcm"]
+        header = pydicom.dcmread(headers[0])
+        assert "PixelData" not in header and header.Rows == ct.Rows and header.Modality == "CT"
+        from onevlm.dicom.header import pixels_left_on_server
+
+        assert pixels_left_on_server(header) == f"{series_ref}/instances/{ct.SOPInstanceUID}"
+
+        assert main(["route", series_ref, "--json", "--log", str(tmp_path / "web.jsonl")]) == 0
+        (web,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert main(["route", str(SAMPLES / names[0]), "--json", "--log", str(tmp_path / "disk.jsonl")]) == 0
+        (disk,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        for key in ("outcome", "cards", "confidence", "modality", "pipeline_card_id"):
+            assert web[key] == disk[key], key
+        assert web["reference"]["sop_instance_uid"] == str(ct.SOPInstanceUID)
+
+        missing = f"{root}/studies/1.2.3.4.5.6.7"
+        assert main(["route", missing, "--log", str(tmp_path / "x.jsonl")]) == 2
+        assert f"{missing}: no instances there" in capsys.readouterr().err

@@ -97,6 +97,19 @@ class DicomHeader:
         }
 
 
+#: Private block marking a header-only copy of an instance whose pixels stayed on a DICOMweb service.
+PRIVATE_CREATOR = "ONEVLM"
+PIXELS_ON_SERVER_GROUP, PIXELS_ON_SERVER_ELEMENT = 0x0009, 0x01
+
+
+def pixels_left_on_server(ds: pydicom.Dataset) -> str | None:
+    """The DICOMweb URL of the instance a header-only copy was made from (its pixels are there), else None."""
+    try:
+        return str(ds.get_private_item(PIXELS_ON_SERVER_GROUP, PIXELS_ON_SERVER_ELEMENT, PRIVATE_CREATOR).value)
+    except KeyError:
+        return None
+
+
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     if value is None:
@@ -165,7 +178,8 @@ def header_from_dataset(ds: pydicom.Dataset, source: str = "<dataset>") -> Dicom
         descriptions=descriptions,
         image_type=image_type,
         photometric_interpretation=_text(ds, "PhotometricInterpretation").upper(),
-        has_pixel_data=any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")),
+        has_pixel_data=any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+        or pixels_left_on_server(ds) is not None,
         rows=_int(ds, "Rows"),
         columns=_int(ds, "Columns"),
         number_of_frames=_int(ds, "NumberOfFrames"),
