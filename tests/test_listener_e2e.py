@@ -432,3 +432,19 @@ def test_route_a_study_straight_from_a_dicomweb_archive(tmp_path, capsys):
         missing = f"{root}/studies/1.2.3.4.5.6.7"
         assert main(["route", missing, "--log", str(tmp_path / "x.jsonl")]) == 2
         assert f"{missing}: no instances there" in capsys.readouterr().err
+
+        # a site's labels may name archive instances: evaluate and calibrate fetch them the same way
+        labels = tmp_path / "labels.csv"
+        rows = []
+        for name, modality in zip(names, ["brain CT scan", "brain MRI scan", "None"]):
+            ds = pydicom.dcmread(SAMPLES / name, stop_before_pixels=True)
+            rows.append(f"{root}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+                        f"{ds.SOPInstanceUID},{modality},,{'' if modality == 'None' else '?'}")
+        labels.write_text("path,modality,finding,card\n" + "\n".join(rows) + "\n")
+        assert main(["router", "evaluate", str(labels), "-o", str(tmp_path / "eval")]) == 0
+        summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+        assert summary["n"] == 3 and summary["baseline"]["failed"] == 0
+        assert summary["baseline"]["stage_accuracy"]["1"]["accuracy"] == 1.0
+        assert main(["calibrate", "fit", str(labels), "--holdout", "0", "-o", str(tmp_path / "cal.json")]) == 0
+        assert json.loads((tmp_path / "cal.json").read_text())["fitted"]["inputs"] == 3
+        capsys.readouterr()

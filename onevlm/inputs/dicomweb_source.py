@@ -18,7 +18,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-REFERENCE = re.compile(r"^(?P<root>https?://\S+?)/studies/(?P<study>[0-9.]+)(?:/series/(?P<series>[0-9.]+))?/?$")
+REFERENCE = re.compile(r"^(?P<root>https?://\S+?)/studies/(?P<study>[0-9.]+)"
+                       r"(?:/series/(?P<series>[0-9.]+)(?:/instances/(?P<instance>[0-9.]+))?)?/?$")
 #: Elements whose values WADO-RS metadata gives as bulk data (not moved for a header-only file).
 BULK_VALUE_KEYS = ("BulkDataURI", "InlineBinary")
 PIXEL_DATA_TAGS = ("7FE00010", "7FE00008", "7FE00009")
@@ -35,18 +36,20 @@ class DicomWebReference:
     root: str
     study_instance_uid: str
     series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> "DicomWebReference | None":
-        """The reference ``text`` names, or ``None`` when it is not a DICOMweb study/series URL."""
+        """The reference ``text`` names, or ``None`` when it is not a DICOMweb study/series/instance URL."""
         match = REFERENCE.match(str(text).strip())
         if match is None:
             return None
-        return cls(match["root"], match["study"], match["series"])
+        return cls(match["root"], match["study"], match["series"], match["instance"])
 
     def __str__(self) -> str:
         series = f"/series/{self.series_instance_uid}" if self.series_instance_uid else ""
-        return f"{self.root}/studies/{self.study_instance_uid}{series}"
+        instance = f"/instances/{self.sop_instance_uid}" if self.sop_instance_uid else ""
+        return f"{self.root}/studies/{self.study_instance_uid}{series}{instance}"
 
 
 def _session():
@@ -101,14 +104,16 @@ def fetch(reference: DicomWebReference, folder: str | Path, metadata_only: bool)
     folder.mkdir(parents=True, exist_ok=True)
     client = DICOMwebClient(url=reference.root, session=_session())
     try:
-        found = client.search_for_instances(study_instance_uid=reference.study_instance_uid,
-                                            series_instance_uid=reference.series_instance_uid)
+        if reference.sop_instance_uid:  # one instance: nothing to search
+            found = [(reference.series_instance_uid, reference.sop_instance_uid)]
+        else:
+            found = [(item["0020000E"]["Value"][0], item["00080018"]["Value"][0])
+                     for item in client.search_for_instances(study_instance_uid=reference.study_instance_uid,
+                                                             series_instance_uid=reference.series_instance_uid)]
         if not found:
             raise DicomWebError(f"{reference}: no instances there")
         paths = []
-        for item in found:
-            series = item["0020000E"]["Value"][0]
-            sop = item["00080018"]["Value"][0]
+        for series, sop in found:
             if metadata_only:
                 metadata = client.retrieve_instance_metadata(reference.study_instance_uid, series, sop)
                 origin = f"{reference.root}/studies/{reference.study_instance_uid}/series/{series}/instances/{sop}"

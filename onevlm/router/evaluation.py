@@ -10,14 +10,17 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from onevlm.calibration.cutoffs import CutoffRow, Cutoffs, fit_cutoffs, label_for
 from onevlm.calibration.ece import EceResult, expected_calibration_error
 from onevlm.calibration.reliability import plot_reliability
 from onevlm.cards.repository import CardRepository
+from onevlm.inputs.dicomweb_source import DicomWebReference
 from onevlm.inputs.routing_input import RoutingInput
 from onevlm.router.backend import NONE, RouterBackend, StageRequest, StageResponse
 from onevlm.router.decision import RoutingDecision
@@ -33,12 +36,17 @@ UNLABELLED = ""  # a "?" in the card column: no gold final answer
 
 @dataclass(frozen=True)
 class LabelledInput:
-    """One row of LABELS.csv: an input and its gold answers per stage."""
+    """One row of LABELS.csv: an input and its gold answers per stage.
+
+    ``source`` is a DICOMweb instance URL when the row names one (``path`` is then where
+    :func:`fetch_labelled` put the fetched copy).
+    """
 
     path: Path
     modality: str
     finding: str
     card: str
+    source: str | None = None
 
 
 def read_labels(path: str | Path) -> list[LabelledInput]:
@@ -57,20 +65,44 @@ def read_labels(path: str | Path) -> list[LabelledInput]:
         for line, record in enumerate(reader, start=2):
             if not (record.get("path") or "").strip():
                 raise ValueError(f"{path}: line {line}: empty path")
-            target = Path(record["path"].strip())
+            text = record["path"].strip()
+            reference = DicomWebReference.parse(text)
+            if reference is not None:
+                if not reference.sop_instance_uid:
+                    raise ValueError(f"{path}: line {line}: {text} names no instance; label one "
+                                     ".../studies/UID/series/UID/instances/UID per row")
+                rows.append(LabelledInput(path=Path(f"{reference.sop_instance_uid}.dcm"), source=text,
+                                          **_answers(record)))
+                continue
+            target = Path(text)
             if (path.parent / target).is_dir():
                 raise ValueError(f"{path}: line {line}: {target} is a folder; label one file per row")
-            rows.append(
-                LabelledInput(
-                    path=target if target.is_absolute() else path.parent / target,
-                    modality=(record["modality"] or "").strip(),
-                    finding=(record["finding"] or "").strip(),
-                    card=UNLABELLED if (record["card"] or "").strip() == "?" else ((record["card"] or "").strip() or NONE),
-                )
-            )
+            rows.append(LabelledInput(path=target if target.is_absolute() else path.parent / target, **_answers(record)))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+def _answers(record: dict) -> dict[str, str]:
+    card = (record["card"] or "").strip()
+    return {"modality": (record["modality"] or "").strip(), "finding": (record["finding"] or "").strip(),
+            "card": UNLABELLED if card == "?" else (card or NONE)}
+
+
+def fetch_labelled(rows: Sequence[LabelledInput], folder: Path, metadata_only: bool) -> list[LabelledInput]:
+    """Rows naming DICOMweb instances, fetched into ``folder`` (metadata only when no pixels are read)."""
+    from dataclasses import replace
+
+    from onevlm.inputs.dicomweb_source import fetch
+
+    out = []
+    for number, row in enumerate(rows):
+        if row.source is None:
+            out.append(row)
+            continue
+        (fetched,) = fetch(DicomWebReference.parse(row.source), folder / f"{number:05d}", metadata_only)
+        out.append(replace(row, path=fetched))
+    return out
 
 
 class CachingBackend:
@@ -212,7 +244,25 @@ def evaluate(
     ``calibration`` (per-stage ECE before/after temperature scaling, coverage and mean set size
     against α, selective accuracy and share routed, AURC) and the plots are written.
     """
+    with labelled_inputs(labels_csv, backend) as rows:
+        return _evaluate_rows(rows, labels_csv, cards, backend, out_dir, cutoffs, fit, batch_size, calibration,
+                              holdout, risk, delta, seed)
+
+
+@contextmanager
+def labelled_inputs(labels_csv: str | Path, backend: RouterBackend) -> Iterator[list[LabelledInput]]:
+    """LABELS.csv's rows, DICOMweb instances among them fetched into a temporary folder while in use."""
     rows = read_labels(labels_csv)
+    if not any(row.source for row in rows):
+        yield rows
+        return
+    with tempfile.TemporaryDirectory(prefix="onevlm-labels-") as folder:
+        yield fetch_labelled(rows, Path(folder), metadata_only=not backend.identity().get("pixels_read", True))
+
+
+def _evaluate_rows(rows: Sequence[LabelledInput], labels_csv: str | Path, cards: CardRepository,
+                   backend: RouterBackend, out_dir: str | Path, cutoffs: Cutoffs | None, fit: bool, batch_size: int,
+                   calibration, holdout: float | None, risk: float, delta: float, seed: int) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cached = CachingBackend(backend)

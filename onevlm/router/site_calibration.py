@@ -289,10 +289,21 @@ def calibrate_from_labels(
     both candidates of the baseline), then with them, so stage 3's probabilities are those of
     the router as it will run. Stage answers are cached between the runs.
     """
-    from onevlm.router.evaluation import CachingBackend, read_labels
+    from onevlm.router.evaluation import labelled_inputs, read_labels
+
+    if decisions_log is not None:  # a logged decision is matched by file name: nothing to fetch
+        return _calibrate_rows(read_labels(labels_csv), labels_csv, cards, backend, risk, delta, holdout, seed,
+                               settings, decisions_log, report_dir, batch_size)
+    with labelled_inputs(labels_csv, backend) as rows:
+        return _calibrate_rows(rows, labels_csv, cards, backend, risk, delta, holdout, seed, settings, None,
+                               report_dir, batch_size)
+
+
+def _calibrate_rows(rows, labels_csv, cards, backend, risk, delta, holdout, seed, settings, decisions_log,
+                    report_dir, batch_size) -> SiteCalibration:
+    from onevlm.router.evaluation import CachingBackend
     from onevlm.router.pipeline import Router
 
-    rows = read_labels(labels_csv)
     cached = CachingBackend(backend)
     router = Router(cards, cached)
     modality_cards = router.modality_cards
