@@ -64,7 +64,7 @@ def test_prompts_follow_the_paper():
 
 def test_prompt_ids_identify_the_template(monkeypatch):
     ids = {prompts.prompt_id(s) for s in (1, 2, 3)}
-    assert len(ids) == 3 and all(i.startswith(f"stage") and f"-v{prompts.PROMPT_VERSION}-" in i for i in ids)
+    assert len(ids) == 3 and all(i.startswith("stage") and f"-v{prompts.PROMPT_VERSION}-" in i for i in ids)
     # Same template, other values: same id. Other wording: another id.
     assert prompts.stage1_prompt(["a scan"]).prompt_id == prompts.stage1_prompt(["b scan"]).prompt_id
     before = prompts.prompt_id(2)

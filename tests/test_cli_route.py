@@ -14,7 +14,7 @@ import pytest
 from onevlm.cli import main
 from onevlm.router import read_log
 
-from conftest import REPO, SAMPLES, pydicom_file
+from conftest import SAMPLES
 
 REQUIRED_KEYS = {"input", "stages", "stopped_early", "model_card_id"}
 

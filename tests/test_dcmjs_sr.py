@@ -15,7 +15,7 @@ from onevlm.reports import coding
 from onevlm.reports.boxes import ImageBox
 from onevlm.reports.routing_sr import RESEARCH_STATEMENT, SERIES_DESCRIPTION
 
-from conftest import SAMPLES, pydicom_file
+from conftest import SAMPLES
 from ohif_support import head_ct_with_finding, require_node_modules, run_node, write_routing_sr
 
 BOXES = (

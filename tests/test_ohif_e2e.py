@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import pydicom
 import pytest

@@ -23,7 +23,7 @@ from onevlm.backends.embedded.text_encoder import TextEncoder, shared_encoder
 from onevlm.cards.repository import CardRepository
 from onevlm.inputs.routing_input import RoutingInput
 from onevlm.router.answers import normalise_modality_hint
-from onevlm.router.backend import NONE, Candidate, StageRequest, StageResponse
+from onevlm.router.backend import Candidate, StageRequest, StageResponse
 
 logger = logging.getLogger(__name__)
 
