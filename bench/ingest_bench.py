@@ -109,6 +109,57 @@ class OnevlmReceiver:
         return self.journal.status()["received"]
 
 
+class OrthancIntakeReceiver:
+    """Orthanc as the front door (durable acknowledgement: ``SyncStorageArea``), onevlm following its changes.
+
+    The rate is Orthanc's (what the scanner sees); ``intake_seconds`` is how long after the last
+    acknowledgement onevlm's journal held every file (Orthanc's StableAge of 1 s included).
+    """
+
+    name = "orthanc (onevlm intake)"
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.intake_seconds: list[float] = []
+
+    def __enter__(self):
+        from ohif_support import Orthanc
+        from onevlm.net.config import OrthancSource
+        from onevlm.net.orthanc_intake import OrthancIntake
+
+        class Receiver(Orthanc):
+            def config(self) -> dict:
+                return {**super().config(), "DicomAet": "RECEIVER", "DicomAlwaysAllowStore": True,
+                        "DicomCheckCalledAet": False, "SyncStorageArea": True, "DicomThreadsCount": 8,
+                        "StableAge": 1}
+
+        shutil.rmtree(self.work, ignore_errors=True)
+        os.environ["TCP_NODELAY"] = "1"  # Orthanc's DICOM server (dcmtk) reads it: see DESIGN.md
+        self.orthanc = Receiver(self.work / "orthanc").start()
+        self.port = self.orthanc.dicom_port
+        self.spool = Spool(self.work / "spool")
+        self.journal = Journal(self.work / "spool" / "journal.sqlite")
+        self.stop = threading.Event()
+        intake = OrthancIntake(OrthancSource(self.orthanc.url, poll_seconds=0.1), self.spool, self.journal)
+        self.thread = threading.Thread(target=intake.run, args=(self.stop,), daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(30)
+        self.journal.close()
+        self.orthanc.stop()
+
+    def received(self) -> int:
+        stored = int(self.orthanc.get_json("/statistics")["CountInstances"])
+        started = time.perf_counter()
+        while self.journal.status()["received"] < stored and time.perf_counter() - started < 300:
+            time.sleep(0.05)
+        self.intake_seconds.append(time.perf_counter() - started)
+        return min(stored, self.journal.status()["received"])
+
+
 class StorescpReceiver:
     name = "storescp"
 
@@ -235,6 +286,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--no-orthanc", dest="orthanc", action="store_false",
+                        help="leave out Orthanc as the intake (it needs the Debian packages orthanc, orthanc-dicomweb)")
     args = parser.parse_args()
     from onevlm.runtime import configure_runtime
 
@@ -247,6 +300,8 @@ def main() -> None:
         receivers = [OnevlmReceiver(root / "onevlm"), OnevlmReceiver(root / "onevlm2", processes=2),
                      StorescpReceiver(root / "storescp"), PynetdicomDefaultReceiver(root / "pynetdicom"),
                      PynetdicomCeilingReceiver(root / "ceiling")]
+        if args.orthanc:
+            receivers.insert(2, OrthancIntakeReceiver(root / "orthanc"))
         rates: dict[tuple[str, int], list[float]] = {}
         for _ in range(args.repeat):
             for associations in (1, 4):
@@ -267,6 +322,12 @@ def main() -> None:
             median = statistics.median(rates[(receiver.name, associations)])
             result[f"{receiver.name}_{associations}"] = round(median, 1)
             print(f"    {receiver.name:20s} {median:7.1f} files/s   onevlm / this = {ours / median:5.2f}")
+    for receiver in receivers:
+        if isinstance(receiver, OrthancIntakeReceiver):
+            lag = statistics.median(receiver.intake_seconds)
+            result["orthanc_intake_lag_seconds"] = round(lag, 2)
+            print(f"  Orthanc intake: every file in onevlm's journal {lag:.2f} s (median) after the last "
+                  f"acknowledgement (Orthanc's StableAge 1 s included)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

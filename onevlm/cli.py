@@ -256,8 +256,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"onevlm listening as {config.listener.ae_title} on {config.listener.host}:{service.listener.port} "
-          f"(spool {config.spool_dir}); research use only, not for clinical use", flush=True)
+    if service.listener is not None:
+        print(f"onevlm listening as {config.listener.ae_title} on {config.listener.host}:{service.listener.port} "
+              f"(spool {config.spool_dir}); research use only, not for clinical use", flush=True)
+    else:
+        print(f"onevlm following Orthanc at {config.intake.url} (spool {config.spool_dir}); research use only, "
+              "not for clinical use", flush=True)
     stop.wait()
     service.stop()
     return 0

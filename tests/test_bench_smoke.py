@@ -40,8 +40,9 @@ def test_ingest_bench_runs_every_receiver(tmp_path):
     out = tmp_path / "ingest.json"
     run_bench("ingest_bench.py", "--files", "6", "--repeat", "1", "--json", str(out))
     rates = json.loads(out.read_text())
-    receivers = ["onevlm", "onevlm x2 processes", "storescp", "pynetdicom-default", "pynetdicom-ceiling"]
-    assert sorted(rates) == sorted(f"{r}_{a}" for r in receivers for a in (1, 4))
+    receivers = ["onevlm", "onevlm x2 processes", "orthanc (onevlm intake)", "storescp", "pynetdicom-default",
+                 "pynetdicom-ceiling"]
+    assert sorted(rates) == sorted([f"{r}_{a}" for r in receivers for a in (1, 4)] + ["orthanc_intake_lag_seconds"])
     assert all(positive(v) for v in rates.values()), rates
 
 

@@ -576,3 +576,16 @@ def test_dicomweb_destinations_are_validated(tmp_path, monkeypatch):
     for destination, message in cases:
         with pytest.raises(ConfigError, match=message):
             parse(destination)
+
+
+def test_the_orthanc_intake_is_validated(tmp_path, monkeypatch):
+    spool = tmp_path / "spool"
+    parsed = parse_config(service_config(spool, intake={"orthanc": "http://127.0.0.1:8042/", "poll_seconds": 0.5}))
+    assert parsed.intake.url == "http://127.0.0.1:8042" and parsed.intake.poll_seconds == 0.5
+    assert parse_config(service_config(spool)).intake is None  # the embedded listener by default
+    for intake, message in (({"orthanc": "127.0.0.1:8042"}, r"intake.orthanc.*http"),
+                            ({"orthanc": "http://x", "password_env": "ONEVLM_NO_SUCH_VARIABLE"},
+                             r"intake.password_env.*ONEVLM_NO_SUCH_VARIABLE is not set"),
+                            ({"orthanc": "http://x", "poll": 1}, r"intake.*poll")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config(service_config(spool, intake=intake))

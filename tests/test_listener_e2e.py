@@ -448,3 +448,39 @@ def test_route_a_study_straight_from_a_dicomweb_archive(tmp_path, capsys):
         assert main(["calibrate", "fit", str(labels), "--holdout", "0", "-o", str(tmp_path / "cal.json")]) == 0
         assert json.loads((tmp_path / "cal.json").read_text())["fitted"]["inputs"] == 3
         capsys.readouterr()
+
+
+# --------------------------------------------------------------------------- 14. Orthanc as the intake
+
+
+def test_orthanc_as_the_intake_follows_its_changes_and_writes_results_back(tmp_path):
+    """The scanner sends to Orthanc; onevlm follows Orthanc's changes (StableStudy), routes the study, and writes
+    its SR back into Orthanc by STOW-RS. A restart resumes at the durable position (nothing processed twice); more
+    instances of the study later give an amended SR; onevlm's own SR coming back is never an input."""
+    spool = tmp_path / "spool"
+    (study_uid, files), = make_copies(pydicom_file("CT_small.dcm"), tmp_path / "data", studies=1, per_study=5).items()
+    with Pacs(tmp_path / "pacs") as pacs:
+        config = service_config(spool, intake={"orthanc": pacs.url, "poll_seconds": 0.2},
+                                destinations=[{"name": "orthanc", "dicomweb": f"{pacs.url}/dicom-web"}])
+        with running_service(config) as service:
+            assert service.listener is None
+            assert storescu(files[:3], pacs.dicom_port, called=pacs.AE_TITLE).returncode == 0
+            found = wait_until(lambda: all_routing_srs_arrived(pacs, {study_uid: 1}), 60, 0.3,
+                               "the routing SR written back into Orthanc")
+            wait_until(lambda: service.status()["exported"] == 1, 30, 0.2, "the export recorded")
+            time.sleep(2.5)  # Orthanc's StableAge passes again for the SR it received: it must not be an input
+            first = service.status()
+        assert first["received"] == 3 and first["processed"] == 1 and first["exported"] == 1
+        assert len(found[study_uid]) == 1
+        position = journal_query(spool, "SELECT value FROM cursors WHERE name = 'orthanc-changes'")[0][0]
+        assert position > 0
+
+        with running_service(config) as service:  # restart: resumes after the position, nothing twice
+            time.sleep(1.5)
+            assert service.status()["processed"] == 1 and service.status()["received"] == 3
+            assert storescu(files[3:], pacs.dicom_port, called=pacs.AE_TITLE).returncode == 0
+            wait_until(lambda: all_routing_srs_arrived(pacs, {study_uid: 2}), 60, 0.3, "the amended SR in Orthanc")
+            status = service.status()
+        assert status["received"] == 5 and status["exported"] == 2 and status["failed"] == 0
+        srs = pacs.routing_srs()[study_uid]
+        assert len({sr["SOPInstanceUID"] for sr in srs}) == 2

@@ -108,6 +108,16 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class OrthancSource:
+    """Orthanc as the intake: it receives C-STORE; the service follows its changes feed."""
+
+    url: str
+    username: str | None = None
+    password_env: str | None = None
+    poll_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """Everything ``onevlm serve`` needs."""
 
@@ -123,6 +133,7 @@ class ServiceConfig:
     status_port: int | None = None
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     source: str = "<memory>"
+    intake: OrthancSource | None = None
 
     @property
     def journal_path(self) -> Path:
@@ -224,7 +235,7 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
     base = base or Path.cwd()
     data = _mapping(data, source, "<document>")
     _check_keys(data, {"spool_dir", "listener", "grouping", "destinations", "retry", "workers", "status_port",
-                       "pipeline"}, source, "")
+                       "pipeline", "intake"}, source, "")
     if "spool_dir" not in data:
         raise _err(source, "spool_dir", "is required")
     spool = _path(data["spool_dir"], source, "spool_dir", base)
@@ -317,6 +328,7 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
         raise _err(source, "pipeline.model_dir", "is required for the transformers backend (without it the router "
                                                  "shares the base model of pipeline.specialty)")
     status_port = data.get("status_port")
+    intake = _intake(data.get("intake"), source)
     return ServiceConfig(
         spool_dir=spool,
         listener=listener,
@@ -330,7 +342,23 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
         status_port=None if status_port is None else _port(status_port, source, "status_port"),
         pipeline=pipeline,
         source=source,
+        intake=intake,
     )
+
+
+def _intake(data: Any, source: str) -> OrthancSource | None:
+    """``intake: {orthanc: URL, username, password_env, poll_seconds}``; absent: the embedded listener."""
+    if data is None:
+        return None
+    data = _mapping(data, source, "intake")
+    _check_keys(data, {"orthanc", "username", "password_env", "poll_seconds"}, source, "intake")
+    url = str(data.get("orthanc", "")).rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise _err(source, "intake.orthanc", f"{url!r} must be Orthanc's http:// or https:// REST URL")
+    if data.get("password_env") and not os.environ.get(str(data["password_env"])):
+        raise _err(source, "intake.password_env", f"the environment variable {data['password_env']} is not set")
+    poll = float(_positive(data.get("poll_seconds", 1.0), source, "intake.poll_seconds"))
+    return OrthancSource(url, data.get("username"), data.get("password_env"), poll)
 
 
 def _dicomweb_destination(d: Mapping[str, Any], source: str, where: str, role: str) -> Destination:

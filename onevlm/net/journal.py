@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (sop_instance_uid, destination)
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL);  -- e.g. Orthanc's changes
 CREATE TABLE IF NOT EXISTS results (  -- the latest version of each result object (SR, SEG, annotations)
     result_key TEXT PRIMARY KEY,     -- group | kind | result series UID
     version INTEGER NOT NULL,
@@ -124,6 +125,10 @@ class Journal:
 
     # -- receiving ------------------------------------------------------------------------------
 
+    def has_instance(self, sop_uid: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone() is not None
+
     def record_instance(self, sop_uid: str, group_key: str, path: Path, sop_class: str, calling_ae: str,
                         now: float | None = None) -> bool:
         """Record a stored instance; its group (re)opens for receiving. False for a duplicate."""
@@ -190,6 +195,25 @@ class Journal:
                         (group_key, now, now, now, now),
                     )
         return added
+
+    # -- intake cursors ---------------------------------------------------------------------------
+
+    def cursor(self, name: str) -> int:
+        """A durable position (0 before the first record)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM cursors WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def set_cursor(self, name: str, value: int) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO cursors VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                       (name, int(value)))
+
+    def mark_stable(self, group_key: str) -> None:
+        """The intake says the group is complete (Orthanc's StableStudy): due now, not after our idle time."""
+        with self._tx() as db:
+            db.execute("UPDATE groups SET last_received = 0 WHERE group_key = ? AND status = 'receiving'",
+                       (group_key,))
 
     # -- result versions --------------------------------------------------------------------------
 

@@ -72,7 +72,9 @@ class Service:
         self.journal = Journal(config.journal_path)
         self.specialty = build_specialty_model(config)
         self.router, self.cards = build_router(config, self.specialty)
-        self.listener = Listener(config.listener, self.spool, self.journal, reuse_port=config.listener.processes > 1)
+        # Orthanc as the intake receives the C-STOREs itself: no listener of ours then.
+        self.listener = None if config.intake is not None else Listener(
+            config.listener, self.spool, self.journal, reuse_port=config.listener.processes > 1)
         self._listener_processes: list = []
         self._listener_stop = None
         self.processor = GroupProcessor(self.router, self.cards, self.spool, self.journal, config.destinations,
@@ -90,8 +92,14 @@ class Service:
         recovered = self.journal.recover(self.spool.scan())
         if cleared or recovered:
             logger.info("event=recovered partial_writes_cleared=%d instances_recorded=%d", cleared, recovered)
-        self.listener.start()
-        if self.config.listener.processes > 1:
+        if self.listener is not None:
+            self.listener.start()
+        else:
+            from onevlm.net.orthanc_intake import OrthancIntake
+
+            intake = OrthancIntake(self.config.intake, self.spool, self.journal)
+            self._spawn("intake", lambda: intake.run(self._stop))
+        if self.listener is not None and self.config.listener.processes > 1:
             from onevlm.net.listener_process import start_listener_processes
 
             self._listener_processes, self._listener_stop = start_listener_processes(
@@ -135,7 +143,8 @@ class Service:
 
     def status(self) -> dict:
         return {**self.journal.status(), "quarantine_files": self.spool.quarantined(),
-                "listening": f"{self.config.listener.ae_title}@{self.config.listener.host}:{self.listener.port}"}
+                "listening": (f"{self.config.listener.ae_title}@{self.config.listener.host}:{self.listener.port}"
+                              if self.listener is not None else f"Orthanc changes at {self.config.intake.url}")}
 
     def _start_status(self) -> None:
         service = self
@@ -160,7 +169,8 @@ class Service:
 
     def stop(self) -> None:
         self._stop.set()
-        self.listener.stop()
+        if self.listener is not None:
+            self.listener.stop()
         if self._listener_stop is not None:
             self._listener_stop.set()
             for process in self._listener_processes:
