@@ -4,7 +4,8 @@
 #   docker build -t onevlm-router .
 #   docker run --rm -v "$PWD/dicom_samples:/var/holoscan/input:ro" -v "$PWD/out:/var/holoscan/output" onevlm-router
 #
-# ONEVLM_CARDS / ONEVLM_CUTOFFS may be set at run time (-e) to use other cards or cutoffs.
+# ONEVLM_CARDS / ONEVLM_CUTOFFS / ONEVLM_CALIBRATION may be set at run time (-e) to use other cards, cutoffs
+# or the site's calibration (or mount calibration.json in the -m folder).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -15,7 +16,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TRANSFORMERS_OFFLINE=1 \
     HOLOSCAN_INPUT_PATH=/var/holoscan/input \
     HOLOSCAN_OUTPUT_PATH=/var/holoscan/output \
-    ONEVLM_CARDS=/opt/onevlm/model_cards
+    ONEVLM_CARDS=/opt/onevlm/model_cards \
+    ONEVLM_CACHE_DIR=/opt/onevlm/cache
 
 WORKDIR /opt/onevlm
 
@@ -25,6 +27,9 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY onevlm/ onevlm/
 RUN pip install .
+
+# The sentence model's ONNX export, made once at build time (the container's file system may be read-only).
+RUN python -c "from onevlm.backends.embedded.text_encoder import TextEncoder; TextEncoder()"
 
 COPY model_cards/ model_cards/
 COPY operators/ operators/

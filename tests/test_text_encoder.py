@@ -95,3 +95,13 @@ def _copy_export(model_dir, out):
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(existing, out)
     return out
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_speed_not_the_service(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("ONEVLM_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr("onevlm.backends.embedded.text_encoder.export_onnx", _copy_export)
+    encoder = TextEncoder()
+    assert encoder.runtime == "onnx" and encoder.encode(["glioma"], persist=True).shape == (1, 384)
+    assert "exporting to" in caplog.text and "cannot write the embedding cache" in caplog.text

@@ -200,10 +200,7 @@ class TextEncoder:
             if self.runtime == "onnx":
                 from onevlm.runtime import cpu_threads
 
-                onnx_path = cache_dir() / f"minilm-{self.key}.onnx"
-                if not onnx_path.is_file():
-                    logger.info("exporting %s to ONNX once (%s)", self.model_dir.name, onnx_path)
-                    export_onnx(self.model_dir, onnx_path)
+                onnx_path = self._onnx_export()
                 self._model = _OnnxSentenceModel(self.model_dir, onnx_path, threads or cpu_threads())
             else:
                 self._model = _SentenceTransformersModel(self.model_dir, device)
@@ -216,6 +213,23 @@ class TextEncoder:
     @property
     def identity(self) -> dict[str, str]:
         return {"text_model": MODEL_NAME, "text_runtime": self.runtime}
+
+    def _onnx_export(self) -> Path:
+        """The cached export, made now if missing; a cache folder that cannot be written costs a
+        temporary export (slower start-up), never the service."""
+        onnx_path = cache_dir() / f"minilm-{self.key}.onnx"
+        if onnx_path.is_file():
+            return onnx_path
+        logger.info("exporting %s to ONNX once (%s)", self.model_dir.name, onnx_path)
+        try:
+            return export_onnx(self.model_dir, onnx_path)
+        except OSError as exc:
+            import tempfile
+
+            fallback = Path(tempfile.gettempdir()) / f"onevlm-{os.getuid()}" / onnx_path.name
+            logger.warning("cannot write %s (%s); exporting to %s for this process (set %s to a writable folder)",
+                           onnx_path, exc, fallback, CACHE_ENV)
+            return fallback if fallback.is_file() else export_onnx(self.model_dir, fallback)
 
     def _load_store(self) -> None:
         try:
