@@ -7,12 +7,10 @@ routed card that an adapter can run runs, and its result joins the SR (boxes: al
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import shutil
 import time
-from pathlib import Path
 from typing import Sequence
 
 import pydicom
@@ -25,28 +23,17 @@ from onevlm.net.spool import Spool
 from onevlm.router.pipeline import Router
 from onevlm.study.execution import execute_study
 from onevlm.study.outputs import write_study_outputs
+from onevlm.study.result_versions import content_digest
 from onevlm.study.routing import route_study
 
 logger = logging.getLogger(__name__)
 
 
-#: Attributes stamped with the time a result object was written: they differ on every run.
-_CREATION_TIMES = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
-
-
-def _digest(path: Path) -> str:
-    """SHA-256 of a result file's content without its creation times, so processing a group again
-    with the same instances gives the same digest and the unchanged result is not queued again."""
-    ds = pydicom.dcmread(path)
-    for keyword in _CREATION_TIMES:
-        if keyword in ds:
-            delattr(ds, keyword)
-    for item in ds.get("ContributingEquipmentSequence", []):
-        if "ContributionDateTime" in item:
-            del item.ContributionDateTime
-    buffer = io.BytesIO()
-    ds.save_as(buffer)
-    return hashlib.sha256(buffer.getvalue()).hexdigest()
+def _digest(dataset: pydicom.Dataset) -> str:
+    """The outbox digest of a result: its content (without creation times, :func:`content_digest`) under its
+    identity, so processing a group again with the same instances gives the same digest and the unchanged
+    result is not queued again."""
+    return hashlib.sha256(f"{dataset.SOPInstanceUID}|{content_digest(dataset)}".encode()).hexdigest()
 
 
 class GroupProcessor:
@@ -86,8 +73,8 @@ class GroupProcessor:
             review_files = {e["sr_file"] for e in outputs.detail["entries"] if e["needs_review"] and e["sr_file"]}
             for kind in ("sr", "seg", "annotations"):
                 for path in sorted((final / kind).glob("*.dcm")):
-                    header = pydicom.dcmread(path, stop_before_pixels=True)
-                    digest = _digest(path)
+                    header = pydicom.dcmread(path)
+                    digest = _digest(header)
                     needs_review = str(path.relative_to(final)) in review_files
                     for destination in self.destinations:
                         if not destination.wants(str(header.SOPClassUID), needs_review):
