@@ -19,7 +19,7 @@ def _setup(verbose: int, command: str = "", threads: int | None = None) -> None:
     from onevlm.runtime import configure_runtime
 
     # The service reports what it does (stored, processed, exported) at INFO.
-    level = (logging.INFO if command == "serve" else logging.WARNING) - 10 * min(verbose, 2)
+    level = (logging.INFO if command in ("serve", "dashboard") else logging.WARNING) - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
     configure_runtime(level, threads)
@@ -256,6 +256,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if service.dashboard_url:
+        print(f"operator's page: open {service.dashboard_url}", flush=True)
     if service.listener is not None:
         print(f"onevlm listening as {config.listener.ae_title} on {config.listener.host}:{service.listener.port} "
               f"(spool {config.spool_dir}); research use only, not for clinical use", flush=True)
@@ -304,6 +306,51 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=None if args.json else 2))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from onevlm.dashboard.standalone import open_dashboard
+    from onevlm.net.config import ConfigError, load_config
+
+    try:
+        server, journal = open_dashboard(load_config(args.config), args.port)
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    thread = threading.Thread(target=server.serve_forever, name="onevlm-dashboard", daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    print(f"operator's page: open http://{f'[{host}]' if ':' in host else host}:{port}/ "
+          "(research use only, not for clinical use)", flush=True)
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+    journal.close()
+    return 0
+
+
+def cmd_labels_export(args: argparse.Namespace) -> int:
+    from onevlm.dashboard.standalone import export_labels
+    from onevlm.net.config import ConfigError, load_config
+
+    try:
+        export = export_labels(load_config(args.config), args.output)
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    left = [f"{n} {why}" for n, why in ((export.none_of_these, "'none of these' (no right card named)"),
+                                        (export.missing_file, "whose spool file is gone"),
+                                        (export.unknown_series, "for series without a result")) if n]
+    print(f"{len(export.rows)} labelled input(s) written to {args.output}"
+          + (f"; left out: {', '.join(left)}" if left else "")
+          + f"\nnext: onevlm calibrate fit {args.output} -o calibration.json")
     return 0
 
 
@@ -839,6 +886,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("dashboard", help="the operator's page against a service's spool (running or stopped)")
+    p.add_argument("--config", required=True, help="the service configuration (YAML)")
+    p.add_argument("--port", type=int, help="HTTP port (default: the configuration's status_port; 0: any free port)")
+    p.set_defaults(func=cmd_dashboard)
+
+    labels = sub.add_parser("labels", help="reviewers' answers as labels").add_subparsers(dest="labels_command",
+                                                                                          required=True)
+    p = labels.add_parser("export", help="write the reviewed cases as LABELS.csv for 'onevlm calibrate fit'")
+    p.add_argument("--config", required=True, help="the service configuration (YAML)")
+    p.add_argument("-o", "--output", default="labels.csv", help="the LABELS.csv to write (default labels.csv)")
+    p.set_defaults(func=cmd_labels_export)
 
     p = sub.add_parser("summary", help="print the per-series routing outcome of an app output folder")
     p.add_argument("output_dir", help="folder holding metadata.json and series.json (router app or service)")

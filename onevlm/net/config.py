@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -117,6 +118,42 @@ class OrthancSource:
     poll_seconds: float = 1.0
 
 
+def is_loopback(host: str) -> bool:
+    """Whether only this machine reaches ``host`` (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    """The operator's page on ``status_port``.
+
+    ``host`` is where the page (and ``GET /status``) binds: loopback by default; any other
+    address needs ``token_env``, the environment variable holding the access token, which every
+    request must then present. With a token set, review answers need it on loopback too.
+    ``viewer_url`` links a study to a viewer (``{study}`` is replaced by its Study Instance UID);
+    ``show_patient_ids`` adds patient ID and accession number to the pages (off: UIDs, modality
+    and times only).
+    """
+
+    host: str = "127.0.0.1"
+    token_env: str | None = None
+    viewer_url: str | None = None
+    show_patient_ids: bool = False
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+    def token(self) -> str | None:
+        """The access token, read from the environment now (never stored in the file)."""
+        return os.environ.get(self.token_env) or None if self.token_env else None
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """Everything ``onevlm serve`` needs."""
@@ -134,6 +171,7 @@ class ServiceConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     source: str = "<memory>"
     intake: OrthancSource | None = None
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
     @property
     def journal_path(self) -> Path:
@@ -235,7 +273,7 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
     base = base or Path.cwd()
     data = _mapping(data, source, "<document>")
     _check_keys(data, {"spool_dir", "listener", "grouping", "destinations", "retry", "workers", "status_port",
-                       "pipeline", "intake"}, source, "")
+                       "pipeline", "intake", "dashboard"}, source, "")
     if "spool_dir" not in data:
         raise _err(source, "spool_dir", "is required")
     spool = _path(data["spool_dir"], source, "spool_dir", base)
@@ -329,6 +367,7 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
                                                  "shares the base model of pipeline.specialty)")
     status_port = data.get("status_port")
     intake = _intake(data.get("intake"), source)
+    dashboard = _dashboard(data.get("dashboard"), source)
     return ServiceConfig(
         spool_dir=spool,
         listener=listener,
@@ -343,7 +382,36 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
         pipeline=pipeline,
         source=source,
         intake=intake,
+        dashboard=dashboard,
     )
+
+
+def _dashboard(data: Any, source: str) -> DashboardConfig:
+    """``dashboard: {host, token_env, viewer_url, show_patient_ids}``: off loopback, a token is required."""
+    data = _mapping(data, source, "dashboard")
+    _check_keys(data, {"host", "token_env", "viewer_url", "show_patient_ids"}, source, "dashboard")
+    host = str(data.get("host", "127.0.0.1")).strip()
+    token_env = data.get("token_env")
+    if token_env is not None and (not isinstance(token_env, str) or not token_env.strip()):
+        raise _err(source, "dashboard.token_env", "must name an environment variable")
+    if token_env and not os.environ.get(token_env):
+        raise _err(source, "dashboard.token_env", f"the environment variable {token_env} is not set")
+    if not is_loopback(host) and not token_env:
+        raise _err(source, "dashboard.host", f"{host!r} is not loopback: set dashboard.token_env (the environment "
+                                             "variable holding the page's access token) to bind there")
+    viewer = data.get("viewer_url")
+    if viewer is not None:
+        viewer = str(viewer)
+        if not viewer.startswith(("http://", "https://", "/")) or "{study}" not in viewer:
+            raise _err(source, "dashboard.viewer_url", f"{viewer!r} must be an http(s) URL holding {{study}}")
+        try:
+            viewer.format(study="1.2.3")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise _err(source, "dashboard.viewer_url", f"only {{study}} may be a placeholder ({exc})") from exc
+    show = data.get("show_patient_ids", False)
+    if not isinstance(show, bool):
+        raise _err(source, "dashboard.show_patient_ids", f"{show!r} must be true or false")
+    return DashboardConfig(host=host, token_env=token_env, viewer_url=viewer, show_patient_ids=show)
 
 
 def _intake(data: Any, source: str) -> OrthancSource | None:

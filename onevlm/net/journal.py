@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from onevlm.net.review_answers import ReviewAnswer
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY,
@@ -61,6 +63,16 @@ CREATE TABLE IF NOT EXISTS results (  -- the latest version of each result objec
     previous TEXT NOT NULL,          -- JSON: earlier versions [[study, series, class, instance], ...]
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS reviews (  -- reviewers' answers (labels); append-only, the latest per series counts
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    group_key TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    kind TEXT NOT NULL,              -- card | none-of-these | not-routable
+    card TEXT,
+    reviewer TEXT NOT NULL,
+    comment TEXT NOT NULL,
+    recorded_at REAL NOT NULL
+);
 """
 
 COUNTERS = ("received", "duplicates", "quarantined", "refused", "processed", "exported", "export_failures", "failed")
@@ -75,6 +87,29 @@ class ResultVersion:
     sop_instance_uid: str
     content_digest: str
     previous: tuple[tuple[str, str, str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """A group as the journal knows it: status, instances, first and last arrival, last change."""
+
+    group_key: str
+    status: str
+    received: int
+    first_received: float
+    last_received: float
+    updated_at: float
+    error: str | None
+
+
+@dataclass(frozen=True)
+class DestinationHealth:
+    """One destination's outbox: items per status, the last error and when it last sent."""
+
+    name: str
+    by_status: dict[str, int]
+    last_error: str | None
+    last_sent_at: float | None
 
 
 @dataclass(frozen=True)
@@ -314,6 +349,85 @@ class Journal:
             "groups": groups,
             "outbox": outbox,
         }
+
+    def recent_groups(self, limit: int = 200) -> list[GroupRow]:
+        """The most recently changed groups, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT g.group_key, g.status, g.received, COALESCE(MIN(i.received_at), g.last_received), "
+                "g.last_received, g.updated_at, g.error FROM groups g LEFT JOIN instances i USING (group_key) "
+                "GROUP BY g.group_key ORDER BY g.updated_at DESC LIMIT ?", (int(limit),)).fetchall()
+        return [GroupRow(*r) for r in rows]
+
+    def group_row(self, group_key: str) -> GroupRow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT g.group_key, g.status, g.received, COALESCE(MIN(i.received_at), g.last_received), "
+                "g.last_received, g.updated_at, g.error FROM groups g LEFT JOIN instances i USING (group_key) "
+                "WHERE g.group_key = ? GROUP BY g.group_key", (group_key,)).fetchone()
+        return GroupRow(*row) if row else None
+
+    def studies_per_hour(self, since: float, hours: int) -> list[int]:
+        """Groups whose first instance arrived in each hour from ``since`` (``hours`` counts)."""
+        with self._lock:
+            firsts = self._db.execute("SELECT MIN(received_at) FROM instances GROUP BY group_key "
+                                      "HAVING MIN(received_at) >= ?", (since,)).fetchall()
+        counts = [0] * hours
+        for (first,) in firsts:
+            slot = int((first - since) // 3600)
+            if 0 <= slot < hours:
+                counts[slot] += 1
+        return counts
+
+    def export_states(self) -> dict[str, dict[str, int]]:
+        """Outbox items per status, per group."""
+        with self._lock:
+            rows = self._db.execute("SELECT group_key, status, COUNT(*) FROM outbox GROUP BY group_key, status").fetchall()
+        states: dict[str, dict[str, int]] = {}
+        for group_key, status, count in rows:
+            states.setdefault(group_key, {})[status] = count
+        return states
+
+    def destination_health(self) -> list[DestinationHealth]:
+        """Per destination with outbox items: counts per status, the latest error, the last send."""
+        with self._lock:
+            counts = self._db.execute("SELECT destination, status, COUNT(*) FROM outbox GROUP BY destination, status").fetchall()
+            errors = dict(self._db.execute(
+                "SELECT destination, last_error FROM outbox WHERE id IN (SELECT MAX(id) FROM outbox "
+                "WHERE last_error IS NOT NULL GROUP BY destination)").fetchall())
+            sent = dict(self._db.execute("SELECT destination, MAX(sent_at) FROM outbox GROUP BY destination").fetchall())
+        by_destination: dict[str, dict[str, int]] = {}
+        for destination, status, count in counts:
+            by_destination.setdefault(destination, {})[status] = count
+        return [DestinationHealth(name, by_status, errors.get(name), sent.get(name))
+                for name, by_status in sorted(by_destination.items())]
+
+    # -- reviews --------------------------------------------------------------------------------
+
+    def record_review(self, answer: ReviewAnswer) -> int:
+        """Store a reviewer's answer (kept with every earlier one); returns its row id."""
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO reviews(group_key, series_instance_uid, kind, card, reviewer, comment, "
+                             "recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (answer.group_key, answer.series_instance_uid, answer.kind, answer.card, answer.reviewer,
+                              answer.comment, answer.recorded_at or time.time()))
+            return int(cur.lastrowid)
+
+    def latest_reviews(self) -> dict[tuple[str, str], ReviewAnswer]:
+        """The latest answer per (group, series)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT group_key, series_instance_uid, kind, card, reviewer, comment, recorded_at FROM reviews "
+                "WHERE id IN (SELECT MAX(id) FROM reviews GROUP BY group_key, series_instance_uid)").fetchall()
+        return {(r[0], r[1]): ReviewAnswer(*r) for r in rows}
+
+    def review_history(self, group_key: str) -> list[ReviewAnswer]:
+        """Every answer recorded for a group's series, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT group_key, series_instance_uid, kind, card, reviewer, comment, recorded_at FROM reviews "
+                "WHERE group_key = ? ORDER BY id", (group_key,)).fetchall()
+        return [ReviewAnswer(*r) for r in rows]
 
     def sent_count(self, sop_uid: str, destination: str) -> int:
         with self._lock:

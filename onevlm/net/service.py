@@ -1,18 +1,18 @@
 """``onevlm serve``: the listener, study assembly, the pipeline workers and the exporter together.
 
 Threads: the pynetdicom server (one per association), an assembler that queues groups idle for
-``idle_seconds``, ``workers`` pipeline workers, one exporter, and an optional HTTP status
-endpoint (``GET /status`` → JSON counts). On start, partial writes are cleared and the journal
-is reconciled with the spool, so every acknowledged instance is processed after a crash.
+``idle_seconds``, ``workers`` pipeline workers, one exporter, and an optional HTTP server on
+``status_port``: ``GET /status`` (JSON counts) and the operator's page (:mod:`onevlm.dashboard`).
+On start, partial writes are cleared and the journal is reconciled with the spool, so every
+acknowledged instance is processed after a crash.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 from onevlm.backends import create_backend
 from onevlm.calibration.cutoffs import Cutoffs
@@ -142,30 +142,26 @@ class Service:
                 logger.exception("event=exporter_error")
 
     def status(self) -> dict:
-        return {**self.journal.status(), "quarantine_files": self.spool.quarantined(),
+        return {**spool_status(self.journal, self.spool),
                 "listening": (f"{self.config.listener.ae_title}@{self.config.listener.host}:{self.listener.port}"
                               if self.listener is not None else f"Orthanc changes at {self.config.intake.url}")}
 
     def _start_status(self) -> None:
-        service = self
+        """``GET /status`` (JSON) and the operator's page, on ``dashboard.host`` (loopback by default)."""
+        from onevlm.dashboard.server import DashboardApp, make_server
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                if self.path.rstrip("/") not in ("/status", ""):
-                    self.send_error(404)
-                    return
-                body = json.dumps(service.status()).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                return
-
-        self._status_server = ThreadingHTTPServer((self.config.listener.host, self.config.status_port), Handler)
+        app = DashboardApp(self.config, self.journal, self.cards, self.router.calibration, self.status)
+        self._status_server = make_server(app, self.config.dashboard.host, self.config.status_port)
         self._spawn("status", self._status_server.serve_forever)
+        logger.info("event=dashboard_listening url=%s", self.dashboard_url)
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """Where the operator's page answers (``None`` without ``status_port``)."""
+        if self._status_server is None:
+            return None
+        host = self.config.dashboard.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self._status_server.server_address[1]}/"
 
     def stop(self) -> None:
         self._stop.set()
@@ -179,17 +175,34 @@ class Service:
             self._queue.put(None)
         if self._status_server is not None:
             self._status_server.shutdown()
+            self._status_server.server_close()
         for thread in self._threads:
             thread.join(timeout=30)
         self.journal.close()
 
 
-def read_status(config: ServiceConfig) -> dict:
-    """Status counts read from the journal (works whether or not the service runs)."""
+def spool_status(journal: Journal, spool: Spool) -> dict:
+    """The status counts: the journal's, and the quarantined files in the spool."""
+    return {**journal.status(), "quarantine_files": spool.quarantined()}
+
+
+def open_journal(config: ServiceConfig) -> Journal:
+    """The journal of an existing spool (the service running or not).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the service never ran with this spool.
+    """
     if not config.journal_path.exists():
         raise FileNotFoundError(f"no journal at {config.journal_path}: the service has not run with this spool")
-    journal = Journal(config.journal_path)
+    return Journal(config.journal_path)
+
+
+def read_status(config: ServiceConfig) -> dict:
+    """Status counts read from the journal (works whether or not the service runs)."""
+    journal = open_journal(config)
     try:
-        return {**journal.status(), "quarantine_files": Spool(config.spool_dir, config.group_by).quarantined()}
+        return spool_status(journal, Spool(config.spool_dir, config.group_by))
     finally:
         journal.close()

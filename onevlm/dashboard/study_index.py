@@ -1,0 +1,163 @@
+"""What the pipeline decided for each group, read once from its results folder and cached.
+
+The service writes ``results/<group>/`` atomically (``metadata.json`` last, after
+``series.json`` and ``decisions.jsonl``): a group is read again only when its ``metadata.json``
+changed, so the page stays cheap while the service processes. Research use only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from onevlm.reports.routing_metadata import DECISIONS_FILE, DETAIL_FILE, METADATA_FILE
+
+logger = logging.getLogger(__name__)
+
+#: Outcomes a reviewer is asked about (a routed single card can be reviewed from its decision page).
+REVIEW_OUTCOMES = ("review", "routed-set")
+
+
+@dataclass(frozen=True)
+class SeriesCase:
+    """One routed series: its outcome and the decision record behind it.
+
+    ``candidates`` are the cards a reviewer is offered first: the routed cards, then stage 3's
+    ranked answers (without ``None``). ``instance_path`` is the spool file of the routed instance.
+    """
+
+    group_key: str
+    study_instance_uid: str
+    series_instance_uid: str
+    dicom_modality: str
+    outcome: str
+    cards: tuple[str, ...]
+    confidence: float | None
+    calibrated: bool
+    modality: str | None
+    finding: str | None
+    reasons: tuple[str, ...]
+    candidates: tuple[str, ...]
+    executions: tuple[Mapping[str, Any], ...]
+    instance_path: Path | None
+    decision: Mapping[str, Any] | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """A processed group: the study-level outcome (``metadata.json``) and its series."""
+
+    group_key: str
+    outcome: str
+    cards: tuple[str, ...]
+    confidence: float | None
+    calibrated: bool
+    calibration_id: str | None
+    series: tuple[SeriesCase, ...]
+    written_at: float
+
+
+def _candidates(decision: Mapping[str, Any] | None, cards: tuple[str, ...]) -> tuple[str, ...]:
+    ranked = list(cards)
+    for stage in (decision or {}).get("stages") or []:
+        if stage.get("stage") == 3:
+            probs = stage.get("distribution") or {c["answer"]: c["p"] for c in stage.get("candidates") or []}
+            ranked += [a for a, _ in sorted(probs.items(), key=lambda item: -item[1])]
+    return tuple(dict.fromkeys(a for a in ranked if a and a not in ("None", "Other")))
+
+
+def read_group(folder: Path, incoming: Path) -> GroupResult:
+    """Parse one results folder (``metadata.json``, ``series.json``, ``decisions.jsonl``).
+
+    Raises
+    ------
+    OSError, ValueError
+        If a file is missing or not JSON.
+    """
+    metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+    detail = json.loads((folder / DETAIL_FILE).read_text(encoding="utf-8"))
+    decisions: dict[str, dict] = {}
+    log = folder / DECISIONS_FILE
+    if log.is_file():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                uid = (record.get("reference") or {}).get("series_instance_uid")
+                if uid:
+                    decisions[uid] = record
+    series = []
+    for entry in detail.get("entries") or []:
+        decision = decisions.get(entry["series_instance_uid"])
+        cards = tuple(entry.get("cards") or ())
+        sop = entry.get("routed_sop_instance_uid")
+        series.append(SeriesCase(
+            group_key=folder.name,
+            study_instance_uid=entry["study_instance_uid"],
+            series_instance_uid=entry["series_instance_uid"],
+            dicom_modality=entry.get("dicom_modality") or "",
+            outcome=entry["outcome"],
+            cards=cards,
+            confidence=entry.get("confidence"),
+            calibrated=bool(entry.get("calibrated")),
+            modality=entry.get("modality"),
+            finding=entry.get("finding"),
+            reasons=tuple(entry.get("reasons") or ()),
+            candidates=_candidates(decision, cards),
+            executions=tuple(entry.get("executions") or ()),
+            instance_path=(incoming / folder.name / f"{sop}.dcm") if sop else None,
+            decision=decision,
+            error=entry.get("error"),
+        ))
+    return GroupResult(
+        group_key=folder.name,
+        outcome=str(metadata.get("outcome", "")),
+        cards=tuple(c for c in str(metadata.get("cards", "")).split(",") if c),
+        confidence=metadata.get("confidence"),
+        calibrated=bool(metadata.get("calibrated")),
+        calibration_id=metadata.get("calibration_id"),
+        series=tuple(series),
+        written_at=(folder / METADATA_FILE).stat().st_mtime,
+    )
+
+
+class StudyIndex:
+    """The groups' results under a spool, each parsed once per version of its ``metadata.json``.
+
+    Thread-safe: the page's request threads share one index.
+    """
+
+    def __init__(self, spool_dir: str | Path) -> None:
+        self.results = Path(spool_dir) / "results"
+        self.incoming = Path(spool_dir) / "incoming"
+        self._cache: dict[str, tuple[int, GroupResult]] = {}
+        self._lock = threading.Lock()
+
+    def group(self, group_key: str) -> GroupResult | None:
+        """The group's result, or ``None`` while it has none (not processed yet, or unreadable)."""
+        folder = self.results / group_key
+        try:
+            stamp = (folder / METADATA_FILE).stat().st_mtime_ns
+        except OSError:
+            return None
+        with self._lock:
+            cached = self._cache.get(group_key)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+        try:
+            result = read_group(folder, self.incoming)
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("event=dashboard_unreadable_result group=%s error=%s", group_key, type(exc).__name__)
+            return None
+        with self._lock:
+            self._cache[group_key] = (stamp, result)
+        return result
+
+    def group_keys(self) -> list[str]:
+        """Every group with a results folder."""
+        return sorted(p.name for p in self.results.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if self.results.is_dir() else []

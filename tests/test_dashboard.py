@@ -1,0 +1,306 @@
+"""The operator's page without a browser: the drift check's arithmetic, the access-token rule over
+real HTTP, review answers and their validation, and the labels export. Research use only."""
+
+from __future__ import annotations
+
+import csv
+import http.client
+import re
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+from conftest import SAMPLES
+from onevlm.calibration.selective import clopper_pearson_upper
+from onevlm.dashboard.calibration_health import PromiseCheck, ReviewedCase, calibration_health
+from onevlm.dashboard.study_index import SeriesCase
+from onevlm.net.config import ConfigError, parse_config
+from onevlm.net.review_answers import ReviewAnswer
+
+TOKEN_ENV = "ONEVLM_TEST_DASHBOARD_TOKEN"
+TOKEN = "s3cret-token-for-tests"
+
+
+# --------------------------------------------------------------------------- drift arithmetic
+
+
+def test_promise_check_matches_clopper_pearson_and_finds_the_tolerance_edge():
+    check = PromiseCheck("x", n=100, hits=80, promised=0.9, delta=0.1)
+    assert check.rate == 0.8
+    assert check.upper_bound == pytest.approx(clopper_pearson_upper(80, 100, 0.1))
+    assert check.broken  # the upper bound on the hit rate (0.851) is below the promised 0.9
+    edge = check.lowest_consistent_rate
+    k = round(edge * 100)
+    # k hits still reach the promise, k - 1 do not: the tolerance is exactly the binomial edge
+    assert clopper_pearson_upper(k, 100, 0.1) >= 0.9 > clopper_pearson_upper(k - 1, 100, 0.1)
+    assert not PromiseCheck("x", n=100, hits=k, promised=0.9).broken
+    assert PromiseCheck("x", n=100, hits=k - 1, promised=0.9).broken
+
+
+def test_promise_check_few_cases_no_promise_and_bad_input():
+    assert not PromiseCheck("x", n=3, hits=2, promised=0.9).broken  # 2 of 3 is within chance of 0.9
+    assert PromiseCheck("x", n=3, hits=0, promised=0.9).broken  # 0 of 3 is not
+    assert not PromiseCheck("x", n=0, hits=0, promised=0.9).broken
+    assert PromiseCheck("x", n=0, hits=0, promised=0.9).lowest_consistent_rate is None
+    uncalibrated = PromiseCheck("x", n=50, hits=0, promised=None)
+    assert not uncalibrated.broken and uncalibrated.lowest_consistent_rate is None
+    with pytest.raises(ValueError, match="hits"):
+        PromiseCheck("x", n=2, hits=3, promised=0.9)
+    with pytest.raises(ValueError, match="promised"):
+        PromiseCheck("x", n=2, hits=1, promised=1.0)
+
+
+def _case(outcome: str, cards: tuple[str, ...], series: str, confidence: float | None = 0.8) -> SeriesCase:
+    return SeriesCase(group_key="1.2.3", study_instance_uid="1.2.3", series_instance_uid=series, dicom_modality="CT",
+                      outcome=outcome, cards=cards, confidence=confidence, calibrated=True, modality="brain CT scan",
+                      finding=None, reasons=(), candidates=cards, executions=(), instance_path=None, decision=None,
+                      error=None)
+
+
+def _answer(series: str, kind: str, card: str | None = None) -> ReviewAnswer:
+    return ReviewAnswer("1.2.3", series, kind, card, "AB", "", 1.0)
+
+
+def test_calibration_health_counts_hits_per_outcome_and_flags_drift():
+    cal = "cal-000000000001"
+    reviewed = [
+        ReviewedCase(_case("routed-set", ("MODEL_01", "MODEL_02"), "1.1"), _answer("1.1", "card", "MODEL_02"), cal),
+        ReviewedCase(_case("routed-set", ("MODEL_01", "MODEL_02"), "1.2"), _answer("1.2", "none-of-these"), cal),
+        ReviewedCase(_case("routed", ("MODEL_03",), "1.3"), _answer("1.3", "card", "MODEL_04"), cal),
+        ReviewedCase(_case("routed", ("MODEL_03",), "1.4"), _answer("1.4", "not-routable"), cal),
+        ReviewedCase(_case("review", (), "1.5", None), _answer("1.5", "card", "MODEL_01"), cal),
+        ReviewedCase(_case("routed", ("MODEL_03",), "1.6"), _answer("1.6", "card", "MODEL_03"), "cal-other"),
+    ]
+    health = calibration_health(reviewed, cal, alpha=0.1, delta=0.1, policy="sets")
+    assert (health.routed_set.n, health.routed_set.hits) == (2, 1)
+    assert (health.routed.n, health.routed.hits) == (2, 0)
+    assert (health.combined.n, health.combined.hits) == (4, 1)
+    assert health.other_calibration == 1
+    assert health.combined.promised == pytest.approx(0.9)
+    assert health.drift == (clopper_pearson_upper(1, 4, 0.1) < 0.9) and health.drift
+    confidences, hits = health.reliability_pairs()
+    assert len(confidences) == 5 and hits.count(True) == 2  # the review case has no confidence
+    # uncalibrated: the same answers promise nothing, so no drift
+    uncalibrated = calibration_health([ReviewedCase(r.case, r.answer, None) for r in reviewed], None, None, None, None)
+    assert not uncalibrated.drift and uncalibrated.combined.n == 5 and uncalibrated.combined.promised is None
+
+
+def test_review_answer_validation():
+    with pytest.raises(ValueError, match="reviewer"):
+        ReviewAnswer("1.2", "1.3", "card", "MODEL_01", "", "")
+    with pytest.raises(ValueError, match="must be one of"):
+        ReviewAnswer("1.2", "1.3", "maybe", None, "AB")
+    with pytest.raises(ValueError, match="names no card"):
+        ReviewAnswer("1.2", "1.3", "not-routable", "MODEL_01", "AB")
+    with pytest.raises(ValueError, match="not a UID"):
+        ReviewAnswer("x'; DROP", "1.3", "not-routable", None, "AB")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_dashboard_configuration_rules(tmp_path, monkeypatch):
+    base = {"spool_dir": str(tmp_path / "spool")}
+    assert parse_config(base).dashboard.loopback
+    with pytest.raises(ConfigError, match="dashboard.host.*not loopback.*token_env"):
+        parse_config({**base, "dashboard": {"host": "0.0.0.0"}})
+    with pytest.raises(ConfigError, match="environment variable ONEVLM_UNSET_VAR is not set"):
+        parse_config({**base, "dashboard": {"host": "0.0.0.0", "token_env": "ONEVLM_UNSET_VAR"}})
+    with pytest.raises(ConfigError, match="viewer_url"):
+        parse_config({**base, "dashboard": {"viewer_url": "http://viewer/?study={uid}"}})
+    with pytest.raises(ConfigError, match="show_patient_ids"):
+        parse_config({**base, "dashboard": {"show_patient_ids": "yes"}})
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    config = parse_config({**base, "dashboard": {"host": "0.0.0.0", "token_env": TOKEN_ENV}})
+    assert not config.dashboard.loopback and config.dashboard.token() == TOKEN
+    assert parse_config({**base, "dashboard": {"host": "::1"}}).dashboard.loopback
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+@pytest.fixture(scope="module")
+def processed_spool(tmp_path_factory):
+    """A spool with two processed studies (a review case and a routed set), as the service leaves it."""
+    from onevlm.net.journal import Journal
+    from onevlm.net.processor import GroupProcessor
+    from onevlm.net.service import build_router
+    from onevlm.net.spool import Spool
+
+    root = tmp_path_factory.mktemp("dashboard")
+    config = parse_config({"spool_dir": str(root / "spool")})
+    spool, journal = Spool(config.spool_dir), Journal(config.journal_path)
+    router, cards = build_router(config)
+    groups = {}
+    for name in ("mr_small_no_bodypart.dcm", "ct_head_routine_brain.dcm"):
+        stored = spool.store((SAMPLES / name).read_bytes())
+        journal.record_instance(stored.sop_instance_uid, stored.group_key, stored.path, stored.sop_class_uid, "TEST")
+        journal.set_group(stored.group_key, "queued")
+        GroupProcessor(router, cards, spool, journal, ()).process(stored.group_key)
+        groups[name] = (stored.group_key, stored.series_instance_uid)
+    journal.close()
+    return root / "spool", groups
+
+
+class Page:
+    """The dashboard over real HTTP on loopback (whatever host its configuration names)."""
+
+    def __init__(self, spool: Path, dashboard: dict) -> None:
+        from onevlm.cards.repository import CardRepository, default_cards_dir
+        from onevlm.dashboard.server import DashboardApp, make_server
+        from onevlm.net.journal import Journal
+
+        self.config = parse_config({"spool_dir": str(spool), "dashboard": dashboard})
+        self.journal = Journal(self.config.journal_path)
+        self.app = DashboardApp(self.config, self.journal, CardRepository.load(default_cards_dir()), None,
+                                self.journal.status)
+        self.server = make_server(self.app, "127.0.0.1", 0)  # bound to loopback whatever the config says
+        import threading
+
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.port = self.server.server_address[1]
+
+    def request(self, method: str, path: str, form: dict | None = None, headers: dict | None = None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        body = urlencode(form).encode() if form is not None else None
+        all_headers = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
+        connection.request(method, path, body=body, headers=all_headers)
+        response = connection.getresponse()
+        data = response.read().decode()
+        connection.close()
+        return response.status, dict(response.getheaders()), data
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.journal.close()
+
+
+@pytest.fixture
+def page_factory():
+    pages = []
+
+    def make(spool, dashboard):
+        pages.append(Page(spool, dashboard))
+        return pages[-1]
+
+    yield make
+    for page in pages:
+        page.close()
+
+
+def test_token_required_off_loopback(processed_spool, page_factory, monkeypatch):
+    spool, groups = processed_spool
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    page = page_factory(spool, {"host": "0.0.0.0", "token_env": TOKEN_ENV})
+    status, headers, _ = page.request("GET", "/studies")
+    assert status == 303 and headers["Location"].startswith("/login")
+    assert page.request("GET", "/status")[0] == 401
+    assert page.request("GET", "/status", headers={"Authorization": "Bearer wrong"})[0] == 401
+    status, _, body = page.request("GET", "/status", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200 and '"processed": 2' in body
+    key = page.app.form_key
+    group, series = groups["mr_small_no_bodypart.dcm"]
+    answer = {"form_key": key, "group": group, "series": series, "answer": "not-routable", "reviewer": "AB"}
+    status, _, body = page.request("POST", "/review", answer)
+    assert status == 401 and "access token" in body
+    # the login form sets a cookie that opens the pages
+    assert page.request("POST", "/login", {"form_key": key, "token": "nope", "next": "/"})[0] == 401
+    status, headers, _ = page.request("POST", "/login", {"form_key": key, "token": TOKEN, "next": "/studies"})
+    assert status == 303 and headers["Location"] == "/studies"
+    cookie = headers["Set-Cookie"].split(";")[0]
+    assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
+    status, _, body = page.request("GET", "/studies", headers={"Cookie": cookie})
+    assert status == 200 and group in body
+    assert page.request("POST", "/review", answer, headers={"Cookie": cookie})[0] == 303
+
+
+def test_token_needed_for_answers_on_loopback_when_configured(processed_spool, page_factory, monkeypatch):
+    spool, groups = processed_spool
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    page = page_factory(spool, {"token_env": TOKEN_ENV})
+    assert page.request("GET", "/review")[0] == 200  # reading on loopback is open
+    group, series = groups["ct_head_routine_brain.dcm"]
+    answer = {"form_key": page.app.form_key, "group": group, "series": series, "answer": "card:MODEL_01",
+              "reviewer": "CD"}
+    assert page.request("POST", "/review", answer)[0] == 401
+    assert page.request("POST", "/review", answer, headers={"Authorization": f"Bearer {TOKEN}"})[0] == 303
+
+
+def test_bad_requests_get_clear_errors(processed_spool, page_factory):
+    spool, groups = processed_spool
+    page = page_factory(spool, {})
+    group, series = groups["mr_small_no_bodypart.dcm"]
+    good = {"form_key": page.app.form_key, "group": group, "series": series, "answer": "card:MODEL_05",
+            "reviewer": "EF", "comment": "patient-free comment", "next": "/review"}
+    cases = [
+        ({**good, "form_key": "forged"}, 403, "another site"),
+        ({**good, "group": "1.2.3.4"}, 404, "no routed series"),
+        ({**good, "group": "../etc"}, 400, "is not a study or series UID"),
+        ({**good, "series": "9.9"}, 404, "no routed series"),
+        ({**good, "answer": "card:MODEL_999"}, 400, "is not a card"),
+        ({**good, "answer": "maybe"}, 400, "must be one of"),
+        ({**good, "reviewer": ""}, 400, "reviewer"),
+        ({**good, "comment": "x" * 2001}, 400, "longer than"),
+    ]
+    for form, status, message in cases:
+        got, _, body = page.request("POST", "/review", form)
+        assert got == status and message in body, (form, got, body[-400:])
+        assert "Traceback" not in body
+    for path, status, message in (("/studies?outcome=bogus", 400, "unknown outcome"), ("/studies/1.2.3", 404, "no study"),
+                                  ("/studies/abc", 400, "not a study"), ("/nowhere", 404, "no page"),
+                                  ("/studies?limit=0", 400, "limit")):
+        got, _, body = page.request("GET", path)
+        assert got == status and message in body, (path, got)
+    status, headers, _ = page.request("POST", "/review", {**good, "next": "//evil.example/"})
+    assert status == 303 and headers["Location"].startswith("/review?recorded=1")  # never off-site
+    latest = page.journal.latest_reviews()[(group, series)]
+    assert (latest.kind, latest.card, latest.reviewer, latest.comment) == ("card", "MODEL_05", "EF",
+                                                                          "patient-free comment")
+
+
+def test_pages_render_outcomes_definitions_and_no_patient_data(processed_spool, page_factory):
+    import pydicom
+
+    spool, groups = processed_spool
+    page = page_factory(spool, {"viewer_url": "http://viewer.example/viewer?StudyInstanceUIDs={study}"})
+    header = pydicom.dcmread(SAMPLES / "ct_head_routine_brain.dcm", stop_before_pixels=True)
+    started = time.perf_counter()
+    bodies = {path: page.request("GET", path) for path in ("/", "/studies", "/review", "/calibration",
+                                                           f"/studies/{groups['ct_head_routine_brain.dcm'][0]}")}
+    assert time.perf_counter() - started < 10
+    assert all(status == 200 for status, _, _ in bodies.values())
+    studies = bodies["/studies"][2]
+    assert re.search(r'data-outcome="routed-set"', studies) and re.search(r'data-outcome="review"', studies)
+    assert "(uncalibrated)" in studies and 'href="/#definitions"' in studies
+    assert f"StudyInstanceUIDs={header.StudyInstanceUID}" in studies
+    assert 'id=definitions' in bodies["/"][2] and "<svg" in bodies["/"][2]
+    decision = bodies[f"/studies/{groups['ct_head_routine_brain.dcm'][0]}"][2]
+    assert "MODEL_01" in decision and "table class=stages" in decision
+    for text in bodies.values():
+        assert str(header.PatientID) not in text and str(header.PatientName) not in text
+
+
+def test_labels_export_writes_what_calibrate_reads(processed_spool, tmp_path):
+    from onevlm.cards.repository import CardRepository, default_cards_dir
+    from onevlm.dashboard.labels_export import label_rows, write_labels
+    from onevlm.dashboard.study_index import StudyIndex
+    from onevlm.router.evaluation import read_labels
+
+    spool, groups = processed_spool
+    mr_group, mr_series = groups["mr_small_no_bodypart.dcm"]
+    ct_group, ct_series = groups["ct_head_routine_brain.dcm"]
+    answers = {(mr_group, mr_series): ReviewAnswer(mr_group, mr_series, "card", "MODEL_05", "AB"),
+               (ct_group, ct_series): ReviewAnswer(ct_group, ct_series, "none-of-these", None, "AB"),
+               ("1.2.3", "1.2.3.4"): ReviewAnswer("1.2.3", "1.2.3.4", "not-routable", None, "AB")}
+    export = label_rows(StudyIndex(spool), answers, CardRepository.load(default_cards_dir()))
+    assert (len(export.rows), export.none_of_these, export.unknown_series, export.missing_file) == (1, 1, 1, 0)
+    path = write_labels(export, tmp_path / "labels.csv")
+    rows = read_labels(path)
+    assert rows[0].modality == "brain MRI scan" and rows[0].card == "MODEL_05" and rows[0].path.is_file()
+    assert rows[0].path.parent.name == mr_group
+    with path.open() as handle:
+        assert next(csv.reader(handle)) == ["path", "modality", "finding", "card"]
