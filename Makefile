@@ -52,7 +52,8 @@ demo-specialty: install
 	    -i dicom_samples -o $(DS)/results -m $(DS)/models -l WARN
 	$(RUN) $(BIN)/onevlm summary $(DS)/results
 
-## serve: the listener service with the example configuration (config/onevlm-service.example.yaml)
+## serve: the listener service with the example configuration (config/onevlm-service.example.yaml); it prints
+## "operator's page: open http://127.0.0.1:8089/" (the configuration's status_port): open that in a browser
 serve: install
 	$(RUN) $(BIN)/onevlm serve --config $(or $(CONFIG),config/onevlm-service.example.yaml)
 
