@@ -367,8 +367,8 @@ def cmd_synth_model(args: argparse.Namespace) -> int:
     except (CardError, OSError) as exc:  # as `route --cards` reports them
         print(f"error: {_card_error_message(exc, args.cards)}", file=sys.stderr)
         return 2
-    out = build_synthetic_model(args.size, args.out_dir, cards=cards, seed=args.seed)
-    print(f"synthetic {args.size} model written to {out} (random weights: tests and benchmarks only)")
+    out = build_synthetic_model(args.size, args.out_dir, cards=cards, seed=args.seed, tokenizer=args.tokenizer)
+    print(f"synthetic {args.size} model ({args.tokenizer} tokenizer) written to {out} (random weights: tests and benchmarks only)")
     return 0
 
 
@@ -822,8 +822,9 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--quantize", choices=("none", "nf4"), default="none", help="load the VLM in 4-bit NF4")
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation (transformers)")
-    p.add_argument("--engine", choices=("fast", "naive"), default="fast",
-                   help="fast: image encoded once, batched prefill, both branches decoded together; naive: reference")
+    p.add_argument("--engine", choices=("fast", "naive", "graph"), default="fast",
+                   help="fast: image encoded once, batched prefill, both branches decoded together; naive: reference; "
+                        "graph: fast with a static KV cache and a captured decode step (CUDA graphs on a GPU)")
     p.add_argument("--answer-mode", choices=("free", "options"), default="free",
                    help="free: paper's top-2 first tokens; options: score every admissible answer")
     p.add_argument("--text-model", help="sentence-transformers folder for the embedded backend")
@@ -908,6 +909,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cards", help="cards whose texts the tokenizer covers (default: model_cards/)")
+    p.add_argument("--tokenizer", choices=("word", "subword"), default="word",
+                   help="word: every answer one token (fast tests); subword: BPE shaped like Gemma 3's (answers in pieces)")
     p.set_defaults(func=cmd_synth_model)
 
     p = sub.add_parser("synth-data", help="write small synthetic datasets in the real formats (tests, demos)")

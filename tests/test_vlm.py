@@ -142,7 +142,7 @@ def test_options_mode_is_a_distribution_over_the_allowed_set(loaded, shipped_car
     request = requests_for(1, shipped_cards, 1)[0]
     prompt = b.prompts.tokens(request.prompt)
     features = b._image_features([item])[0]
-    scored = b._option_scorer.score_options(prompt, features, [b.prompts.option_tokens(o) for o in request.allowed])
+    scored = b.engine.score_options(prompt, features, [b.prompts.option_tokens(o) for o in request.allowed])
     assert sum(s.p for s in scored) == pytest.approx(1.0, abs=1e-5)
     response = b.answer([item], [request])[0]
     assert all(c.text in request.allowed for c in response.candidates)
@@ -216,21 +216,29 @@ def test_cli_synth_model_then_route(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     exe = os.path.join(os.path.dirname(sys.executable), "onevlm")
     model = tmp_path / "tiny"
-    made = subprocess.run([exe, "synth-model", "tiny", str(model)], capture_output=True, text=True, env=env, timeout=300)
+    made = subprocess.run([exe, "synth-model", "tiny", str(model), "--tokenizer", "subword"],
+                          capture_output=True, text=True, env=env, timeout=300)
     assert made.returncode == 0, made.stderr
+    assert json.loads((model / "onevlm_synthetic.json").read_text())["tokenizer"] == "subword"
     inputs = [str(SAMPLES / "ct_head_512_j2k.dcm"), str(SAMPLES / "sr_simple_image_report.dcm")]
-    for mode in ("options", "free"):
+    for mode, engine in (("options", "fast"), ("free", "graph")):
         run = subprocess.run([exe, "route", "--backend", "transformers", "--model", str(model), "--answer-mode", mode,
-                              "--json", "--log", str(tmp_path / f"{mode}.jsonl"), *inputs],
+                              "--engine", engine, "--json", "--log", str(tmp_path / f"{mode}.jsonl"), *inputs],
                              capture_output=True, text=True, env=env, timeout=300)
         assert run.returncode == 0, run.stderr
         head, sr = [json.loads(line) for line in run.stdout.splitlines()]
         assert sr["stages"][0]["chosen"] == "None" and sr["stopped_early"]
+        assert head["backend"]["engine"] == engine
         for stage in head["stages"]:
             assert len(stage["candidates"]) == 2
             assert {"answer", "p", "raw", "sequence_logprob"} <= set(stage["candidates"][0])
-        if mode == "options":
-            assert [s["stage"] for s in head["stages"]] == [1, 2, 3]
+        if mode == "options":  # every answer is admissible: a modality runs all stages, None/Other stop
+            stage1 = head["stages"][0]
+            assert stage1["in_allowed_set"]
+            if stage1["chosen"] in ("None", "Other"):
+                assert head["stopped_early"] and len(head["stages"]) == 1
+            else:
+                assert [s["stage"] for s in head["stages"]] == [1, 2, 3]
             assert head["model_card_id"] is None or head["model_card_id"].startswith("MODEL_")
         else:
             assert head["stopped_early"] or len(head["stages"]) == 3

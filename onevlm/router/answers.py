@@ -133,7 +133,7 @@ def normalise_card_choice(raw: str, card_ids: Sequence[str], none_answer: str = 
         card_id = f"MODEL_{match.group(1).zfill(2)}"
         by_number = {int(c.split("_")[1]): c for c in card_ids}
         canonical = by_number.get(int(match.group(1)))
-        rest = text[match.end():].lstrip(" :-–—\t").strip()
+        rest = text[match.end():].lstrip(" :-–—\t*`_").strip()
         justification = " ".join(rest.split()) or None
         if canonical is not None:
             how = "exact" if match.group(0) == canonical else "close"

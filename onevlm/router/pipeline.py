@@ -172,6 +172,11 @@ class Router:
                 logger.error("routing failed for %s at stage %d: %s", state.item.path.name, request.stage, response)
                 continue
             decision = self._decide(request, response, per_item)
+            outside = [i + 1 for i, c in enumerate(decision.candidates) if not c.in_allowed_set]
+            if outside:
+                # The text itself stays in the decision log (a model may echo what it read).
+                logger.info("%s: stage %d answer(s) %s outside the admissible set (kept as written, not coerced)",
+                            state.item.path.name, request.stage, "+".join(map(str, outside)))
             state.stages.append(decision)
             after(state, decision)
 

@@ -27,11 +27,13 @@ logger = logging.getLogger(__name__)
 
 #: Answer length bound per stage (tokens): a modality string, a finding, an ID + justification.
 MAX_NEW_TOKENS = {1: 24, 2: 16, 3: 48}
-ENGINES = ("fast", "naive")
+ENGINES = ("fast", "naive", "graph")
 ANSWER_MODES = ("free", "options")
 #: Stages whose admissible set is closed (stage 2's finding is open-ended: free text always).
 OPTION_STAGES = (1, 3)
 FEATURE_CACHE_SIZE = 64
+#: The end of every prompt (Gemma 3's generation prompt): the model's answer follows it.
+MODEL_TURN_OPENING = "<start_of_turn>model\n"
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,16 @@ class EngineSettings:
     engine: str = "fast"
     answer_mode: str = "free"
     max_new_tokens: tuple[int, int, int] = (MAX_NEW_TOKENS[1], MAX_NEW_TOKENS[2], MAX_NEW_TOKENS[3])
+    #: The graph engine's ``torch.compile`` mode (:data:`onevlm.vlm.graph_engine.COMPILE_MODES`).
+    graph_compile: str = "auto"
 
     def __post_init__(self) -> None:
+        from onevlm.vlm.graph_engine import COMPILE_MODES
+
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.graph_compile not in COMPILE_MODES:
+            raise ValueError(f"graph_compile must be one of {', '.join(COMPILE_MODES)}, got {self.graph_compile!r}")
         if self.answer_mode not in ANSWER_MODES:
             raise ValueError(f"answer_mode must be one of {', '.join(ANSWER_MODES)}, got {self.answer_mode!r}")
         if any(n < 1 for n in self.max_new_tokens):
@@ -66,6 +74,7 @@ class PromptBuilder:
                 "(boi_token and full_image_sequence), as MedGemma's"
             )
         self._end_of_turn = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        self._turn_opening_ids = self.tokenizer(MODEL_TURN_OPENING, add_special_tokens=False)["input_ids"]
 
     def text(self, prompt: StagePrompt) -> str:
         user: list[dict[str, str]] = [{"type": "text", "text": prompt.user}]
@@ -91,8 +100,19 @@ class PromptBuilder:
         return PromptTokens(tuple(ids), mask)
 
     def option_tokens(self, answer: str) -> tuple[int, ...]:
-        """An admissible answer as the model would write it, ending the turn."""
-        ids = tuple(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        """An admissible answer as the model would write it after the prompt, ending the turn.
+
+        A subword tokenizer may split text differently at the start of a string than after the
+        prompt (a dummy prefix, a merge across the boundary), so the answer is tokenised after
+        the prompt's last line (the model turn's opening) and that line's pieces removed; the
+        answer alone is the fallback when the two do not line up.
+        """
+        prefix = self._turn_opening_ids
+        full = self.tokenizer(MODEL_TURN_OPENING + answer, add_special_tokens=False)["input_ids"]
+        if full[: len(prefix)] == prefix and len(full) > len(prefix):
+            ids = tuple(full[len(prefix):])
+        else:
+            ids = tuple(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
         return ids + ((self._end_of_turn,) if isinstance(self._end_of_turn, int) and self._end_of_turn >= 0 else ())
 
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -107,7 +127,7 @@ class TransformersBackend:
     loaded:
         The model and processor from :func:`onevlm.vlm.loading.load_model`.
     settings:
-        Engine (``fast`` or ``naive``), answer mode (``free`` or ``options``), answer lengths.
+        Engine (``fast``, ``naive`` or ``graph``), answer mode (``free`` or ``options``), answer lengths.
     """
 
     name = "transformers"
@@ -127,8 +147,14 @@ class TransformersBackend:
             eos_ids.append(end_of_turn)
         pad = processor.tokenizer.pad_token_id
         self.adapter = ModelAdapter(model, eos_ids, pad if pad is not None else eos_ids[0], image_token_id)
-        self.engine = FastEngine(self.adapter) if self.settings.engine == "fast" else NaiveEngine(self.adapter)
-        self._option_scorer = FastEngine(self.adapter)
+        if self.settings.engine == "graph":
+            from onevlm.vlm.graph_engine import GraphEngine
+
+            self.engine = GraphEngine(self.adapter, self.settings.graph_compile)
+        elif self.settings.engine == "fast":
+            self.engine = FastEngine(self.adapter)
+        else:
+            self.engine = NaiveEngine(self.adapter)
         self._pixels: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._features: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
@@ -216,9 +242,14 @@ class TransformersBackend:
         return StageResponse(candidates, evidence)
 
     def _options_response(self, item: RoutingInput, request: StageRequest, prompt: PromptTokens, evidence: dict) -> StageResponse:
-        features = self._image_features([item])[0] if request.prompt.uses_image else None
         options = list(request.allowed)
-        scored = self._option_scorer.score_options(prompt, features, [self.prompts.option_tokens(o) for o in options])
+        option_ids = [self.prompts.option_tokens(o) for o in options]
+        if isinstance(self.engine, NaiveEngine):
+            pixels = self._pixel_values([item])[0] if request.prompt.uses_image else None
+            scored = self.engine.score_options(prompt, pixels, option_ids)
+        else:
+            features = self._image_features([item])[0] if request.prompt.uses_image else None
+            scored = self.engine.score_options(prompt, features, option_ids)
         top = sorted(scored, key=lambda s: -s.p)[:2]
         candidates = tuple(Candidate(options[s.index], min(s.p, 1.0), s.sequence_logprob) for s in top)
         total = sum(s.p for s in scored)

@@ -138,6 +138,14 @@ class ModelAdapter:
     def generate(self, **kwargs):
         return self.model.generate(**kwargs)
 
+    @staticmethod
+    def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's ``(keys, values)`` of a dynamic cache, ``(batch, kv_heads, length, head_dim)``."""
+        layers = getattr(cache, "layers", None)
+        if layers is not None:  # transformers >= 4.56
+            return [(layer.keys, layer.values) for layer in layers]
+        return list(zip(cache.key_cache, cache.value_cache))
+
 
 def _left_pad(prompts: Sequence[PromptTokens], pad_id: int, device) -> tuple[torch.Tensor, ...]:
     width = max(len(p.input_ids) for p in prompts)
@@ -192,9 +200,34 @@ class FastEngine:
         batch = len(prompts)
         _sync(a.device)
         prefilled = time.perf_counter()
-        cache.batch_repeat_interleave(2)
         tokens = top.indices.reshape(-1)  # (2B,): item 0 first, item 0 second, item 1 first…
-        scores = top.values.reshape(-1).clone()
+        generated, scores, steps = self._decode(cache, mask, positions, tokens, top.values.reshape(-1), max_new_tokens)
+        _sync(a.device)
+        finished = time.perf_counter()
+        self.stats.prefill_seconds += prefilled - started
+        self.stats.decode_seconds += finished - prefilled
+        self.stats.decode_steps += steps
+        self.stats.prompts += batch
+        self.stats.calls += 1
+        first_p = top.values.exp()
+        results = []
+        for item in range(batch):
+            results.append([
+                Branch(tuple(generated[2 * item + k]), float(first_p[item, k]), float(scores[2 * item + k]))
+                for k in (0, 1)
+            ])
+        return results
+
+    def _decode(self, cache, mask: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor,
+                scores: torch.Tensor, max_new_tokens: int) -> tuple[list[list[int]], torch.Tensor, int]:
+        """Greedy continuation of every branch: ``(tokens per row, summed log-probs, steps)``.
+
+        ``cache`` holds the prompts (one row each); rows ``2i`` and ``2i + 1`` continue prompt
+        ``i`` from ``tokens`` (its top-2 first tokens), whose log-probabilities are ``scores``.
+        """
+        a = self.adapter
+        cache.batch_repeat_interleave(2)
+        scores = scores.clone()
         mask = mask.repeat_interleave(2, dim=0)
         next_pos = positions[:, -1:].repeat_interleave(2, dim=0) + 1
         generated = [[int(t)] for t in tokens]
@@ -217,22 +250,7 @@ class FastEngine:
             done = done | torch.tensor([int(t) in a.eos_token_ids for t in nxt], device=a.device)
             current = torch.where(live, nxt, torch.full_like(nxt, a.pad_token_id))
             next_pos = next_pos + 1
-
-        _sync(a.device)
-        finished = time.perf_counter()
-        self.stats.prefill_seconds += prefilled - started
-        self.stats.decode_seconds += finished - prefilled
-        self.stats.decode_steps += steps
-        self.stats.prompts += batch
-        self.stats.calls += 1
-        first_p = top.values.exp()
-        results = []
-        for item in range(batch):
-            results.append([
-                Branch(tuple(generated[2 * item + k]), float(first_p[item, k]), float(scores[2 * item + k]))
-                for k in (0, 1)
-            ])
-        return results
+        return generated, scores, steps
 
     @torch.inference_mode()
     def score_options(self, prompt: PromptTokens, features: torch.Tensor | None, options: Sequence[Sequence[int]]) -> list[ScoredOption]:
@@ -289,6 +307,29 @@ class NaiveEngine:
         max_new_tokens: int,
     ) -> list[list[Branch]]:
         return [self._one(p, px, max_new_tokens) for p, px in zip(prompts, pixel_values)]
+
+    @torch.inference_mode()
+    def score_options(self, prompt: PromptTokens, pixel_values: torch.Tensor | None,
+                      options: Sequence[Sequence[int]]) -> list[ScoredOption]:
+        """The reference scorer: one full forward pass of prompt + option per option, no cache.
+
+        Each option's log-likelihood is the sum of its tokens' log-probabilities read from the
+        logits of that option's own pass; probabilities are normalised over the options.
+        """
+        a = self.adapter
+        totals = []
+        for option in options:
+            ids = torch.tensor([list(prompt.input_ids) + list(option)], device=a.device)
+            types = torch.tensor([list(prompt.image_mask) + [False] * len(option)], device=a.device).long()
+            vision = {}
+            if pixel_values is not None:
+                vision = {"pixel_values": pixel_values.to(a.device, a.dtype), "token_type_ids": types}
+            logits, _ = a.forward(input_ids=ids, attention_mask=torch.ones_like(ids), **vision)
+            logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+            start = len(prompt.input_ids)
+            totals.append(sum(float(logprobs[start - 1 + j, token]) for j, token in enumerate(option)))
+        probs = torch.softmax(torch.tensor(totals, dtype=torch.float64), dim=0)
+        return [ScoredOption(i, float(probs[i]), totals[i]) for i in range(len(options))]
 
     def _one(self, prompt: PromptTokens, pixel_values: torch.Tensor | None, max_new_tokens: int) -> list[Branch]:
         a = self.adapter

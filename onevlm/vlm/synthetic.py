@@ -2,9 +2,10 @@
 
 No weights can be downloaded here, so tests and benchmarks use complete model folders written
 by :func:`build_synthetic_model`: a ``Gemma3ForConditionalGeneration`` config and random
-weights, a word-level tokenizer built with ``tokenizers`` whose vocabulary covers the router's
-prompts, modality strings, findings and card IDs, a Gemma 3 image processor and a Gemma 3 chat
-template. The folder loads through the same ``AutoProcessor`` / ``AutoModelForImageTextToText``
+weights, a tokenizer built with ``tokenizers`` whose vocabulary covers the router's prompts,
+modality strings, findings and card IDs (word-level, every answer one token; or ``subword``, a
+BPE vocabulary shaped like Gemma 3's where answers span several pieces), a Gemma 3 image
+processor and a Gemma 3 chat template. The folder loads through the same ``AutoProcessor`` / ``AutoModelForImageTextToText``
 path as a real MedGemma-4B-it checkout.
 
 Sizes
@@ -125,7 +126,6 @@ def build_tokenizer(texts: Iterable[str], phrases: Iterable[str] = ()):
     can be a whole admissible answer and every router path (in-set answers, stage 3) runs.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     pre = pre_tokenizers.Sequence(
         [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"), pre_tokenizers.Punctuation("isolated")]
@@ -143,6 +143,12 @@ def build_tokenizer(texts: Iterable[str], phrases: Iterable[str] = ()):
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     backend.add_tokens([AddedToken(NEWLINE, special=False, normalized=False)])
     backend.add_tokens([AddedToken(p, special=False, normalized=False) for p in phrases])
+    return _fast_tokenizer(backend)
+
+
+def _fast_tokenizer(backend):
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS,
@@ -153,6 +159,62 @@ def build_tokenizer(texts: Iterable[str], phrases: Iterable[str] = ()):
         padding_side="left",
         model_max_length=131_072,
     )
+
+
+TOKENIZERS = ("word", "subword")
+
+#: Ordinary English (written for this module) so the subword vocabulary also holds everyday
+#: pieces, as a real model's does, and not only the router's own words.
+ENGLISH_TEXT = """
+The imaging team starts the day by checking the worklist and the archive. Each study arrives from a
+scanner, is stored, and waits for a reader. Some studies are urgent and some can wait until the
+afternoon. A radiologist looks at the pictures, compares them with earlier ones, and writes a report
+that the referring doctor reads later. When the report is ready, it goes back to the ward.
+Computers help by sorting the queue, by measuring structures, and by pointing at areas that deserve a
+second look. They are wrong sometimes, so every suggestion is checked by a person before anything is
+decided. Good software says how sure it is, explains what it looked at, and asks for help when it does
+not know. It keeps a record of every decision, so that a colleague can follow the reasoning afterwards.
+Nurses, technologists and physicists each have their own tasks. The technologist positions the patient,
+chooses the protocol, and makes sure the images are sharp. The physicist keeps the machines calibrated
+and safe. Administrators keep the network running, watch the disks, and answer the phone when a
+transfer fails in the middle of the night. Everybody wants the same thing: the right result, for the
+right person, at the right time, without losing anything on the way.
+Questions and answers: What kind of picture is this? It looks like a photograph of the chest. Which
+part of the body is shown? The head, the hand, the knee, the abdomen or the lungs. Is there anything
+unusual? There may be a shadow, a fracture, a mass, a bleed, or nothing at all. Please answer with one
+of the listed options, and explain your choice in a short sentence.
+"""
+
+
+def build_subword_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
+    """A BPE fast tokenizer trained offline, shaped like Gemma 3's SentencePiece vocabulary.
+
+    As in Gemma 3: no dummy prefix (a word at the start of a line has no ``▁``), spaces kept as
+    ``▁`` on the following word, every digit a piece of its own (``MODEL_19`` is ``MODEL_``,
+    ``1``, ``9``), newline a token, and the chat special tokens whole. Answers therefore span
+    several pieces and answers that start alike ("brain CT scan", "brain MRI scan") share their
+    first token, as they do for a real model.
+    """
+    import string
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    # Every printable character is in the alphabet, so any English answer tokenises without <unk>.
+    alphabet = [c for c in string.printable if not c.isspace() or c == " "]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=alphabet, show_progress=False)
+    lines = [segment for text in texts for segment in text.split(NEWLINE) if segment.strip()]
+    backend.train_from_iterator(lines, trainer=trainer)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    backend.add_tokens([AddedToken(NEWLINE, special=False, normalized=False)])
+    return _fast_tokenizer(backend)
 
 
 def synthetic_config(spec: SyntheticSize, tokenizer, vocab_size: int):
@@ -202,6 +264,7 @@ def build_synthetic_model(
     cards: CardRepository | None = None,
     seed: int = 0,
     device: str = "cpu",
+    tokenizer: str = "word",
 ) -> Path:
     """Write a complete, loadable synthetic model folder.
 
@@ -217,6 +280,9 @@ def build_synthetic_model(
         Seed for the random weights (same seed, same model on the same device).
     device:
         Where to initialise the weights (``cuda`` makes the 4B shape quick to build on a GPU).
+    tokenizer:
+        ``word`` (default: every admissible answer one token, the quickest for tests) or
+        ``subword`` (BPE shaped like Gemma 3's: answers span several pieces and share first tokens).
 
     Returns
     -------
@@ -225,6 +291,8 @@ def build_synthetic_model(
     """
     if size not in SIZES:
         raise ValueError(f"unknown synthetic size {size!r}; choose one of {', '.join(SIZES)}")
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer kind {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
     import torch
     from transformers import Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
 
@@ -235,7 +303,11 @@ def build_synthetic_model(
         from onevlm.cards.repository import default_cards_dir
 
         cards = CardRepository.load(default_cards_dir())
-    tokenizer = build_tokenizer(corpus(cards), answer_phrases(cards))
+    tokenizer_kind = tokenizer
+    if tokenizer_kind == "subword":
+        tokenizer = build_subword_tokenizer([*corpus(cards), ENGLISH_TEXT])
+    else:
+        tokenizer = build_tokenizer(corpus(cards), answer_phrases(cards))
     vocab_size = spec.vocab_size or len(tokenizer)
     if vocab_size < len(tokenizer):
         raise ValueError("vocabulary smaller than the tokenizer")
@@ -270,7 +342,7 @@ def build_synthetic_model(
     )
     processor.save_pretrained(out)
     (out / "onevlm_synthetic.json").write_text(
-        json.dumps({"size": size, "seed": seed, "parameters": sum(p.numel() for p in model.parameters()),
+        json.dumps({"size": size, "seed": seed, "tokenizer": tokenizer_kind, "parameters": sum(p.numel() for p in model.parameters()),
                     "note": "random weights: for tests and benchmarks only"}, indent=2)
     )
     logger.info("wrote synthetic %s model to %s", size, out)
