@@ -304,3 +304,45 @@ def test_labels_export_writes_what_calibrate_reads(processed_spool, tmp_path):
     assert rows[0].path.parent.name == mr_group
     with path.open() as handle:
         assert next(csv.reader(handle)) == ["path", "modality", "finding", "card"]
+
+
+def test_drift_warning_when_a_calibration_in_force_misses_on_reviewed_cases(processed_spool, tmp_path, page_factory):
+    """Both studies as a calibrated service leaves them (routed sets under one calibration), both answered
+    'none of these': 0 of 2 is below the promised 0.9 beyond chance, so every page warns."""
+    import json
+    import shutil
+
+    from onevlm.calibration.site import SiteCalibration
+    from onevlm.net.journal import Journal
+
+    spool, groups = processed_spool
+    copy = tmp_path / "spool"
+    shutil.copytree(spool, copy)
+    calibration = SiteCalibration(risk=0.1, delta=0.1, identity={"backend": "embedded"})
+    for group, _ in groups.values():
+        folder = copy / "results" / group
+        detail = json.loads((folder / "series.json").read_text())
+        for entry in detail["entries"]:
+            entry.update(outcome="routed-set", cards=["MODEL_01", "MODEL_02"], calibrated=True, confidence=0.95)
+        (folder / "series.json").write_text(json.dumps(detail))
+        metadata = json.loads((folder / "metadata.json").read_text())
+        metadata.update(outcome="routed-set", calibrated=True, calibration_id=calibration.calibration_id)
+        (folder / "metadata.json").write_text(json.dumps(metadata))
+    journal = Journal(copy / "journal.sqlite")
+    for group, series in groups.values():
+        journal.record_review(ReviewAnswer(group, series, "none-of-these", None, "AB"))
+    journal.close()
+    page = page_factory(copy, {})
+    page.app.calibration = calibration
+    status, _, body = page.request("GET", "/calibration")
+    assert status == 200 and 'id="drift-warning"' in body and "BROKEN (drift)" in body
+    assert "id=reliability><svg" in body and calibration.calibration_id in body
+    assert f"{clopper_pearson_upper(0, 2, 0.1):.3f}" in body
+    assert 'id="drift-warning"' in page.request("GET", "/")[2]
+    # one of the two answered right: 1 of 2 is within chance of 0.9, the warning goes
+    journal = Journal(copy / "journal.sqlite")
+    group, series = groups["ct_head_routine_brain.dcm"]
+    journal.record_review(ReviewAnswer(group, series, "card", "MODEL_02", "AB"))
+    journal.close()
+    body = page.request("GET", "/calibration")[2]
+    assert 'id="drift-warning"' not in body and "kept (within tolerance)" in body

@@ -19,7 +19,7 @@ import pytest
 
 from dicom_peers import ONEVLM, REPO, SAMPLES, ServeProcess, journal_query, journal_status, listener_port, storescu, \
     wait_until, write_service_config
-from ohif_support import ARTIFACTS, CHROMIUM, free_port, require_node_modules, run_node
+from ohif_support import ARTIFACTS, CHROMIUM, free_port, require_node_modules, run_node, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +135,20 @@ def test_operator_page_in_a_browser(tmp_path):
 
         post_answer(base, set_study, set_series, "not-routable", "QA2")  # a second answer over HTTP
 
-    # With the service stopped: export the labels and fit a calibration on them
+    # With the service stopped: `onevlm dashboard` shows the same spool, answers included
+    dashboard = subprocess.Popen([*ONEVLM, "dashboard", "--config", str(config), "--port", "0"], cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        line = dashboard.stdout.readline()
+        url = re.search(r"operator's page: open (http://127\.0\.0\.1:\d+/)", line)
+        assert url, line + dashboard.stdout.read(2000) if dashboard.poll() is not None else line
+        with urllib.request.urlopen(url.group(1) + "review", timeout=30) as response:
+            page = response.read().decode()
+        assert page.count("<tr class=answered>") == 3 and "QA2" in page
+    finally:
+        stop_process(dashboard)
+
+    # ... export the labels and fit a calibration on them
     labels = tmp_path / "labels.csv"
     exported = subprocess.run([*ONEVLM, "labels", "export", "--config", str(config), "-o", str(labels)],
                               capture_output=True, text=True, timeout=120, cwd=REPO)
