@@ -58,11 +58,14 @@ def test_latency_bench_gets_an_sr_into_orthanc(tmp_path):
 
 def test_router_bench_engines_agree(tmp_path):
     out = tmp_path / "router.json"
-    run_bench("router_bench.py", "--size", "tiny", "--images", "2", "--repeat", "1", "--json", str(out))
+    run_bench("router_bench.py", "--size", "tiny", "--tokenizer", "subword", "--images", "2", "--repeat", "1",
+              "--json", str(out))
     result = json.loads(out.read_text())
-    assert result["same_answers"] is True
-    assert positive(result["naive_images_per_s"]) and positive(result["fast_images_per_s"])
-    assert result["fast_engine_stats"]["decode_steps"] > 0
+    assert result["same_answers_fast"] is True and result["same_answers_graph"] is True
+    for engine in ("naive", "fast", "graph"):
+        assert positive(result[f"{engine}_images_per_s"])
+    assert result["fast_engine_stats"]["decode_steps"] > 0 and result["graph_engine_stats"]["decode_steps"] > 0
+    assert result["graph_compile"] == "none" and result["graph_fallbacks"] == 0  # CPU default: eager static loop
 
 
 def test_embedded_router_bench_reports_every_stage():
