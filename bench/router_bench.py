@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--model", help="an existing model folder (default: build the synthetic size)")
     parser.add_argument("--engines", default="naive,fast,graph", help="comma-separated engines; naive is the reference")
     parser.add_argument("--graph-compile", default="auto", choices=COMPILE_MODES,
-                        help="graph engine: auto = CUDA graphs (reduce-overhead) on CUDA, eager static loop on CPU")
+                        help="graph engine: auto = cuda-graph on CUDA, eager static loop (none) on the CPU")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8, help="images per batch for the fast and graph engines")
     parser.add_argument("--naive-images", type=int, help="images for the naive engine (default: --images); "
@@ -175,6 +175,7 @@ def main() -> None:
     if "graph" in names:
         result["graph_compile"] = engines["graph"].engine.compile_mode
         result["graph_fallbacks"] = engines["graph"].engine.fallbacks
+        result["graph_capture_failures"] = engines["graph"].engine.capture_failures
         if "fast" in names:
             result["ratio_graph_over_fast"] = round(median["graph"] / median["fast"], 2)
     print(f"model {result['model']} ({params / 1e6:.1f} M parameters) on {result['device']} {result['dtype']}, "
@@ -190,7 +191,7 @@ def main() -> None:
               f"prefill {st['prefill_seconds']:.2f} s, decode {st['decode_seconds']:.2f} s (all runs)")
     if "graph" in names:
         print(f"  graph engine: compile {result['graph_compile']}, warm-up {warm['graph']:.1f} s, "
-              f"fallbacks {result['graph_fallbacks']}")
+              f"fallbacks {result['graph_fallbacks']}, capture failures {result['graph_capture_failures']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

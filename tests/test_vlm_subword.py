@@ -210,6 +210,13 @@ def test_buckets():
         EngineSettings(engine="graph", graph_compile="max-speed")
 
 
+def test_cuda_graph_modes_refuse_a_cpu_model(loaded):
+    for mode in ("cuda-graph", "reduce-overhead"):
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            TransformersBackend(loaded, EngineSettings(engine="graph", graph_compile=mode))
+    assert backend(loaded, "graph").engine.compile_mode == "none"  # auto on the CPU
+
+
 def test_graph_engine_reuses_buckets_and_falls_back_beyond_the_window(loaded, shipped_cards):
     items = [load_input(SAMPLES / name) for name in IMAGES]
     fast, graph = backend(loaded, "fast"), backend(loaded, "graph")
