@@ -23,6 +23,7 @@ import pytest
 from onevlm.calibration.cutoffs import Cutoffs
 from onevlm.inputs import load_input
 from onevlm.router import Router
+from onevlm.router.outcome import stage_scores
 from onevlm.router.selector import Index
 from onevlm.vlm.backend import EngineSettings, TransformersBackend
 from onevlm.vlm.loading import LoadOptions, load_model
@@ -130,8 +131,14 @@ def test_shared_first_token_the_continuation_decides(loaded, shipped_cards, engi
     assert second.p == pytest.approx(0.3, abs=P_TOL)
     assert first.sequence_logprob == pytest.approx(script.answer_logprob("brain MRI scan"), abs=LOGP_TOL)
     assert second.sequence_logprob == pytest.approx(script.answer_logprob("chest X-ray scan"), abs=LOGP_TOL)
-    # the answer's own probability is below its first token's: the decision log keeps both
+    # the answer's own probability is below its first token's: the decision log keeps both, and
+    # what a person is shown as this answer's probability is the answer's own, not its first token's
     assert math.exp(first.sequence_logprob) < first.p
+    decision = Router(shipped_cards, backend(loaded, engine)).route_many([load_input(SAMPLES / "ct_head_512_j2k.dcm")])[0]
+    shown = stage_scores(decision.stages[0]).probs
+    assert shown["brain MRI scan"] == pytest.approx(math.exp(script.answer_logprob("brain MRI scan")), abs=1e-4)
+    assert shown["brain MRI scan"] < 0.6 * 0.7  # 0.6 × (0.4 / 0.6) × 0.99³: the "MRI" continuation's share
+    assert decision.stages[0].candidates[0].p == pytest.approx(0.6, abs=P_TOL)  # Algorithm 1 keeps p_i
     if engine != "naive":  # early exit: no decode step after both branches ended
         longest = max(len(script.tokens["brain MRI scan"]), len(script.tokens["chest X-ray scan"]))
         assert b.engine.stats.decode_steps == longest - 1

@@ -20,6 +20,8 @@ The three stages (Algorithm 1) give the paper's answer. This module decides what
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -44,15 +46,22 @@ LOGGED_ANSWERS = 5
 def stage_scores(stage: StageDecision) -> StageScores:
     """A stage's probabilities: the backend's distribution, else its candidates' ``p``.
 
-    Two candidates that normalise to the same answer (free-text mode) add up: both first tokens
-    lead to it.
+    A decoded answer counts with the probability of its own token sequence when the backend
+    gives one (free-text VLM answers): its first token's ``p`` — what Algorithm 1 compares — also
+    covers every other answer starting with that token ("brain" begins both "brain CT scan" and
+    "brain MRI scan"), so it can be higher than the evidence for this answer; the sequence's
+    probability never is. Two candidates that normalise to the same answer add up: their token
+    sequences are disjoint.
     """
     if stage.distribution:
         return StageScores(stage=stage.stage, probs=_at_most_one(dict(stage.distribution)))
     probs: dict[str, float] = {}
     for candidate in stage.candidates:
         answer = candidate.answer.strip() or EMPTY_ANSWER
-        probs[answer] = min(probs.get(answer, 0.0) + candidate.p, 1.0)
+        p = candidate.p
+        if candidate.sequence_logprob is not None:
+            p = min(p, math.exp(candidate.sequence_logprob))
+        probs[answer] = min(probs.get(answer, 0.0) + p, 1.0)
     return StageScores(stage=stage.stage, probs=_at_most_one(probs))
 
 
