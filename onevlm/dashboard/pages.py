@@ -174,9 +174,9 @@ def overview_page(status: Mapping[str, Any], destinations: Sequence[DestinationH
 <h2>Calibration in force</h2>{cal}
 <p id=calibrated-share>Outputs calibrated: {calibrated} of {decided} recent processed studies.</p>
 <h2 id=definitions>Definitions</h2>
-<p><strong>Route confidence.</strong> {esc(ROUTE_CONFIDENCE)}</p>
-<p><strong>Stage probability.</strong> {esc(STAGE_PROBABILITY)}</p>
-<p><strong>Outcomes.</strong> routed: one card; routed-set: a few cards, one of which should be right; review: the
+<p>{esc(ROUTE_CONFIDENCE)}</p>
+<p>{esc(STAGE_PROBABILITY)}</p>
+<p>Outcomes: routed: one card; routed-set: a few cards, one of which should be right; review: the
 router abstained, a person decides; stopped: not a medical image, or no card covers it; failed: not readable.</p>
 """, "/", drift=drift)
 

@@ -23,8 +23,8 @@ together, early exit when every row has ended) and changes only the decode loop:
   ``none``
       the same static loop, eager (the CPU default: there is no launch overhead to remove).
 
-  A capture that fails (an operation that cannot be recorded, e.g. in a quantised kernel) is
-  logged as a warning and that bucket runs eagerly; ``fallbacks`` and ``capture_failures``
+  A capture or compilation that fails (an operation that cannot be recorded, e.g. in a quantised
+  kernel; a compiler that cannot build) is logged as a warning and that bucket runs eagerly; ``fallbacks`` and ``capture_failures``
   count what did not run as asked.
 
 The attention masks are passed to the model ready-made (4-D, one per layer type), so nothing in
@@ -213,13 +213,36 @@ class GraphEngine(FastEngine):
             return nxt, logprobs.gather(1, nxt.unsqueeze(-1)).squeeze(-1)
 
         if self.compile_mode in ("default", "reduce-overhead"):
-            step = torch.compile(step, mode=self.compile_mode, dynamic=False)
+            step = self._compiled(step, rows, length)
         elif self.compile_mode == "cuda-graph":
             step = self._capture(step, rows, length)
         bucket = _Bucket(rows, length, cache, mask, tokens, positions, step)
         self._buckets[key] = bucket
         logger.info("graph engine: new bucket rows=%d length=%d (compile %s)", rows, length, self.compile_mode)
         return bucket
+
+    def _compiled(self, step: Callable[[], tuple[torch.Tensor, torch.Tensor]], rows: int, length: int):
+        """``torch.compile`` of ``step``; a compiler failure (on its first call) runs this bucket eagerly.
+
+        Only the compiler's own errors are caught: a failing step (out of memory, bad input) still
+        fails the call.
+        """
+        compiled = torch.compile(step, mode=self.compile_mode, dynamic=False)
+        current = [compiled]
+
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            try:
+                return current[0]()
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                if current[0] is step:
+                    raise
+                self.capture_failures += 1
+                logger.warning("graph engine: torch.compile failed for rows=%d length=%d (%s); eager steps used",
+                               rows, length, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                current[0] = step
+                return step()
+
+        return run
 
     def _capture(self, step: Callable[[], tuple[torch.Tensor, torch.Tensor]], rows: int, length: int):
         """Record ``step`` as a CUDA graph; its replay returns the same output tensors, refilled.
