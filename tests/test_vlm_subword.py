@@ -311,3 +311,17 @@ def test_a_compiler_failure_runs_the_bucket_eagerly(loaded, shipped_cards, monke
     assert graph.engine.capture_failures == 1 and "torch.compile failed" in caplog.text
     for g, f in zip(got, backend(loaded, "fast").answer(items, requests)):
         assert [c.text for c in g.candidates] == [c.text for c in f.candidates]
+
+
+def test_a_calibration_fitted_on_first_token_scores_is_refused(loaded, shipped_cards):
+    """Free-text stage probabilities are answer-sequence probabilities now; a VLM calibration
+    fitted before (identity without ``answer_score``) would rescale other numbers: refused."""
+    from onevlm.calibration.site import CalibrationError, SiteCalibration, StageCalibration
+
+    router = Router(shipped_cards, backend(loaded, "fast"))
+    assert router.identity["answer_score"] == "answer-sequence-probability"
+    assert "answer_score" not in Router(shipped_cards, backend(loaded, "fast", "options")).identity
+    older = {k: v for k, v in router.identity.items() if k != "answer_score"}
+    stale = SiteCalibration(stages={1: StageCalibration(1)}, risk=0.1, identity=older)
+    with pytest.raises(CalibrationError, match="answer_score"):
+        Router(shipped_cards, backend(loaded, "fast"), calibration=stale)

@@ -23,6 +23,10 @@ from typing import Iterable, Mapping
 
 #: Pseudo-answer naming the mass a backend did not attribute to any listed answer.
 REST = "<unlisted>"
+#: What a decoded (free-text) answer's probability is: its own token sequence's, not its first
+#: token's (:func:`onevlm.router.outcome.stage_scores`). Part of a VLM calibration's identity, so
+#: a calibration fitted on another definition is refused.
+DECODED_ANSWER_SCORE = "answer-sequence-probability"
 #: Listed probabilities may sum to slightly more than 1 (float noise, rounded JSON).
 SUM_TOLERANCE = 1e-6
 #: Valid routing stages (1: modality, 2: anatomy, 3: the modality-specific question).

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 from onevlm.calibration.conformal import ConformalFit, prediction_set
 from onevlm.calibration.cutoffs import Cutoffs
-from onevlm.calibration.scores import StageScores
+from onevlm.calibration.scores import DECODED_ANSWER_SCORE, StageScores
 from onevlm.calibration.selective import SelectiveFit
 from onevlm.calibration.temperature import scale
 
@@ -118,6 +118,8 @@ def calibration_identity(backend_identity: Mapping[str, Any], prompt_ids: Sequen
     if backend == "transformers":
         for key in ("fingerprint", "quantize", "answer_mode"):
             identity[key] = backend_identity.get(key)
+        if identity["answer_mode"] != "options":
+            identity["answer_score"] = DECODED_ANSWER_SCORE
     else:
         for key in ("model", "methods"):
             identity[key] = backend_identity.get(key)
