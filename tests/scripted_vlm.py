@@ -24,8 +24,9 @@ from typing import Mapping
 
 import torch
 
+from onevlm.vlm.backend import MODEL_TURN_OPENING
+
 LEAK = 0.01
-MODEL_TURN_OPENING = "<start_of_turn>model\n"
 
 
 @dataclass

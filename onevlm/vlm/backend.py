@@ -75,6 +75,7 @@ class PromptBuilder:
             )
         self._end_of_turn = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
         self._turn_opening_ids = self.tokenizer(MODEL_TURN_OPENING, add_special_tokens=False)["input_ids"]
+        self._option_ids: dict[str, tuple[int, ...]] = {}
 
     def text(self, prompt: StagePrompt) -> str:
         user: list[dict[str, str]] = [{"type": "text", "text": prompt.user}]
@@ -107,13 +108,17 @@ class PromptBuilder:
         the prompt's last line (the model turn's opening) and that line's pieces removed; the
         answer alone is the fallback when the two do not line up.
         """
+        if answer in self._option_ids:  # the same admissible answers come back for every input
+            return self._option_ids[answer]
         prefix = self._turn_opening_ids
         full = self.tokenizer(MODEL_TURN_OPENING + answer, add_special_tokens=False)["input_ids"]
         if full[: len(prefix)] == prefix and len(full) > len(prefix):
             ids = tuple(full[len(prefix):])
         else:
             ids = tuple(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
-        return ids + ((self._end_of_turn,) if isinstance(self._end_of_turn, int) and self._end_of_turn >= 0 else ())
+        ids += (self._end_of_turn,) if isinstance(self._end_of_turn, int) and self._end_of_turn >= 0 else ()
+        self._option_ids[answer] = ids
+        return ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()

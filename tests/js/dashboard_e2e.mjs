@@ -22,28 +22,12 @@
 // the content), 1 when a step failed (the report says which), 2 on a usage error. Research use only.
 
 import fs from "node:fs";
-import path from "node:path";
 import process from "node:process";
 
-import { chromium } from "playwright-core";
-
-const CHROMIUM_FLAGS = [
-  "--headless",
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-];
+import { launchChromium, stepTimer, writeScreenshots } from "./browser_session.mjs";
 
 async function shoot(page, paths) {
-  const buffer = await page.screenshot({ fullPage: true });
-  for (const target of paths ?? []) {
-    fs.mkdirSync(path.dirname(target), { recursive: true });
-    fs.writeFileSync(target, buffer);
-  }
+  writeScreenshots(await page.screenshot({ fullPage: true }), paths);
 }
 
 const text = (page, selector) => page.locator(selector).first().innerText();
@@ -57,22 +41,10 @@ async function main(argv) {
   const shots = spec.screenshots ?? {};
   const report = { ok: false, step: null, pageErrors: [], failedResponses: [], timingsMs: {} };
   const started = Date.now();
-  let lastStepAt = started;
-  const step = (name) => {
-    if (report.step) report.timingsMs[report.step] = Date.now() - lastStepAt;
-    report.step = name;
-    lastStepAt = Date.now();
-  };
+  const step = stepTimer(report);
 
   step("launch chromium");
-  const context = await chromium.launchPersistentContext(spec.userDataDir, {
-    executablePath: spec.chromium ?? "/usr/bin/chromium",
-    headless: true,
-    chromiumSandbox: false,
-    args: CHROMIUM_FLAGS,
-    viewport: { width: 1400, height: 900 },
-    timeout: spec.timeoutMs ?? 20000,
-  });
+  const context = await launchChromium(spec, { viewport: { width: 1400, height: 900 }, timeoutMs: spec.timeoutMs ?? 20000 });
   let page;
   try {
     page = context.pages()[0] ?? (await context.newPage());

@@ -32,29 +32,11 @@ import fs from "node:fs";
 import path from "node:path";
 import process from "node:process";
 
-import { chromium } from "playwright-core";
-
-const CHROMIUM_FLAGS = [
-  "--headless",
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-];
+import { launchChromium, stepTimer, writeScreenshots } from "./browser_session.mjs";
 
 const THUMBNAIL = '[data-cy="study-browser-thumbnail"], [data-cy="study-browser-thumbnail-no-image"]';
 const ERROR_BOUNDARY_TEXT = "Something went wrong";
 const SR_ATTEMPTS = 3;
-
-function writeScreenshots(buffer, paths) {
-  for (const target of paths ?? []) {
-    fs.mkdirSync(path.dirname(target), { recursive: true });
-    fs.writeFileSync(target, buffer);
-  }
-}
 
 async function listSeries(page) {
   return page.locator(THUMBNAIL).evaluateAll((elements) =>
@@ -205,22 +187,13 @@ async function main(argv) {
   spec.timeoutMs ??= 45000;
   const report = { ok: false, step: null, studies: [], consoleErrors: [], pageErrors: [], failedResponses: [], timingsMs: {} };
   const started = Date.now();
-  let lastStepAt = started;
-  const step = (name) => {
-    if (report.step) report.timingsMs[report.step] = Date.now() - lastStepAt;
-    report.step = name;
-    lastStepAt = Date.now();
-  };
+  const step = stepTimer(report);
 
   step("launch chromium");
-  const context = await chromium.launchPersistentContext(spec.userDataDir, {
-    executablePath: spec.chromium ?? "/usr/bin/chromium",
-    headless: true,
-    chromiumSandbox: false,
-    args: CHROMIUM_FLAGS,
+  const context = await launchChromium(spec, {
     viewport: { width: 1600, height: 1000 },
+    timeoutMs: spec.timeoutMs,
     serviceWorkers: "block",
-    timeout: spec.timeoutMs,
   });
   let page;
   try {
