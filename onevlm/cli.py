@@ -90,11 +90,20 @@ def cmd_cards_list(args: argparse.Namespace) -> int:
 # -- route ------------------------------------------------------------------------------------
 
 
+def _backend_name(args: argparse.Namespace) -> str:
+    """``--backend``, else ``hybrid`` when ``--model`` names a VLM, else ``embedded``."""
+    from onevlm.backends import default_backend
+
+    if args.backend is None:
+        args.backend = default_backend(bool(getattr(args, "model", None)))
+    return args.backend
+
+
 def _backend_options(args: argparse.Namespace) -> dict:
     options = {"text_model_dir": getattr(args, "text_model", None)}
-    if args.backend == "transformers":
+    if _backend_name(args) in ("transformers", "hybrid"):
         if not args.model:
-            raise SystemExit("error: --backend transformers needs --model DIR (a local model folder)")
+            raise SystemExit(f"error: --backend {args.backend} needs --model DIR (a local model folder)")
         options.update(model_dir=args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
                        attn_implementation=args.attn, engine=args.engine, answer_mode=args.answer_mode)
     return options
@@ -114,7 +123,8 @@ def _router(args: argparse.Namespace):
     cards = _cards(args)
     cutoffs = Cutoffs.load(args.cutoffs) if args.cutoffs else None
     calibration = _calibration(args)
-    backend = create_backend(args.backend, cards, **_backend_options(args))
+    options = _backend_options(args)
+    backend = create_backend(args.backend, cards, fusion=calibration.fusion if calibration else None, **options)
     return Router(cards, backend, cutoffs, calibration=calibration)
 
 
@@ -540,11 +550,14 @@ def cmd_router_evaluate(args: argparse.Namespace) -> int:
 
     try:
         cards = _cards(args)
-        backend = create_backend(args.backend, cards, **_backend_options(args))
+        calibration = _calibration(args)
+        options = _backend_options(args)
+        backend = create_backend(args.backend, cards, fusion=calibration.fusion if calibration else None, **options)
         cutoffs = Cutoffs.load(args.cutoffs) if args.cutoffs else None
         summary = evaluate(args.labels, cards, backend, args.output, cutoffs=cutoffs, fit=args.fit,
-                           batch_size=args.batch_size, calibration=_calibration(args), holdout=args.holdout,
-                           risk=args.risk, delta=args.delta, seed=args.seed)
+                           batch_size=args.batch_size, calibration=calibration, holdout=args.holdout,
+                           risk=args.risk, delta=args.delta, seed=args.seed,
+                           on_disagreement=getattr(args, "on_disagreement", "review"))
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -600,9 +613,15 @@ def cmd_calibrate_fit(args: argparse.Namespace) -> int:
         settings = _routing_settings(args)
         if args.scores:
             from onevlm.calibration.fitting import fit_from_scores
+            from onevlm.calibration.hybrid_scores import fit_hybrid_from_scores, is_hybrid_scores, read_hybrid_scores
 
-            calibration = fit_from_scores(read_scores(args.scores), args.risk, args.delta, args.holdout, args.seed,
-                                          settings, source=Path(args.scores).name)
+            if is_hybrid_scores(args.scores):
+                calibration = fit_hybrid_from_scores(read_hybrid_scores(args.scores), args.risk, args.delta,
+                                                     args.holdout, args.seed, settings, source=Path(args.scores).name,
+                                                     on_disagreement=args.on_disagreement)
+            else:
+                calibration = fit_from_scores(read_scores(args.scores), args.risk, args.delta, args.holdout,
+                                              args.seed, settings, source=Path(args.scores).name)
         else:
             if not args.labels:
                 raise ValueError("give LABELS.csv (routed with --backend ...) or --scores FILE")
@@ -610,11 +629,13 @@ def cmd_calibrate_fit(args: argparse.Namespace) -> int:
             from onevlm.router.site_calibration import calibrate_from_labels
 
             cards = _cards(args)
-            backend = create_backend(args.backend, cards, **_backend_options(args))
+            options = _backend_options(args)
+            backend = create_backend(args.backend, cards, **options)
             report_dir = Path(args.report) if args.report else Path(args.output).with_suffix("").with_name(
                 Path(args.output).stem + "_report")
             calibration = calibrate_from_labels(args.labels, cards, backend, args.risk, args.delta, args.holdout,
-                                                args.seed, settings, args.decisions, report_dir, args.batch_size)
+                                                args.seed, settings, args.decisions, report_dir, args.batch_size,
+                                                args.on_disagreement)
         calibration.save(args.output)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -643,18 +664,28 @@ def cmd_calibrate_apply(args: argparse.Namespace) -> int:
     from onevlm.calibration.scores import read_scores
     from onevlm.calibration.site import SiteCalibration
 
+    from onevlm.calibration.hybrid_scores import apply_hybrid, is_hybrid_scores, read_hybrid_scores
+
     try:
         calibration = SiteCalibration.load(args.calibration)
-        results = apply_to_scores(calibration, read_scores(args.scores))
+        if is_hybrid_scores(args.scores):
+            results = apply_hybrid(calibration, read_hybrid_scores(args.scores), source=args.scores)
+        else:
+            results = apply_to_scores(calibration, read_scores(args.scores))
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for result in results:
         if args.json:
             print(json.dumps(result))
-        else:
-            print(f"stage {result['stage']}: {result['outcome']:10s} set {result['set']}  "
-                  f"confidence {result['confidence']:.4f}" + ("  [tie]" if result["tie"] else ""))
+            continue
+        line = (f"stage {result['stage']}: {result['outcome']:10s} set {result['set']}  "
+                f"confidence {result['confidence']:.4f}" + ("  [tie]" if result["tie"] else ""))
+        if "consulted" in result:
+            line += f"  consulted {'+'.join(result['consulted'])}"
+            if result["disagreement"]:
+                line += f"  DISAGREEMENT: {result['disagreement_text']}"
+        print(line)
     return 0
 
 
@@ -815,9 +846,12 @@ def _add_specialty_parsers(sub) -> None:
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=("embedded", "transformers"), default="embedded",
-                   help="embedded: DICOM header + MiniLM (offline default); transformers: a local VLM folder")
-    p.add_argument("--model", help="local model folder for --backend transformers (e.g. medgemma-4b-it)")
+    p.add_argument("--backend", choices=("embedded", "transformers", "hybrid"), default=None,
+                   help="hybrid (default with --model): the header first, the VLM only when the header cannot "
+                        "decide; embedded (default without --model): DICOM header + MiniLM, no pixels; "
+                        "transformers: the VLM on the pixels alone (the paper's router)")
+    p.add_argument("--model", help="local VLM folder (e.g. medgemma-4b-it): the hybrid router's pixel source, or "
+                                   "--backend transformers' model")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (transformers)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--quantize", choices=("none", "nf4"), default="none", help="load the VLM in 4-bit NF4")
@@ -847,6 +881,9 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-set-size", type=int, default=DEFAULT_MAX_SET_SIZE, help="largest set routed")
     p.add_argument("--tie-epsilon", type=float, default=DEFAULT_TIE_EPSILON,
                    help="top-2 margin under which a stage is a tie")
+    p.add_argument("--on-disagreement", choices=("review", "pixels"), default="review",
+                   help="hybrid router: when header and pixels contradict each other, send the case to review "
+                        "(default) or decide the stage on the pixels alone")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 from onevlm.calibration.conformal import ConformalFit, prediction_set
 from onevlm.calibration.cutoffs import Cutoffs
+from onevlm.calibration.fusion import Fusion
 from onevlm.calibration.scores import DECODED_ANSWER_SCORE, StageScores
 from onevlm.calibration.selective import SelectiveFit
 from onevlm.calibration.temperature import scale
@@ -114,6 +115,20 @@ def calibration_identity(backend_identity: Mapping[str, Any], prompt_ids: Sequen
     Device, dtype and paths are left out: the same model on another machine keeps its calibration.
     """
     backend = backend_identity.get("backend")
+    if backend == "hybrid":
+        # Both sources' identities: a new header rule set or another VLM needs a new fit.
+        identity = {"backend": backend,
+                    "header": _source_identity(backend_identity.get("header") or {}),
+                    "pixels": _source_identity(backend_identity.get("pixels") or {}),
+                    "prompts": list(prompt_ids)}
+        return identity
+    identity = {"backend": backend, **_source_identity(backend_identity)}
+    identity["prompts"] = list(prompt_ids)
+    return identity
+
+
+def _source_identity(backend_identity: Mapping[str, Any]) -> dict[str, Any]:
+    backend = backend_identity.get("backend")
     identity: dict[str, Any] = {"backend": backend}
     if backend == "transformers":
         for key in ("fingerprint", "quantize", "answer_mode"):
@@ -123,7 +138,6 @@ def calibration_identity(backend_identity: Mapping[str, Any], prompt_ids: Sequen
     else:
         for key in ("model", "methods"):
             identity[key] = backend_identity.get(key)
-    identity["prompts"] = list(prompt_ids)
     return identity
 
 
@@ -148,6 +162,9 @@ class SiteCalibration:
         How it was fitted (date, sizes, source) and the held-out figures.
     calibrated:
         ``False`` for a cutoffs-only file: probabilities stay the backend's.
+    fusion:
+        The hybrid router's fusion of header and pixels (:mod:`onevlm.calibration.fusion`);
+        ``None`` for a single-source backend.
     """
 
     settings: RoutingSettings = field(default_factory=RoutingSettings)
@@ -159,6 +176,7 @@ class SiteCalibration:
     fitted: Mapping[str, Any] = field(default_factory=dict)
     heldout: Mapping[str, Any] | None = None
     calibrated: bool = True
+    fusion: Fusion | None = None
     #: Where it was read from (for messages); not part of the content.
     path: str | None = field(default=None, compare=False)
 
@@ -221,7 +239,7 @@ class SiteCalibration:
                                    + "; ".join(differences))
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": FORMAT,
             "calibrated": self.calibrated,
             "settings": self.settings.as_dict(),
@@ -233,6 +251,9 @@ class SiteCalibration:
             "fitted": dict(self.fitted),
             "heldout": dict(self.heldout) if self.heldout is not None else None,
         }
+        if self.fusion is not None:  # absent for single-source backends (their ids stay as they were)
+            out["fusion"] = self.fusion.as_dict()
+        return out
 
     def save(self, path: str | Path) -> Path:
         """Write the calibration as JSON (with its ``calibration_id``)."""
@@ -257,6 +278,7 @@ class SiteCalibration:
             fitted=data.get("fitted") or {},
             heldout=data.get("heldout"),
             calibrated=bool(data.get("calibrated", True)),
+            fusion=Fusion.from_dict(data["fusion"]) if data.get("fusion") else None,
         )
 
     @classmethod

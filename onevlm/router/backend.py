@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
+from onevlm.calibration.fusion import SOURCES, Disagreement
 from onevlm.cards.schema import ModelCard
 from onevlm.inputs.routing_input import RoutingInput
 from onevlm.router.prompts import StagePrompt
@@ -51,7 +52,10 @@ class StageRequest:
 
     ``allowed`` is the admissible answer set (stage 1: modalities + None + Other; stage 2: the
     cards' findings + Normal, open to other findings; stage 3: candidate card IDs + None).
-    ``cards``, ``modality`` and ``finding`` are stage 3's structured fields.
+    ``cards``, ``modality`` and ``finding`` are stage 3's structured fields. At stage 2,
+    ``modality`` is stage 1's answer (the paper's stage 2 does not see it; a hybrid backend uses
+    it only to know whether the pixels can still matter) and ``settled`` says why no further
+    evidence can change the route (e.g. stage 1 already sends the case to review), else ``None``.
     """
 
     stage: int
@@ -60,12 +64,70 @@ class StageRequest:
     cards: tuple[ModelCard, ...] = ()
     modality: str | None = None
     finding: str | None = None
+    settled: str | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage!r}")
         if self.stage == 3 and (self.modality is None or self.finding is None):
             raise ValueError("stage 3 needs the modality and finding of stages 1 and 2")
+
+
+@dataclass(frozen=True)
+class Consultation:
+    """Which sources of evidence about the image a stage used, and why.
+
+    Attributes
+    ----------
+    consulted:
+        ``("header",)``, ``("pixels",)``, ``("header", "pixels")``, or ``()`` for a text-only stage
+        (stage 3 reads neither: it matches the answers above against the cards' captions).
+    reason:
+        Why, in words (e.g. "the header certifies brain CT scan (p 0.98 >= gate 0.95)").
+    vlm_calls:
+        Calls to the VLM this stage made for this input (0 or 1).
+    sources:
+        Each consulted source's own distribution over the admissible answers, before fusion
+        (``None`` for a source that was not read); a calibration refits on them.
+    disagreement:
+        Set when the header and the pixels contradict each other beyond the calibrated margin.
+    """
+
+    consulted: tuple[str, ...]
+    reason: str
+    vlm_calls: int = 0
+    sources: Mapping[str, Mapping[str, float] | None] = field(default_factory=dict)
+    disagreement: Disagreement | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.consulted if s not in SOURCES]
+        if unknown:
+            raise ValueError(f"consulted sources must be among {', '.join(SOURCES)}, got {unknown}")
+        if self.vlm_calls not in (0, 1):
+            raise ValueError(f"vlm_calls must be 0 or 1, got {self.vlm_calls!r}")
+
+    @property
+    def pixels_read(self) -> bool:
+        return "pixels" in self.consulted
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "consulted": list(self.consulted),
+            "reason": self.reason,
+            "vlm_calls": self.vlm_calls,
+            "sources": {name: None if probs is None else {a: round(p, 9) for a, p in probs.items()}
+                        for name, probs in self.sources.items()},
+            "disagreement": self.disagreement.as_dict() if self.disagreement is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Consultation":
+        disagreement = data.get("disagreement")
+        return cls(consulted=tuple(data.get("consulted") or ()), reason=str(data.get("reason", "")),
+                   vlm_calls=int(data.get("vlm_calls", 0)),
+                   sources={k: None if v is None else {a: float(p) for a, p in v.items()}
+                            for k, v in (data.get("sources") or {}).items()},
+                   disagreement=Disagreement.from_dict(disagreement) if disagreement else None)
 
 
 @dataclass(frozen=True)
@@ -85,12 +147,15 @@ class StageResponse:
     informative:
         ``False`` when the backend had no evidence for this stage (e.g. no pixels read and no
         finding-bearing text at stage 2): its answer is a default, not a finding.
+    consultation:
+        Which sources the backend read for this stage and why (:class:`Consultation`).
     """
 
     candidates: tuple[Candidate, ...]
     evidence: dict[str, Any] = field(default_factory=dict)
     distribution: Mapping[str, float] | None = None
     informative: bool = True
+    consultation: Consultation | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.candidates) <= 2:

@@ -1,89 +1,12 @@
-"""The router's decision records: one per stage and one per input (the decision-log line)."""
+"""The router's decision record of one input (the decision-log line); stage records are in :mod:`.stage_decision`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from onevlm.router.selector import Index
-
-if TYPE_CHECKING:
-    from onevlm.router.outcome import RouteOutcome
-
-STAGE_NAMES = {1: "modality", 2: "finding", 3: "model_card"}
-
-
-@dataclass(frozen=True)
-class CandidateRecord:
-    """One normalised candidate of a stage."""
-
-    answer: str
-    p: float
-    raw: str
-    in_allowed_set: bool
-    match: str
-    sequence_logprob: float | None = None
-    justification: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {
-            "answer": self.answer,
-            "p": self.p,
-            "raw": self.raw,
-            "in_allowed_set": self.in_allowed_set,
-            "match": self.match,
-        }
-        if self.sequence_logprob is not None:
-            out["sequence_logprob"] = self.sequence_logprob
-        if self.justification is not None:
-            out["justification"] = self.justification
-        return out
-
-
-@dataclass(frozen=True)
-class StageDecision:
-    """What happened at one stage: both candidates, the cutoff, and the choice."""
-
-    stage: int
-    prompt_id: str
-    candidates: tuple[CandidateRecord, ...]
-    tau: float | None
-    chosen: str
-    index: Index
-    seconds: float
-    evidence: dict[str, Any] = field(default_factory=dict)
-    distribution: Mapping[str, float] | None = None
-    informative: bool = True
-
-    @property
-    def chosen_record(self) -> CandidateRecord:
-        return self.candidates[0 if self.index is Index.FIRST else 1]
-
-    @property
-    def confidence(self) -> float:
-        """The backend's probability of the answer it kept (uncalibrated; see the route outcome)."""
-        return self.chosen_record.p
-
-    def as_dict(self) -> dict[str, Any]:
-        chosen = self.chosen_record
-        return {
-            "stage": self.stage,
-            "name": STAGE_NAMES[self.stage],
-            "prompt_id": self.prompt_id,
-            "candidates": [c.as_dict() for c in self.candidates],
-            "tau": self.tau,
-            "chosen": self.chosen,
-            "index": self.index.value,
-            "confidence": chosen.p,
-            "raw": chosen.raw,
-            "in_allowed_set": chosen.in_allowed_set,
-            "justification": chosen.justification,
-            "seconds": round(self.seconds, 6),
-            "evidence": self.evidence,
-            "informative": self.informative,
-            # every admissible answer's probability, when the backend has them (calibration refits on it)
-            "distribution": {a: round(p, 12) for a, p in self.distribution.items()} if self.distribution else None,
-        }
+from onevlm.router.outcome import RouteOutcome
+from onevlm.router.stage_decision import STAGE_NAMES, CandidateRecord, StageDecision  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -107,7 +30,7 @@ class RoutingDecision:
     pipeline_card_id: str | None
     seconds: float
     error: str | None = None
-    outcome: "RouteOutcome | None" = None
+    outcome: RouteOutcome | None = None
     #: The process's one-time model loading before its first route (not part of ``seconds``).
     startup_seconds: float | None = None
 
@@ -158,6 +81,16 @@ class RoutingDecision:
         return self.outcome.confidence if self.outcome is not None else None
 
     @property
+    def vlm_calls(self) -> int:
+        """VLM calls made for this input, all stages together."""
+        return sum(s.vlm_calls for s in self.stages)
+
+    @property
+    def disagreement(self) -> str | None:
+        """Header and pixels contradict each other (in words), else ``None``."""
+        return self.outcome.disagreement if self.outcome is not None else None
+
+    @property
     def outcome_name(self) -> str:
         return self.outcome.outcome if self.outcome is not None else ("failed" if self.error else "review")
 
@@ -187,6 +120,8 @@ class RoutingDecision:
             "calibrated": bool(self.outcome and self.outcome.calibrated),
             "needs_review": self.outcome_name == "review",
             "route": self.outcome.as_dict() if self.outcome is not None else None,
+            "vlm_calls": self.vlm_calls,
+            "disagreement": self.disagreement,
             "seconds": round(self.seconds, 6),
             "startup_seconds": None if self.startup_seconds is None else round(self.startup_seconds, 6),
             "error": self.error,

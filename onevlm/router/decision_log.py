@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping
 
+from onevlm.router.backend import Consultation
 from onevlm.router.decision import CandidateRecord, RoutingDecision, StageDecision
 from onevlm.router.selector import Index
 
@@ -70,6 +71,7 @@ def decision_from_record(record: Mapping[str, Any]) -> RoutingDecision:
             tau=stage.get("tau"), chosen=stage["chosen"], index=Index(stage.get("index", "FIRST")),
             seconds=float(stage.get("seconds", 0.0)), evidence=stage.get("evidence") or {},
             distribution=stage.get("distribution"), informative=bool(stage.get("informative", True)),
+            consultation=Consultation.from_dict(stage["consultation"]) if stage.get("consultation") else None,
         ))
     return RoutingDecision(
         input=record["input"], reference=record.get("reference") or {}, backend=record.get("backend") or {},

@@ -16,120 +16,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from onevlm.calibration.cutoffs import CutoffRow, Cutoffs, fit_cutoffs, label_for
+from onevlm.calibration.cutoffs import Cutoffs, fit_cutoffs
 from onevlm.calibration.ece import EceResult, expected_calibration_error
 from onevlm.calibration.reliability import plot_reliability
 from onevlm.cards.repository import CardRepository
-from onevlm.inputs.dicomweb_source import DicomWebReference
-from onevlm.inputs.routing_input import RoutingInput
-from onevlm.router.backend import NONE, RouterBackend, StageRequest, StageResponse
+from onevlm.router.backend import RouterBackend
+from onevlm.router.caching import CachingBackend
 from onevlm.router.decision import RoutingDecision
 from onevlm.router.decision_log import DecisionLog
+from onevlm.router.labels import (  # noqa: F401  (read_labels, LABEL_COLUMNS: this module's public names too)
+    LABEL_COLUMNS,
+    UNLABELLED,
+    LabelledInput,
+    cutoff_rows,
+    gold_answer,
+    labelled_inputs,
+    read_labels,
+    same_answer,
+)
 from onevlm.router.pipeline import Router
 from onevlm.router.runner import route_files
+from onevlm.router.site_calibration import calibrate_rows, fit_router_calibration, heldout_report
 
 logger = logging.getLogger(__name__)
-
-LABEL_COLUMNS = ("path", "modality", "finding", "card")
-UNLABELLED = ""  # a "?" in the card column: no gold final answer
-
-
-@dataclass(frozen=True)
-class LabelledInput:
-    """One row of LABELS.csv: an input and its gold answers per stage.
-
-    ``source`` is a DICOMweb instance URL when the row names one (``path`` is then where
-    :func:`fetch_labelled` put the fetched copy).
-    """
-
-    path: Path
-    modality: str
-    finding: str
-    card: str
-    source: str | None = None
-
-
-def read_labels(path: str | Path) -> list[LabelledInput]:
-    """Read LABELS.csv (columns path, modality, finding, card); paths are relative to the file.
-
-    An empty ``card`` means the gold final answer is ``None``; ``?`` means the row has no final
-    label (it counts for stage 1 and 2 only). An empty ``finding`` skips stage 2 for the row.
-    """
-    path = Path(path)
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = set(LABEL_COLUMNS) - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-        rows = []
-        for line, record in enumerate(reader, start=2):
-            if not (record.get("path") or "").strip():
-                raise ValueError(f"{path}: line {line}: empty path")
-            text = record["path"].strip()
-            reference = DicomWebReference.parse(text)
-            if reference is not None:
-                if not reference.sop_instance_uid:
-                    raise ValueError(f"{path}: line {line}: {text} names no instance; label one "
-                                     ".../studies/UID/series/UID/instances/UID per row")
-                rows.append(LabelledInput(path=Path(f"{reference.sop_instance_uid}.dcm"), source=text,
-                                          **_answers(record)))
-                continue
-            target = Path(text)
-            if (path.parent / target).is_dir():
-                raise ValueError(f"{path}: line {line}: {target} is a folder; label one file per row")
-            rows.append(LabelledInput(path=target if target.is_absolute() else path.parent / target, **_answers(record)))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
-
-
-def _answers(record: dict) -> dict[str, str]:
-    card = (record["card"] or "").strip()
-    return {"modality": (record["modality"] or "").strip(), "finding": (record["finding"] or "").strip(),
-            "card": UNLABELLED if card == "?" else (card or NONE)}
-
-
-def fetch_labelled(rows: Sequence[LabelledInput], folder: Path, metadata_only: bool) -> list[LabelledInput]:
-    """Rows naming DICOMweb instances, fetched into ``folder`` (metadata only when no pixels are read)."""
-    from dataclasses import replace
-
-    from onevlm.inputs.dicomweb_source import fetch
-
-    out = []
-    for number, row in enumerate(rows):
-        if row.source is None:
-            out.append(row)
-            continue
-        (fetched,) = fetch(DicomWebReference.parse(row.source), folder / f"{number:05d}", metadata_only)
-        out.append(replace(row, path=fetched))
-    return out
-
-
-class CachingBackend:
-    """Wrap a backend so repeated identical stage requests are answered once."""
-
-    def __init__(self, backend: RouterBackend) -> None:
-        self.backend = backend
-        self._cache: dict[tuple, StageResponse] = {}
-
-    def identity(self) -> dict[str, Any]:
-        return self.backend.identity()
-
-    def warm_up(self) -> None:
-        self.backend.warm_up()
-
-    @staticmethod
-    def _key(item: RoutingInput, request: StageRequest) -> tuple:
-        return (str(item.path), request.stage, request.modality, request.finding)
-
-    def answer(self, items: Sequence[RoutingInput], requests: Sequence[StageRequest]) -> list[StageResponse]:
-        todo = [(i, r) for i, r in zip(items, requests) if self._key(i, r) not in self._cache]
-        if todo:
-            fresh = self.backend.answer([i for i, _ in todo], [r for _, r in todo])
-            for (item, request), response in zip(todo, fresh):
-                self._cache[self._key(item, request)] = response
-        return [self._cache[self._key(i, r)] for i, r in zip(items, requests)]
-
 
 @dataclass
 class MethodReport:
@@ -168,16 +77,6 @@ class MethodReport:
         }
 
 
-def same_answer(a: str | None, b: str) -> bool:
-    """Answers compare ignoring case and surrounding space (as labels are written by people)."""
-    return a is not None and a.strip().lower() == b.strip().lower()
-
-
-def gold_answer(row: LabelledInput, stage: int) -> str:
-    """The labelled answer of a stage ('' when the row has none)."""
-    return {1: row.modality, 2: row.finding, 3: row.card}[stage]
-
-
 def score(name: str, rows: Sequence[LabelledInput], decisions: Sequence[RoutingDecision], cutoffs: Cutoffs) -> tuple[MethodReport, list[tuple[float, int]]]:
     """Per-stage accuracy over the inputs where that stage ran, final accuracy over all inputs."""
     report = MethodReport(name=name, cutoffs=cutoffs.as_dict())
@@ -204,20 +103,6 @@ def score(name: str, rows: Sequence[LabelledInput], decisions: Sequence[RoutingD
     return report, predictions
 
 
-def cutoff_rows(rows: Sequence[LabelledInput], decisions: Sequence[RoutingDecision]) -> list[CutoffRow]:
-    """Algorithm 2's training rows from baseline decisions: ``(stage, p2, FIRST|SECOND)``."""
-    out = []
-    for row, decision in zip(rows, decisions):
-        for stage in decision.stages:
-            gold = gold_answer(row, stage.stage)
-            if not gold or len(stage.candidates) < 2:
-                continue
-            first, second = stage.candidates
-            label = label_for(first.answer.lower(), second.answer.lower(), gold.lower())
-            out.append(CutoffRow(stage=stage.stage, p2=min(second.p, 1.0), label=label))
-    return out
-
-
 def evaluate(
     labels_csv: str | Path,
     cards: CardRepository,
@@ -231,6 +116,7 @@ def evaluate(
     risk: float = 0.1,
     delta: float = 0.1,
     seed: int = 0,
+    on_disagreement: str = "review",
 ) -> dict[str, Any]:
     """Run baseline and cutoff routing over LABELS.csv and write the report to ``out_dir``.
 
@@ -246,23 +132,13 @@ def evaluate(
     """
     with labelled_inputs(labels_csv, backend) as rows:
         return _evaluate_rows(rows, labels_csv, cards, backend, out_dir, cutoffs, fit, batch_size, calibration,
-                              holdout, risk, delta, seed)
-
-
-@contextmanager
-def labelled_inputs(labels_csv: str | Path, backend: RouterBackend) -> Iterator[list[LabelledInput]]:
-    """LABELS.csv's rows, DICOMweb instances among them fetched into a temporary folder while in use."""
-    rows = read_labels(labels_csv)
-    if not any(row.source for row in rows):
-        yield rows
-        return
-    with tempfile.TemporaryDirectory(prefix="onevlm-labels-") as folder:
-        yield fetch_labelled(rows, Path(folder), metadata_only=not backend.identity().get("pixels_read", True))
+                              holdout, risk, delta, seed, on_disagreement)
 
 
 def _evaluate_rows(rows: Sequence[LabelledInput], labels_csv: str | Path, cards: CardRepository,
                    backend: RouterBackend, out_dir: str | Path, cutoffs: Cutoffs | None, fit: bool, batch_size: int,
-                   calibration, holdout: float | None, risk: float, delta: float, seed: int) -> dict[str, Any]:
+                   calibration, holdout: float | None, risk: float, delta: float, seed: int,
+                   on_disagreement: str = "review") -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cached = CachingBackend(backend)
@@ -297,7 +173,8 @@ def _evaluate_rows(rows: Sequence[LabelledInput], labels_csv: str | Path, cards:
     cutoffs = cutoffs or Cutoffs()
     cutoff_decisions = run(cutoffs, "decisions_cutoff.jsonl")
     calibration_summary = _calibration_report(cards, cached, rows, cutoff_decisions, cutoffs, out, calibration,
-                                              holdout, risk, delta, seed, str(labels_csv))
+                                              holdout, risk, delta, seed, str(labels_csv), backend, batch_size,
+                                              on_disagreement)
 
     baseline, base_pred = score("baseline", rows, baseline_decisions, Cutoffs())
     with_cutoff, cut_pred = score("cutoff", rows, cutoff_decisions, cutoffs)
@@ -337,12 +214,21 @@ def _evaluate_rows(rows: Sequence[LabelledInput], labels_csv: str | Path, cards:
 
 
 def _calibration_report(cards, backend, rows, decisions, cutoffs, out: Path, calibration, holdout, risk, delta,
-                        seed, source) -> dict[str, Any] | None:
+                        seed, source, uncached=None, batch_size: int = 8,
+                        on_disagreement: str = "review") -> dict[str, Any] | None:
     if calibration is None and not holdout:
         return None
-    from onevlm.router.site_calibration import fit_router_calibration, heldout_report
-
     router = Router(cards, backend, cutoffs)
+    if calibration is None and getattr(uncached, "name", None) == "hybrid":
+        # the fusion is fitted on both sources of every input: the calibration routes them itself
+        calibration = calibrate_rows(rows, source, cards, uncached, risk, delta, holdout, seed, None, None, out,
+                                     batch_size, on_disagreement)
+        calibration.save(out / "calibration.json")
+        return {"calibration_id": calibration.calibration_id,
+                "scope": f"fitted on {calibration.fitted.get('fit')} rows, measured on the "
+                         f"{calibration.fitted.get('holdout')} held out",
+                "risk": calibration.risk, "delta": calibration.delta, "policy": calibration.settings.policy,
+                "heldout": calibration.heldout}
     if calibration is None:
         calibration, held = fit_router_calibration(decisions, rows, router.modality_cards, router.identity, risk,
                                                    delta, holdout, seed, source=source, cutoffs=cutoffs)

@@ -16,6 +16,9 @@ The three stages (Algorithm 1) give the paper's answer. This module decides what
   the case is routed to the stage-3 set when it is small enough, else reviewed.
 - **Selective** (policy ``selective``): one card when its route confidence reaches the fitted
   threshold, else review.
+- **Header and pixels disagree** (hybrid backend): a stage whose pixels contradict the header
+  beyond the calibrated margin sends the case to review, saying both answers in words; under the
+  site policy ``pixels`` the stage was decided on the pixels and the route goes on, flagged.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 from onevlm.calibration.scores import StageScores
 from onevlm.calibration.site import RoutingSettings, SiteCalibration
 from onevlm.router.backend import NONE, OTHER
-from onevlm.router.decision import StageDecision
+from onevlm.router.stage_decision import StageDecision
 
 ROUTED = "routed"
 ROUTED_SET = "routed-set"
@@ -110,6 +113,9 @@ class StageAssessment:
     informative: bool
     prediction_set: tuple[str, ...] | None
     full_distribution: bool
+    consulted: tuple[str, ...] | None = None
+    consult_reason: str | None = None
+    vlm_calls: int = 0
 
     @property
     def shown(self) -> Mapping[str, float]:
@@ -131,6 +137,9 @@ class StageAssessment:
             "informative": self.informative,
             "set": list(self.prediction_set) if self.prediction_set is not None else None,
             "distribution": "full" if self.full_distribution else "top-2",
+            "consulted": list(self.consulted) if self.consulted is not None else None,
+            "consult_reason": self.consult_reason,
+            "vlm_calls": self.vlm_calls,
         }
 
 
@@ -161,6 +170,9 @@ def assess_stage(stage: StageDecision, calibration: SiteCalibration | None, sett
         informative=stage.informative,
         prediction_set=prediction_set,
         full_distribution=bool(stage.distribution),
+        consulted=stage.consulted,
+        consult_reason=stage.consultation.reason if stage.consultation is not None else None,
+        vlm_calls=stage.vlm_calls,
     )
 
 
@@ -182,6 +194,8 @@ class RouteOutcome:
         Whether the probabilities were calibrated on the site's labels.
     reasons:
         Why the case was reviewed or stopped, and notes on how the set was formed.
+    disagreement:
+        The header and the pixels contradict each other (in words), else ``None``.
     """
 
     outcome: str
@@ -192,6 +206,7 @@ class RouteOutcome:
     stages: tuple[StageAssessment, ...] = ()
     calibration: Mapping[str, Any] | None = None
     policy: str = "sets"
+    disagreement: str | None = None
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -219,6 +234,7 @@ class RouteOutcome:
             "reasons": list(self.reasons),
             "policy": self.policy,
             "calibration": dict(self.calibration) if self.calibration else None,
+            "disagreement": self.disagreement,
             "stages": [s.as_dict() for s in self.stages],
         }
 
@@ -232,13 +248,30 @@ class _Draft:
     calibration: Mapping[str, Any] | None
     policy: str
     notes: list[str] = field(default_factory=list)
+    disagreement: str | None = None
 
     def make(self, outcome: str, cards: Sequence[str] = (), confidence: float | None = None,
              reason: str | None = None) -> RouteOutcome:
         reasons = ([reason] if reason else []) + self.notes
         return RouteOutcome(outcome=outcome, cards=tuple(cards), confidence=confidence, calibrated=self.calibrated,
                             reasons=tuple(reasons), stages=self.stages, calibration=self.calibration,
-                            policy=self.policy)
+                            policy=self.policy, disagreement=self.disagreement)
+
+
+def _header_words(stage: StageDecision) -> str | None:
+    """What the header itself says at stage 1, in its own terms (``Modality CT, BodyPartExamined CHEST``)."""
+    if stage.stage != 1 or not isinstance(stage.evidence, dict):
+        return None
+    header = (stage.evidence.get("header") or {}).get("header") or {}
+    words = [f"{key} {header[key]}" for key in ("Modality", "BodyPartExamined") if header.get(key)]
+    return ", ".join(words) or None
+
+
+def disagreement_text(stages: Sequence[StageDecision]) -> str | None:
+    """Every stage's header/pixels contradiction in words (``stage 1: header says ...``), else ``None``."""
+    texts = [f"stage {s.stage}: {s.consultation.disagreement.text(_header_words(s))}" for s in stages
+             if s.consultation is not None and s.consultation.disagreement is not None]
+    return "; ".join(texts) or None
 
 
 def _pair(assessment: StageAssessment) -> str:
@@ -269,9 +302,17 @@ def decide_outcome(
     settings = calibration.settings if calibration is not None else RoutingSettings()
     calibrated = calibration is not None and calibration.calibrated
     assessed = tuple(assess_stage(s, calibration, settings) for s in stages)
-    draft = _Draft(calibrated, assessed, calibration.summary() if calibration is not None else None, settings.policy)
+    draft = _Draft(calibrated, assessed, calibration.summary() if calibration is not None else None, settings.policy,
+                   disagreement=disagreement_text(stages))
     if error is not None or not assessed:
         return draft.make(FAILED, reason=error or "no stage ran")
+    flagged = [s for s in stages if s.consultation is not None and s.consultation.disagreement is not None]
+    if any(s.consultation.disagreement.action == "review" for s in flagged):
+        return draft.make(REVIEW, reason=f"header and image disagree: {draft.disagreement} (a person checks the "
+                                         "image and corrects the header at its source)")
+    if flagged:
+        draft.notes.append(f"header and image disagree: {draft.disagreement}; the stage was decided on the pixels "
+                           "(site policy on_disagreement: pixels)")
 
     s1 = assessed[0]
     if not stages[0].chosen_record.in_allowed_set:

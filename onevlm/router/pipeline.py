@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from onevlm.calibration.cutoffs import Cutoffs
-from onevlm.calibration.site import SiteCalibration, calibration_identity
+from onevlm.calibration.site import CalibrationError, SiteCalibration, calibration_identity
 from onevlm.cards.repository import CardRepository
 from onevlm.inputs.routing_input import RoutingInput
 from onevlm.router.answers import NormalisedAnswer, normalise, normalise_card_choice
@@ -28,7 +28,7 @@ from onevlm.router.backend import (
     StageResponse,
 )
 from onevlm.router.decision import CandidateRecord, RoutingDecision, StageDecision
-from onevlm.router.outcome import decide_outcome
+from onevlm.router.outcome import REVIEW, decide_outcome
 from onevlm.router.prompts import prompt_id, stage1_prompt, stage2_prompt, stage3_prompt
 from onevlm.router.selector import select_answer
 
@@ -39,6 +39,15 @@ def _pixel_data_error(item: RoutingInput) -> str | None:
     # Not logged here: the decision's error carries it and the caller reports it.
     problem = item.header.pixel_data_problem if item.header is not None else None
     return f"{item.path}: {problem}" if problem else None
+
+
+def _check_fusion(backend: RouterBackend, calibration: SiteCalibration) -> None:
+    """A hybrid backend must pool with the calibration's own fusion (it was fitted with it)."""
+    fusion = getattr(backend, "fusion", None)
+    if calibration.fusion is not None and calibration.calibrated and fusion != calibration.fusion:
+        source = calibration.path or "calibration"
+        raise CalibrationError(f"{source}: the hybrid backend was built without calibration "
+                               f"{calibration.calibration_id}'s fusion; build it with that calibration")
 
 
 @dataclass
@@ -99,6 +108,7 @@ class Router:
         self.startup_seconds: float | None = None
         if calibration is not None:
             calibration.check_compatible(self.identity)
+            _check_fusion(backend, calibration)
 
     def warm_up(self) -> float:
         """Load the backend's models now; the time is start-up, never charged to a stage.
@@ -130,13 +140,29 @@ class Router:
         )
         self._run_stage(
             states,
-            lambda s: StageRequest(stage=2, prompt=self._stage2_prompt, allowed=self.stage2_allowed),
+            lambda s: StageRequest(stage=2, prompt=self._stage2_prompt, allowed=self.stage2_allowed,
+                                   modality=s.stages[0].chosen, settled=self._settled_after_stage1(s)),
             self._after_stage2,
         )
         self._run_stage(states, self._stage3_request, self._after_stage3)
         return [self._decision(s) for s in states]
 
     # -- stages ---------------------------------------------------------------------------
+
+    def _settled_after_stage1(self, state: _Progress) -> str | None:
+        """Why no stage-2 evidence can change the route, else ``None`` (a hybrid then skips the pixels).
+
+        One card for the modality: stage 2 has no set to split (a stage 2 without evidence routes
+        the modality's cards). Stage 1 already sends the case to review: so would any finding.
+        """
+        modality = state.stages[0].chosen
+        count = len(self.cards.by_modality(modality))
+        if count <= 1:
+            return f"{modality} has {count} card: no finding can change the route"
+        stage1 = decide_outcome(state.stages[:1], self.modality_cards, self.calibration)
+        if stage1.outcome == REVIEW:
+            return f"stage 1 already sends the case to review ({stage1.reasons[0]})"
+        return None
 
     def _stage3_request(self, state: _Progress) -> StageRequest:
         modality = state.stages[0].chosen
@@ -220,6 +246,7 @@ class Router:
             evidence=response.evidence,
             distribution=response.distribution,
             informative=response.informative,
+            consultation=response.consultation,
         )
 
     def _normalise(self, request: StageRequest, text: str, p: float, logprob: float | None) -> CandidateRecord:

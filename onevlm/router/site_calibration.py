@@ -20,14 +20,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 from onevlm.calibration.cutoffs import Cutoffs, fit_cutoffs
 from onevlm.calibration.ece import expected_calibration_error
-from onevlm.calibration.fitting import certified_threshold, ece_of, fit_stage, split_indices, stage_heldout
+from onevlm.calibration.fitting import ece_of, fit_stage, split_indices, stage_heldout
+from onevlm.calibration.fusion import HEADER, PIXELS, Fusion, SourceRow, complete, fit_stage_fusion, flat
 from onevlm.calibration.reliability import plot_reliability
 from onevlm.calibration.risk_coverage import plot_risk_coverage, risk_coverage
 from onevlm.calibration.scores import StageScores
-from onevlm.calibration.selective import selective_report
+from onevlm.calibration.selective import certified_threshold, selective_report
 from onevlm.calibration.site import RoutingSettings, SiteCalibration, StageCalibration
 from onevlm.router.decision import RoutingDecision
-from onevlm.router.evaluation import UNLABELLED, LabelledInput, cutoff_rows, gold_answer, same_answer
+from onevlm.router.labels import UNLABELLED, LabelledInput, cutoff_rows, gold_answer, same_answer
 from onevlm.router.outcome import REVIEW, assess_stage, decide_outcome, stage_scores
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 ModalityCards = Callable[[str], Sequence[str]]
 #: Stages whose prediction sets decide the route (stage 2 is conditioned on, not covered).
 SET_STAGES = (1, 3)
+#: Stages where the hybrid router pools header and pixels (stage 3 is text only).
+FUSED_STAGES = (1, 2)
 
 
 def _canonical(gold: str, answers: Sequence[str]) -> str:
@@ -92,11 +95,13 @@ def fit_router_calibration(
     settings: RoutingSettings | None = None,
     source: str | None = None,
     cutoffs: Cutoffs | None = None,
+    fusion: Fusion | None = None,
 ) -> tuple[SiteCalibration, list[int]]:
     """Fit cutoffs, temperatures, conformal sets and the selective threshold on the fitting split.
 
     ``cutoffs`` given: they are kept instead of fitting Algorithm 2 (the decisions were routed
-    with them).
+    with them). ``fusion`` given (a hybrid router, routed with it): it is stored, and the stages
+    it pools keep ``T = 1`` (the fusion is their calibration map).
 
     Returns
     -------
@@ -124,14 +129,15 @@ def fit_router_calibration(
             logger.warning("stage %d: no labelled row to calibrate on; its probabilities stay the backend's", stage)
             continue
         alpha = risk / len(SET_STAGES)
-        stages[stage] = fit_stage(stage, stage_rows, alpha, delta, tau=tau).calibration
+        pooled = fusion is not None and stage in FUSED_STAGES
+        stages[stage] = fit_stage(stage, stage_rows, alpha, delta, tau=tau, scale_temperature=not pooled).calibration
     provisional = SiteCalibration(settings=RoutingSettings("selective", settings.max_set_size, settings.tie_epsilon),
-                                  stages=stages, risk=risk, delta=delta, identity=identity)
+                                  stages=stages, risk=risk, delta=delta, identity=identity, fusion=fusion)
     confidences, correct = _route_rows(fit_pairs, provisional, modality_cards)
     route_selective = certified_threshold(confidences, correct, risk, delta) if confidences else None
     calibration = SiteCalibration(
         settings=settings, stages=stages, risk=risk, delta=delta, route_selective=route_selective,
-        identity=dict(identity),
+        identity=dict(identity), fusion=fusion,
         fitted={"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source,
                 "inputs": len(pairs), "fit": len(fit_pairs), "holdout": len(held_idx), "holdout_share": holdout,
                 "seed": seed, "stage_rows": {str(s): stages[s].n for s in stages},
@@ -282,29 +288,48 @@ def calibrate_from_labels(
     decisions_log: str | Path | None = None,
     report_dir: str | Path | None = None,
     batch_size: int = 8,
+    on_disagreement: str = "review",
 ) -> SiteCalibration:
     """``onevlm calibrate fit LABELS.csv``: route (or read the log), fit, report held out.
 
     Routing runs twice when Algorithm 2 fits any cutoff: first without cutoffs (its rows need
     both candidates of the baseline), then with them, so stage 3's probabilities are those of
     the router as it will run. Stage answers are cached between the runs.
+
+    A hybrid backend is first run reading the pixels of every input (both sources on every
+    labelled input), its fusion fitted on the fitting split (:func:`fit_fusion`), then the router
+    runs as it will in service (the cascade with that fusion) and the sets are fitted on what it
+    produces; the VLM's answers are cached, so each input costs at most one VLM call per stage.
     """
-    from onevlm.router.evaluation import labelled_inputs, read_labels
+    from onevlm.router.labels import labelled_inputs, read_labels
 
     if decisions_log is not None:  # a logged decision is matched by file name: nothing to fetch
-        return _calibrate_rows(read_labels(labels_csv), labels_csv, cards, backend, risk, delta, holdout, seed,
-                               settings, decisions_log, report_dir, batch_size)
+        return calibrate_rows(read_labels(labels_csv), labels_csv, cards, backend, risk, delta, holdout, seed,
+                              settings, decisions_log, report_dir, batch_size, on_disagreement)
     with labelled_inputs(labels_csv, backend) as rows:
-        return _calibrate_rows(rows, labels_csv, cards, backend, risk, delta, holdout, seed, settings, None,
-                               report_dir, batch_size)
+        return calibrate_rows(rows, labels_csv, cards, backend, risk, delta, holdout, seed, settings, None,
+                              report_dir, batch_size, on_disagreement)
 
 
-def _calibrate_rows(rows, labels_csv, cards, backend, risk, delta, holdout, seed, settings, decisions_log,
-                    report_dir, batch_size) -> SiteCalibration:
-    from onevlm.router.evaluation import CachingBackend
+def calibrate_rows(rows, labels_csv, cards, backend, risk, delta, holdout, seed, settings, decisions_log,
+                    report_dir, batch_size, on_disagreement: str = "review") -> SiteCalibration:
+    from onevlm.router.caching import CachingBackend
     from onevlm.router.pipeline import Router
 
-    cached = CachingBackend(backend)
+    hybrid = getattr(backend, "name", None) == "hybrid"
+    if hybrid and decisions_log is not None:
+        raise ValueError(f"{decisions_log}: a hybrid calibration needs the pixels of every labelled input, which a "
+                         "cascade's log lacks where the header decided; fit on LABELS.csv without --decisions")
+    fusion = None
+    if hybrid:
+        # Both sources cached: every later pass reuses the VLM's answers.
+        from onevlm.backends.hybrid import HybridBackend
+
+        backend = HybridBackend(CachingBackend(backend.header), CachingBackend(backend.pixels), None, "always")
+        always = route_labelled(Router(cards, backend), rows, batch_size)
+        fusion = fit_fusion(always, rows, risk, delta, holdout, seed, on_disagreement)
+        backend = backend.with_fusion(fusion, read_pixels="cascade")
+    cached = backend if hybrid else CachingBackend(backend)
     router = Router(cards, cached)
     modality_cards = router.modality_cards
     if decisions_log is not None:
@@ -314,14 +339,55 @@ def _calibrate_rows(rows, labels_csv, cards, backend, risk, delta, holdout, seed
         decisions = route_labelled(router, rows, batch_size)
         source = Path(labels_csv).name
     calibration, held = fit_router_calibration(decisions, rows, modality_cards, router.identity, risk, delta,
-                                               holdout, seed, settings, source)
+                                               holdout, seed, settings, source, fusion=fusion)
     cutoffs = calibration.cutoffs()
     if decisions_log is None and any(v is not None for v in cutoffs.as_dict().values()):
         decisions = route_labelled(Router(cards, cached, cutoffs), rows, batch_size)
         calibration, held = fit_router_calibration(decisions, rows, modality_cards, router.identity, risk, delta,
-                                                   holdout, seed, settings, source, cutoffs=cutoffs)
+                                                   holdout, seed, settings, source, cutoffs=cutoffs, fusion=fusion)
     if held:
         report = heldout_report([decisions[i] for i in held], [rows[i] for i in held], calibration, modality_cards,
                                 report_dir)
         calibration = replace(calibration, heldout=report)
     return calibration
+
+
+def source_rows(decisions: Sequence[RoutingDecision], rows: Sequence[LabelledInput], stage: int) -> list[SourceRow]:
+    """Both sources of one pooled stage per labelled decision (a hybrid router's consultation records)."""
+    out = []
+    for decision, row in zip(decisions, rows):
+        record = decision.stage(stage)
+        gold = gold_answer(row, stage)
+        if record is None or record.consultation is None or not gold or not record.consultation.sources:
+            continue
+        sources = record.consultation.sources
+        answers = tuple(sources.get(HEADER) or sources.get(PIXELS) or ())
+        if not answers:
+            continue
+        header = sources.get(HEADER)
+        pixels = sources.get(PIXELS)
+        out.append(SourceRow(stage, answers, complete(header, answers) if header else flat(answers),
+                             complete(pixels, answers) if pixels else None, _canonical(gold, answers)))
+    return out
+
+
+def fit_fusion(decisions: Sequence[RoutingDecision], rows: Sequence[LabelledInput], risk: float, delta: float,
+               holdout: float, seed: int, on_disagreement: str = "review") -> Fusion:
+    """Fit the hybrid router's fusion on the fitting split of decisions that read both sources.
+
+    The split is :func:`fit_router_calibration`'s (same inputs, holdout and seed), so the held-out
+    inputs stay out of the fusion too. Each pooled stage is fitted at the stage level α/2 (the
+    route's α spread over the two set stages, as the sets are).
+    """
+    indexed = _indexed_pairs(decisions, rows)
+    fit_idx, _ = split_indices(len(indexed), holdout, seed)
+    fit_decisions = [indexed[i][1] for i in fit_idx]
+    fit_rows = [indexed[i][2] for i in fit_idx]
+    stages = {}
+    for stage in FUSED_STAGES:
+        stage_rows = source_rows(fit_decisions, fit_rows, stage)
+        if not any(r.gold in r.answers for r in stage_rows):
+            logger.warning("stage %d: no labelled input to fit the fusion on; its defaults stay", stage)
+            continue
+        stages[stage] = fit_stage_fusion(stage, stage_rows, risk / len(SET_STAGES), delta)
+    return Fusion(stages=stages, on_disagreement=on_disagreement, calibrated=True)

@@ -18,7 +18,7 @@ import torch
 from onevlm import __version__
 from onevlm.imaging.dicom_to_image import ImageConversionError, load_image
 from onevlm.inputs.routing_input import RoutingInput
-from onevlm.router.backend import NONE, BackendError, Candidate, StageRequest, StageResponse
+from onevlm.router.backend import NONE, BackendError, Candidate, Consultation, StageRequest, StageResponse
 from onevlm.router.prompts import StagePrompt
 from onevlm.vlm.engine import Branch, FastEngine, ModelAdapter, NaiveEngine, PromptTokens
 from onevlm.vlm.loading import LoadedModel, LoadOptions, ModelLoadError, load_model
@@ -34,6 +34,11 @@ OPTION_STAGES = (1, 3)
 FEATURE_CACHE_SIZE = 64
 #: The end of every prompt (Gemma 3's generation prompt): the model's answer follows it.
 MODEL_TURN_OPENING = "<start_of_turn>model\n"
+#: Stages 1-2 show the model the image; stage 3 masks it (a text-only call).
+PIXELS_READ = Consultation(("pixels",), "the transformers router reads the pixels only (the header is not used)",
+                           vlm_calls=1)
+IMAGE_MASKED = Consultation((), "text only: the VLM chooses among the cards' captions with the image masked",
+                            vlm_calls=1)
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,8 @@ class TransformersBackend:
                 responses[i] = StageResponse(
                     (Candidate(NONE, 1.0),),
                     {"method": "sop-class", "non_image": kind, "model_called": False, "pixels_read": False},
+                    distribution={NONE: 1.0},
+                    consultation=Consultation(("header",), f"no pixels to show the model: the SOP class says {kind}"),
                 )
             else:
                 todo.append(i)
@@ -225,28 +232,32 @@ class TransformersBackend:
             "image_masked": not uses_image,
             "prompt_tokens": [len(p.input_ids) for p in prompts],
         }
+        consultation = PIXELS_READ if uses_image else IMAGE_MASKED
         if self._options(stage):
-            return [self._options_response(item, request, prompt, evidence) for item, request, prompt in zip(items, requests, prompts)]
+            return [self._options_response(item, request, prompt, evidence, consultation)
+                    for item, request, prompt in zip(items, requests, prompts)]
         max_new = self.settings.max_new_tokens[stage - 1]
         if isinstance(self.engine, FastEngine):
             visual = self._image_features(items) if uses_image else [None] * len(items)
         else:
             visual = self._pixel_values(items) if uses_image else [None] * len(items)
         results = self.engine.top2(prompts, visual, max_new)
-        return [self._free_response(branches, {**evidence, "max_new_tokens": max_new, "prompt_tokens": len(prompt.input_ids)})
+        return [self._free_response(branches, {**evidence, "max_new_tokens": max_new, "prompt_tokens": len(prompt.input_ids)},
+                                    consultation)
                 for branches, prompt in zip(results, prompts)]
 
     def _options(self, stage: int) -> bool:
         return self.settings.answer_mode == "options" and stage in OPTION_STAGES
 
-    def _free_response(self, branches: list[Branch], evidence: dict) -> StageResponse:
+    def _free_response(self, branches: list[Branch], evidence: dict, consultation: Consultation) -> StageResponse:
         candidates = tuple(
             Candidate(text=self.prompts.decode(b.token_ids), p=min(b.first_token_p, 1.0), sequence_logprob=b.sequence_logprob)
             for b in branches
         )
-        return StageResponse(candidates, evidence)
+        return StageResponse(candidates, evidence, consultation=consultation)
 
-    def _options_response(self, item: RoutingInput, request: StageRequest, prompt: PromptTokens, evidence: dict) -> StageResponse:
+    def _options_response(self, item: RoutingInput, request: StageRequest, prompt: PromptTokens, evidence: dict,
+                          consultation: Consultation) -> StageResponse:
         options = list(request.allowed)
         option_ids = [self.prompts.option_tokens(o) for o in options]
         if isinstance(self.engine, NaiveEngine):
@@ -260,7 +271,7 @@ class TransformersBackend:
         total = sum(s.p for s in scored)
         distribution = {options[s.index]: s.p / total if total > 1.0 else s.p for s in scored}
         return StageResponse(candidates, {**evidence, "prompt_tokens": len(prompt.input_ids), "options": len(options)},
-                             distribution=distribution)
+                             distribution=distribution, consultation=consultation)
 
     # -- images: preprocessed once, encoded once (fast engine) -----------------------------------
 

@@ -23,7 +23,7 @@ from onevlm.backends.embedded.text_encoder import TextEncoder, shared_encoder
 from onevlm.cards.repository import CardRepository
 from onevlm.inputs.routing_input import RoutingInput
 from onevlm.router.answers import normalise_modality_hint
-from onevlm.router.backend import Candidate, StageRequest, StageResponse
+from onevlm.router.backend import Candidate, Consultation, StageRequest, StageResponse
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,14 @@ class EmbeddedBackend:
         candidates = tuple(
             Candidate(text=f"{r.answer}: {justifications[r.answer]}", p=r.p) for r in top
         )
-        return StageResponse(candidates=candidates, evidence=evidence, distribution=_distribution(ranking))
+        return StageResponse(candidates=candidates, evidence=evidence, distribution=_distribution(ranking),
+                             consultation=TEXT_ONLY)
+
+
+#: Stage 3 reads neither the header nor the pixels.
+TEXT_ONLY = Consultation((), "text only: the answers of stages 1-2 against the cards' captions")
+HEADER_ONLY = Consultation(("header",), "the embedded router reads the DICOM header (or the user's hint), "
+                                       "never the pixels")
 
 
 def _distribution(ranking: list[Ranked]) -> dict[str, float]:
@@ -112,4 +119,5 @@ def _response(ranking: list[Ranked], evidence: dict) -> StageResponse:
     top = ranking[:2]
     evidence = {**evidence, "logits": {r.answer: round(r.logit, 4) for r in top}}
     return StageResponse(candidates=tuple(Candidate(text=r.answer, p=r.p) for r in top), evidence=evidence,
-                         distribution=_distribution(ranking), informative=evidence.get("informative", True))
+                         distribution=_distribution(ranking), informative=evidence.get("informative", True),
+                         consultation=HEADER_ONLY)

@@ -1,0 +1,212 @@
+"""The hybrid backend: the DICOM header first, the pixels (a VLM) only when the header cannot decide.
+
+Per stage 1 and 2 the header source (the embedded backend's rules and text model) answers every
+input. For each input the cascade (:mod:`onevlm.calibration.fusion`) then decides from the
+header alone whether the pixel source is asked: not when the header certifies the stage, not
+when the router says the route is already settled (stage 1 sends the case to review, the
+modality has one card), not for an object without pixels. The inputs that need it go to the
+pixel source in one batch; their stage distribution is the pooled one, and a contradiction
+between the two is recorded as a disagreement. Stage 3 is text only: the header source's caption
+matcher answers it and the VLM is not called.
+
+Every response carries a :class:`~onevlm.router.backend.Consultation`: which sources were read and
+why, the VLM calls made, both sources' own distributions (a calibration refits on them) and the
+disagreement, if any.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from typing import Any, Sequence
+
+from onevlm import __version__
+from onevlm.calibration.fusion import HEADER, PIXELS, Fusion, StageMix, complete, flat
+from onevlm.inputs.routing_input import RoutingInput
+from onevlm.router.answers import normalise
+from onevlm.router.backend import Candidate, Consultation, RouterBackend, StageRequest, StageResponse
+
+logger = logging.getLogger(__name__)
+
+_NO_HEADER_EVIDENCE = {1: "the header says nothing of the modality (no DICOM header, no hint): the pixels decide",
+                       2: "the header names no finding: the pixels decide"}
+#: ``cascade``: the pixels only when the header cannot decide; ``always``: every stage 1-2 reads them
+#: (a calibration fit needs both sources on every labelled input).
+PIXEL_POLICIES = ("cascade", "always")
+
+
+def pixel_distribution(response: StageResponse, allowed: Sequence[str]) -> dict[str, float]:
+    """The pixel source's probabilities over the admissible answers.
+
+    Its full distribution where it has one (options mode); else its decoded answers, normalised
+    onto the admissible set, each counting with its own token sequence's probability (never more
+    than its first token's): what is not on the admissible set is unlisted mass.
+    """
+    if response.distribution:
+        return {a: float(p) for a, p in response.distribution.items() if a in allowed}
+    probs: dict[str, float] = {}
+    for candidate in response.candidates:
+        answer = normalise(candidate.text, allowed)
+        if not answer.in_allowed_set:
+            continue
+        p = candidate.p
+        if candidate.sequence_logprob is not None:
+            p = min(p, math.exp(candidate.sequence_logprob))
+        probs[answer.answer] = min(probs.get(answer.answer, 0.0) + p, 1.0)
+    total = math.fsum(probs.values())
+    return {a: p / total for a, p in probs.items()} if total > 1.0 else probs
+
+
+class HybridBackend:
+    """Router backend reading the DICOM header and, when it can change the answer, the pixels.
+
+    Parameters
+    ----------
+    header:
+        The header source (an :class:`~onevlm.backends.embedded.EmbeddedBackend`); it also
+        answers stage 3.
+    pixels:
+        The pixel source: any backend that reads images (``transformers``, or the specialty
+        model's shared base).
+    fusion:
+        The fitted fusion (``calibration.json``'s ``fusion``); ``None``: the uncalibrated defaults.
+    read_pixels:
+        ``cascade`` (default) or ``always`` (see :data:`PIXEL_POLICIES`).
+    """
+
+    name = "hybrid"
+
+    def __init__(self, header: RouterBackend, pixels: RouterBackend, fusion: Fusion | None = None,
+                 read_pixels: str = "cascade") -> None:
+        if read_pixels not in PIXEL_POLICIES:
+            raise ValueError(f"read_pixels must be one of {', '.join(PIXEL_POLICIES)}, got {read_pixels!r}")
+        self.header = header
+        self.pixels = pixels
+        self.fusion = fusion or Fusion()
+        self.read_pixels = read_pixels
+
+    def with_fusion(self, fusion: Fusion | None, read_pixels: str | None = None) -> "HybridBackend":
+        """The same sources (models stay loaded) with another fusion or pixel policy."""
+        return HybridBackend(self.header, self.pixels, fusion, read_pixels or self.read_pixels)
+
+    def __str__(self) -> str:
+        return f"hybrid (header, then {self.pixels} when the header cannot decide)"
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "onevlm_version": __version__,
+            "header": self.header.identity(),
+            "pixels": self.pixels.identity(),
+            # the image must be at hand: the cascade may ask for it
+            "pixels_read": True,
+            "fusion": "calibrated" if self.fusion.calibrated else "uncalibrated defaults",
+        }
+
+    def warm_up(self) -> None:
+        """Load both sources' models now (a bad model path fails at start-up)."""
+        for source in (self.header, self.pixels):
+            warm_up = getattr(source, "warm_up", None)
+            if warm_up is not None:
+                warm_up()
+
+    def answer(self, items: Sequence[RoutingInput], requests: Sequence[StageRequest]) -> list[StageResponse]:
+        responses: list[StageResponse | None] = [None] * len(items)
+        for stage in sorted({r.stage for r in requests}):
+            index = [i for i, r in enumerate(requests) if r.stage == stage]
+            batch_items, batch_requests = [items[i] for i in index], [requests[i] for i in index]
+            answered = (self.header.answer(batch_items, batch_requests) if stage == 3
+                        else self._answer_stage(batch_items, batch_requests))
+            for i, response in zip(index, answered):
+                responses[i] = response
+        return [r for r in responses if r is not None]
+
+    # -- stages 1 and 2 -------------------------------------------------------------------------
+
+    def _answer_stage(self, items: list[RoutingInput], requests: list[StageRequest]) -> list[StageResponse]:
+        # The sources see the paper's stage request: stage 2 never learns stage 1's answer.
+        source_requests = [replace(r, modality=None, settled=None) for r in requests]
+        header_responses = self.header.answer(items, source_requests)
+        stage = requests[0].stage
+        fusion = self.fusion.stage(stage)
+        headers, reasons, ask = [], [], []
+        for i, (item, request, response) in enumerate(zip(items, requests, header_responses)):
+            answers = request.allowed
+            header = complete(response.distribution or {c.text: c.p for c in response.candidates}, answers) \
+                if response.informative else flat(answers)
+            headers.append(header)
+            alone = fusion.header_alone(header, answers)
+            reason = self._why_not(item, request, alone, fusion)
+            if reason is None:
+                ask.append(i)
+                reason = fusion.gate_reason(alone) if response.informative else _NO_HEADER_EVIDENCE[stage]
+            reasons.append(reason)
+        pixel_responses = self._ask_pixels([items[i] for i in ask], [source_requests[i] for i in ask])
+        by_item = dict(zip(ask, pixel_responses))
+        out = []
+        for i, (request, header_response, header) in enumerate(zip(requests, header_responses, headers)):
+            answers = request.allowed
+            pixel_response = by_item.get(i)
+            if isinstance(pixel_response, Exception):
+                reasons[i] = f"the pixels could not be read ({pixel_response}): decided on the header alone"
+                logger.warning("%s: stage %d pixels unreadable (%s); the header decides", items[i].path.name, stage,
+                               pixel_response)
+                pixel_response = None
+            pixels = complete(pixel_distribution(pixel_response, answers), answers) if pixel_response else None
+            mix = fusion.mix(header, pixels, answers, self.fusion.on_disagreement, no_pixels_reason=reasons[i])
+            out.append(self._response(mix, header_response, pixel_response, header, pixels))
+        return out
+
+    def _why_not(self, item: RoutingInput, request: StageRequest, header_alone, fusion) -> str | None:
+        """Why the pixels are not read for this input and stage, or ``None`` to read them."""
+        non_image = item.header.non_image_kind if item.header is not None else None
+        if non_image:
+            return f"no pixels to read: {non_image}"
+        if request.settled:
+            return request.settled
+        if self.read_pixels == "always":
+            return None
+        if fusion.header_decides(header_alone):
+            return fusion.gate_reason(header_alone)
+        return None
+
+    def _ask_pixels(self, items: list[RoutingInput], requests: list[StageRequest]) -> list[StageResponse | Exception]:
+        if not items:
+            return []
+        try:
+            return list(self.pixels.answer(items, requests))
+        except Exception as batch_error:  # isolate the input(s) whose pixels fail; the others keep theirs
+            if len(items) == 1:
+                return [batch_error]
+            out: list[StageResponse | Exception] = []
+            for item, request in zip(items, requests):
+                try:
+                    out.append(self.pixels.answer([item], [request])[0])
+                except Exception as exc:
+                    out.append(exc)
+            return out
+
+    def _response(self, mix: StageMix, header_response: StageResponse, pixel_response: StageResponse | None,
+                  header: dict[str, float], pixels: dict[str, float] | None) -> StageResponse:
+        ranked = sorted(mix.probs.items(), key=lambda item: -item[1])
+        candidates = tuple(Candidate(text=a, p=min(p, 1.0)) for a, p in ranked[:2])
+        vlm_calls = pixel_response.consultation.vlm_calls if pixel_response is not None and \
+            pixel_response.consultation is not None else int(pixel_response is not None)
+        consultation = Consultation(
+            consulted=mix.consulted,
+            reason=mix.reason,
+            vlm_calls=vlm_calls,
+            sources={HEADER: header if header_response.informative else None, PIXELS: pixels},
+            disagreement=mix.disagreement,
+        )
+        evidence = {
+            "method": "hybrid-header-then-pixels-v1",
+            "pixels_read": PIXELS in mix.consulted,
+            "fusion": "calibrated" if self.fusion.calibrated else "uncalibrated defaults",
+            HEADER: header_response.evidence,
+            PIXELS: pixel_response.evidence if pixel_response is not None else None,
+        }
+        informative = header_response.informative or pixel_response is not None
+        return StageResponse(candidates=candidates, evidence=evidence, distribution=dict(mix.probs),
+                             informative=informative, consultation=consultation)

@@ -1,0 +1,34 @@
+"""A backend wrapper that answers each identical stage request once (evaluation and calibration re-route)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from onevlm.inputs.routing_input import RoutingInput
+from onevlm.router.backend import RouterBackend, StageRequest, StageResponse
+
+
+class CachingBackend:
+    """Wrap a backend so repeated identical stage requests are answered once."""
+
+    def __init__(self, backend: RouterBackend) -> None:
+        self.backend = backend
+        self._cache: dict[tuple, StageResponse] = {}
+
+    def identity(self) -> dict[str, Any]:
+        return self.backend.identity()
+
+    def warm_up(self) -> None:
+        self.backend.warm_up()
+
+    @staticmethod
+    def _key(item: RoutingInput, request: StageRequest) -> tuple:
+        return (str(item.path), request.stage, request.modality, request.finding, request.settled)
+
+    def answer(self, items: Sequence[RoutingInput], requests: Sequence[StageRequest]) -> list[StageResponse]:
+        todo = [(i, r) for i, r in zip(items, requests) if self._key(i, r) not in self._cache]
+        if todo:
+            fresh = self.backend.answer([i for i, _ in todo], [r for _, r in todo])
+            for (item, request), response in zip(todo, fresh):
+                self._cache[self._key(item, request)] = response
+        return [self._cache[self._key(i, r)] for i, r in zip(items, requests)]
