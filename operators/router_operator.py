@@ -16,7 +16,7 @@ from onevlm.calibration.cutoffs import Cutoffs
 from onevlm.calibration.site import SiteCalibration
 from onevlm.cards import CardRepository, default_cards_dir
 from onevlm.router import Router
-from onevlm.study.routing import StudyRouting, route_prepared
+from onevlm.study.routing import StudyRouting, decodes_ahead, route_prepared
 
 
 class RouterOperator(Operator):
@@ -52,9 +52,10 @@ class RouterOperator(Operator):
         self.cards = CardRepository.load(Path(cards_dir) if cards_dir else default_cards_dir())
         cutoffs = Cutoffs.load(cutoffs_path) if cutoffs_path else None
         calibration = SiteCalibration.load(calibration_path) if calibration_path else None
-        # A backend object (e.g. the specialty model's shared base) is used as given.
-        router_backend = create_backend(backend, self.cards, **dict(backend_options or {})) if isinstance(backend, str) \
-            else backend
+        # A backend object is used as given; a hybrid pools with the calibration's fusion.
+        fusion = calibration.fusion if calibration is not None else None
+        router_backend = create_backend(backend, self.cards, fusion=fusion, **dict(backend_options or {})) \
+            if isinstance(backend, str) else backend
         router_backend.warm_up()  # models load now: a bad path fails at start-up
         self.router = Router(self.cards, router_backend, cutoffs, calibration=calibration)
         self.batch_size = batch_size
@@ -65,8 +66,9 @@ class RouterOperator(Operator):
 
     @property
     def reads_pixels(self) -> bool:
-        """Whether the backend looks at images (the image operator then decodes them)."""
-        return bool(self.router.backend.identity().get("pixels_read", True))
+        """Whether the backend needs every image decoded ahead (the image operator then decodes them);
+        the hybrid decodes only those it asks the VLM about."""
+        return decodes_ahead(self.router.backend)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input(self.INPUT_NAME)

@@ -189,6 +189,20 @@ def test_router_app_takes_a_model_folder_with_dash_m(workspace, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (output / "decisions.jsonl").read_text().splitlines()]
+    # a VLM configured: the hybrid router (header first; the VLM's pixels only where the header cannot decide)
+    assert records and all(r["backend"]["backend"] == "hybrid" for r in records)
+    consulted = [r["stages"][0]["consulted"] for r in records]
+    assert all(c in (["header"], ["header", "pixels"]) for c in consulted)
+    for record in records:
+        first = record["stages"][0]
+        assert first["evidence"]["pixels_read"] == ("pixels" in first["consulted"])
+        assert record["vlm_calls"] == sum("pixels" in s["consulted"] for s in record["stages"])
+    result = subprocess.run(
+        [sys.executable, "-m", "apps.router_app", "-i", str(inputs), "-o", str(tmp_path / "pixels-only"), "-m",
+         str(model)], cwd=REPO_ROOT, env={**env, "ONEVLM_BACKEND": "transformers"}, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "pixels-only" / "decisions.jsonl").read_text().splitlines()]
     assert records and all(r["backend"]["backend"] == "transformers" for r in records)
     assert all(r["stages"][0]["evidence"]["pixels_read"] for r in records)
 

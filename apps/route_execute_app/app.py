@@ -23,9 +23,11 @@ Environment variables of this application (besides the router app's ``ONEVLM_CAR
     ``nf4`` or ``none`` (default: the adapters' training setting); ``ONEVLM_DEVICE``: ``auto``,
     ``cpu``, ``cuda``.
 
-The router uses the embedded default unless ``ONEVLM_BACKEND=transformers``: then it routes with
-the specialty model's own base, adapters switched off for its calls (the paper's one VLM in two
-roles, one copy in memory). The output folder is the router app's (``sr/``, ``seg/``,
+The router is the hybrid one by default: it reads each series' header and asks the specialty
+model's own base, adapters switched off for its calls (the paper's one VLM in two roles, one copy in
+memory), only when the header cannot decide a stage. ``ONEVLM_BACKEND=transformers`` routes on that
+base's reading of the pixels alone (the paper's router); ``ONEVLM_BACKEND=embedded`` on the header
+alone. The output folder is the router app's (``sr/``, ``seg/``,
 ``annotations/``, ``decisions.jsonl``, ``metadata.json``, ``series.json``); each
 routing SR also holds the card's result (coded class, grade or findings; boxes as SCOORD
 regions, also written as a SEG) or says the card is not executable here, and why.
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apps.router_app.app import BACKEND_ENV, RouterApp
+from onevlm.backends import default_backend
 from onevlm.specialty.execution import SpecialtyModel
 from onevlm.specialty.shared_base import SharedBaseRouterBackend
 from operators import RouterOperator, SpecialtyOperator
@@ -92,15 +95,18 @@ class RouteExecuteApp(RouterApp):
     version = "0.1.0"
 
     def router_backend(self, model_path: str | Path | None) -> tuple[object, dict]:
-        """The embedded default, or ``transformers``: the specialty model's base, shared (one VLM, two roles)."""
+        """``hybrid`` (default): the header first, the specialty model's base (shared: one VLM, two roles)
+        when the header cannot decide; ``transformers``: that base alone; ``embedded``: the header alone."""
         setup = specialty_setup(model_path)
         self._logger.info("specialty model: base %s, adapters %s", setup.base_model_dir.name,
                           ", ".join(p.name for p in setup.adapter_folders))
         self._specialty = SpecialtyModel.from_folders(setup.base_model_dir, setup.adapter_folders,
                                                       device=setup.device, quantize=setup.quantize)
-        backend = os.environ.get(BACKEND_ENV, "").strip().lower() or "embedded"
+        backend = os.environ.get(BACKEND_ENV, "").strip().lower() or default_backend(vlm_configured=True)
         if backend == "transformers":
             return SharedBaseRouterBackend(self._specialty), {}
+        if backend == "hybrid":
+            return backend, {"pixel_backend": SharedBaseRouterBackend(self._specialty)}
         return backend, {}
 
     def after_router(self, router: RouterOperator, app_context) -> tuple[object, str]:

@@ -23,8 +23,9 @@ Environment variables of this application:
     Per-stage cutoffs JSON as written by ``onevlm cutoffs fit`` (default: the calibration's,
     else no cutoffs, i.e. the router always keeps its first answer).
 ``ONEVLM_BACKEND``
-    ``embedded`` or ``transformers``; by default ``transformers`` when ``-m`` (or
-    ``HOLOSCAN_MODEL_PATH``) names a model folder, else ``embedded``.
+    ``hybrid``, ``embedded`` or ``transformers``; by default ``hybrid`` (the header first, the VLM
+    only when the header cannot decide) when ``-m`` (or ``HOLOSCAN_MODEL_PATH``) names a model
+    folder, else ``embedded`` (the header alone).
 
 The output folder receives ``sr/<SOP Instance UID>.dcm`` (one TID 1500 routing SR per routed
 series), ``decisions.jsonl`` (one decision record per routed series), ``metadata.json`` (flat:
@@ -50,6 +51,7 @@ register_monai_lazily()  # the SDK without MONAI core's 4-second eager import
 from monai.deploy.conditions import CountCondition  # noqa: E402
 from monai.deploy.core import Application  # noqa: E402
 
+from onevlm.backends import default_backend  # noqa: E402
 from onevlm.runtime import configure_runtime  # noqa: E402
 from operators import DicomSeriesLoaderOperator, RouterOperator, DicomResultsWriterOperator, SeriesImageOperator
 
@@ -70,16 +72,17 @@ def calibration_path(model_path: str | Path | None) -> str | None:
 
 
 def backend_choice(model_path: str | Path | None) -> tuple[str, dict]:
-    """Backend by configuration: ``ONEVLM_BACKEND``, else ``transformers`` when ``-m`` names a
-    model folder (one with a ``config.json``), else the embedded default."""
+    """Backend by configuration: ``ONEVLM_BACKEND``, else ``hybrid`` (header first, the VLM when the
+    header cannot decide) when ``-m`` names a model folder (one with a ``config.json``), else the
+    embedded default."""
     name = os.environ.get(BACKEND_ENV, "").strip().lower()
     model = Path(model_path) if model_path else None
     has_model = model is not None and (model / "config.json").is_file()
     if not name:
-        name = "transformers" if has_model else "embedded"
-    if name == "transformers":
+        name = default_backend(has_model)
+    if name in ("transformers", "hybrid"):
         if not has_model:
-            raise ValueError(f"the transformers backend needs -m MODEL_FOLDER (a folder with config.json), got {model}")
+            raise ValueError(f"the {name} backend needs -m MODEL_FOLDER (a folder with config.json), got {model}")
         return name, {"model_dir": str(model)}
     return name, {}
 

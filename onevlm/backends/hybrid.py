@@ -76,6 +76,8 @@ class HybridBackend:
     """
 
     name = "hybrid"
+    #: Images are decoded by the pixel source when the cascade asks for them, never ahead.
+    decodes_on_demand = True
 
     def __init__(self, header: RouterBackend, pixels: RouterBackend, fusion: Fusion | None = None,
                  read_pixels: str = "cascade") -> None:

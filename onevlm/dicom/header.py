@@ -199,6 +199,16 @@ def read_header(path: str | Path, force: bool = False) -> DicomHeader:
         If the file is missing, not DICOM, truncated in its header, or has no SOP Class UID.
         Pixel Data cut short is not an error here: it is the header's ``pixel_data_problem``.
     """
+    return read_dicom(path, force)[0]
+
+
+def read_dicom(path: str | Path, force: bool = False) -> tuple[DicomHeader, pydicom.Dataset]:
+    """Parse a DICOM file once: its header evidence and the dataset, large values left on disk.
+
+    The dataset's Pixel Data (and any value over 64 KB) is read from the file only when used, so
+    whoever decodes the image later does so from this dataset without parsing the file again.
+    Errors as :func:`read_header`.
+    """
     path = Path(path)
     try:
         with path.open("rb") as handle:
@@ -223,6 +233,6 @@ def read_header(path: str | Path, force: bool = False) -> DicomHeader:
     except Exception as exc:
         raise DicomReadError(path.name, f"corrupt DICOM header ({exc or type(exc).__name__})") from exc
     if problem is None:
-        return header
+        return header, ds
     # A dropped (unparseable) Pixel Data element still means the file was an image.
-    return replace(header, pixel_data_problem=problem, has_pixel_data=True)
+    return replace(header, pixel_data_problem=problem, has_pixel_data=True), ds

@@ -58,17 +58,21 @@ def _frame(ds: pydicom.Dataset, pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def dicom_to_image(path: str | Path) -> Image.Image:
-    """Read a DICOM image file and return an RGB :class:`PIL.Image.Image`.
+def dicom_to_image(source: str | Path | pydicom.Dataset) -> Image.Image:
+    """The RGB :class:`PIL.Image.Image` of a DICOM image: a file, or a dataset already parsed.
+
+    A dataset whose Pixel Data was left on disk (:func:`onevlm.dicom.header.read_dicom`) reads
+    just that value from its file; the header is not parsed again.
 
     Raises
     ------
     ImageConversionError
         If the file has no pixel data or its pixels cannot be decoded.
     """
-    path = Path(path)
+    path = Path(source.filename if isinstance(source, pydicom.Dataset) and source.filename else
+                "<dataset>" if isinstance(source, pydicom.Dataset) else source)
     try:
-        ds = pydicom.dcmread(path)
+        ds = source if isinstance(source, pydicom.Dataset) else pydicom.dcmread(path)
         if "PixelData" not in ds and "FloatPixelData" not in ds:
             raise ImageConversionError(f"{path.name}: no pixel data")
         # pydicom.pixels.pixel_array works whatever mode another library put pydicom in
@@ -110,7 +114,7 @@ def load_image(item: RoutingInput) -> Image.Image:
     if item.image is not None:
         return item.image
     if item.kind == "dicom":
-        return dicom_to_image(item.path)
+        return dicom_to_image(item.dataset if item.dataset is not None else item.path)
     try:
         with Image.open(item.path) as image:
             return image.convert("RGB")

@@ -8,7 +8,7 @@ object (see ``dicom_to_image``). Files that cannot be read are reported, not fat
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -100,7 +100,10 @@ def group_series(paths: Iterable[str | Path]) -> tuple[list[SeriesGroup], list[I
     result = []
     for (study, series), members in groups.items():
         ordered = sorted(members.values(), key=_reading_order)
-        result.append(SeriesGroup(study, series, tuple(ordered)))
+        group = SeriesGroup(study, series, tuple(ordered))
+        # Only the representative is decoded later: the other members' parsed datasets can go.
+        keep = group.representative()
+        result.append(SeriesGroup(study, series, tuple(m if m is keep else replace(m, dataset=None) for m in ordered)))
     return result, problems
 
 

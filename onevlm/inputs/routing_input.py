@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
 from PIL import Image, UnidentifiedImageError
 
-from onevlm.dicom.header import DicomHeader, DicomReadError, is_dicom_file, read_header
+from onevlm.dicom.header import DicomHeader, DicomReadError, is_dicom_file, read_dicom
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 
@@ -33,6 +34,10 @@ class RoutingInput:
     image:
         The image to show a VLM when it is not simply the file's pixels (e.g. a whole-slide
         thumbnail); ``None``: the backend reads the file.
+    dataset:
+        The DICOM dataset as parsed once by :func:`load_input` (large values, Pixel Data among
+        them, still on disk): the image is decoded from it, never by parsing the file again.
+        ``None`` for ordinary images, or where a caller let it go to save memory.
     """
 
     path: Path
@@ -40,6 +45,7 @@ class RoutingInput:
     header: DicomHeader | None = None
     hint: str | None = None
     image: Image.Image | None = field(default=None, compare=False, repr=False)
+    dataset: pydicom.Dataset | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ("dicom", "image"):
@@ -80,10 +86,12 @@ def load_input(path: str | Path, hint: str | None = None) -> RoutingInput:
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file")
     if is_dicom_file(path):
-        return RoutingInput(path=path, kind="dicom", header=_header(path), hint=hint)
+        header, dataset = _parse(path)
+        return RoutingInput(path=path, kind="dicom", header=header, hint=hint, dataset=dataset)
     if path.suffix.lower() == ".dcm":
         # No Part 10 preamble: an old archive's file (read it forced) or no DICOM at all.
-        return RoutingInput(path=path, kind="dicom", header=_header(path, force=True), hint=hint)
+        header, dataset = _parse(path, force=True)
+        return RoutingInput(path=path, kind="dicom", header=header, hint=hint, dataset=dataset)
     if path.suffix.lower() in IMAGE_SUFFIXES or _is_image(path):
         try:
             with Image.open(path) as image:
@@ -96,15 +104,15 @@ def load_input(path: str | Path, hint: str | None = None) -> RoutingInput:
         return RoutingInput(path=path, kind="image", hint=hint)
     # DICOM without the Part 10 preamble still happens (old archives): try it last.
     try:
-        header = read_header(path, force=True)
+        header, dataset = read_dicom(path, force=True)
     except DicomReadError as exc:
         raise InputError(f"{path}: neither a DICOM file nor a supported image") from exc
-    return RoutingInput(path=path, kind="dicom", header=header, hint=hint)
+    return RoutingInput(path=path, kind="dicom", header=header, hint=hint, dataset=dataset)
 
 
-def _header(path: Path, force: bool = False) -> DicomHeader:
+def _parse(path: Path, force: bool = False) -> tuple[DicomHeader, pydicom.Dataset]:
     try:
-        return read_header(path, force=force)
+        return read_dicom(path, force=force)
     except DicomReadError as exc:
         # Forced reading of a file that is not DICOM fails in arbitrary ways: say what it is.
         problem = "not a DICOM file" if force else exc.problem

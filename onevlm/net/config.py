@@ -98,7 +98,11 @@ class SpecialtyConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """What runs on a complete study: the router, and the specialty model when configured."""
+    """What runs on a complete study: the router, and the specialty model when configured.
+
+    ``backend`` defaults to ``hybrid`` when a VLM is configured (``model_dir``, or the specialty
+    model's base), else ``embedded``.
+    """
 
     backend: str = "embedded"
     model_dir: Path | None = None
@@ -351,9 +355,10 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
     _check_keys(retry, {"base_seconds", "max_seconds", "max_attempts"}, source, "retry")
     pipe = _mapping(data.get("pipeline"), source, "pipeline")
     _check_keys(pipe, {"backend", "model_dir", "cards_dir", "cutoffs", "calibration", "specialty"}, source, "pipeline")
-    backend = pipe.get("backend", "embedded")
-    if backend not in ("embedded", "transformers"):
-        raise _err(source, "pipeline.backend", f"{backend!r} must be 'embedded' or 'transformers'")
+    vlm_configured = pipe.get("model_dir") is not None or pipe.get("specialty") is not None
+    backend = pipe.get("backend", "hybrid" if vlm_configured else "embedded")
+    if backend not in ("embedded", "transformers", "hybrid"):
+        raise _err(source, "pipeline.backend", f"{backend!r} must be 'embedded', 'transformers' or 'hybrid'")
     pipeline = PipelineConfig(
         backend=backend,
         model_dir=_path(pipe.get("model_dir"), source, "pipeline.model_dir", base, True),
@@ -362,8 +367,8 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
         calibration=_path(pipe.get("calibration"), source, "pipeline.calibration", base, True),
         specialty=_specialty(pipe.get("specialty"), source, base),
     )
-    if backend == "transformers" and pipeline.model_dir is None and pipeline.specialty is None:
-        raise _err(source, "pipeline.model_dir", "is required for the transformers backend (without it the router "
+    if backend in ("transformers", "hybrid") and pipeline.model_dir is None and pipeline.specialty is None:
+        raise _err(source, "pipeline.model_dir", f"is required for the {backend} backend (without it the router "
                                                  "shares the base model of pipeline.specialty)")
     status_port = data.get("status_port")
     intake = _intake(data.get("intake"), source)

@@ -45,21 +45,25 @@ def build_specialty_model(config: ServiceConfig):
 def build_router(config: ServiceConfig, specialty=None) -> tuple[Router, CardRepository]:
     """The router the workers share; models load now, so a bad path fails at start-up.
 
-    A ``transformers`` router without its own ``model_dir`` routes with the specialty model's base
-    (adapters off for its calls): one VLM in memory for both roles.
+    A ``transformers`` or ``hybrid`` router without its own ``model_dir`` reads the pixels with the
+    specialty model's base (adapters off for its calls): one VLM in memory for both roles.
     """
     pipeline = config.pipeline
     cards = CardRepository.load(pipeline.cards_dir or default_cards_dir())
-    if pipeline.backend == "transformers" and pipeline.model_dir is None and specialty is not None:
-        from onevlm.specialty.shared_base import SharedBaseRouterBackend
-
-        backend = SharedBaseRouterBackend(specialty)
-    else:
-        options = {"model_dir": str(pipeline.model_dir)} if pipeline.model_dir else {}
-        backend = create_backend(pipeline.backend, cards, **options)
-    backend.warm_up()
     cutoffs = Cutoffs.load(pipeline.cutoffs) if pipeline.cutoffs else None
     calibration = SiteCalibration.load(pipeline.calibration) if pipeline.calibration else None
+    shared = None
+    if pipeline.backend in ("transformers", "hybrid") and pipeline.model_dir is None and specialty is not None:
+        from onevlm.specialty.shared_base import SharedBaseRouterBackend
+
+        shared = SharedBaseRouterBackend(specialty)
+    if pipeline.backend == "transformers" and shared is not None:
+        backend = shared
+    else:
+        options = {"model_dir": str(pipeline.model_dir)} if pipeline.model_dir else {}
+        backend = create_backend(pipeline.backend, cards, fusion=calibration.fusion if calibration else None,
+                                 pixel_backend=shared, **options)
+    backend.warm_up()
     return Router(cards, backend, cutoffs, calibration=calibration), cards
 
 

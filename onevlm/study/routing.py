@@ -59,14 +59,20 @@ def route_prepared(router: Router, prepared: Sequence[PreparedSeries], batch_siz
     return [results[i] for i in range(len(prepared))]
 
 
+def decodes_ahead(backend) -> bool:
+    """Whether the representative images must be decoded before routing (a pixels-only backend)."""
+    return bool(backend.identity().get("pixels_read", True)) and not getattr(backend, "decodes_on_demand", False)
+
+
 def route_study(router: Router, paths: Iterable[str | Path], decode_pixels: bool | None = None,
                 batch_size: int = 8) -> StudyRouting:
     """Load the DICOM files under ``paths``, prepare each series and route it once.
 
-    ``decode_pixels`` defaults to whether the router's backend reads pixels.
+    ``decode_pixels`` defaults to whether the router's backend reads pixels (ahead of routing: a
+    backend that decodes on demand, the hybrid, decodes only the images it asks for).
     """
     study = load_study(paths)
     if decode_pixels is None:
-        decode_pixels = bool(router.backend.identity().get("pixels_read", True))
+        decode_pixels = decodes_ahead(router.backend)
     prepared = prepare_series(study.series, decode_pixels)
     return StudyRouting(tuple(route_prepared(router, prepared, batch_size)), study.problems)
