@@ -26,9 +26,13 @@ class CachingBackend:
         return (str(item.path), request.stage, request.modality, request.finding, request.settled)
 
     def answer(self, items: Sequence[RoutingInput], requests: Sequence[StageRequest]) -> list[StageResponse]:
-        todo = [(i, r) for i, r in zip(items, requests) if self._key(i, r) not in self._cache]
+        todo: dict[tuple, tuple[RoutingInput, StageRequest]] = {}
+        for item, request in zip(items, requests):  # the same input twice in one batch is asked once
+            key = self._key(item, request)
+            if key not in self._cache:
+                todo.setdefault(key, (item, request))
         if todo:
-            fresh = self.backend.answer([i for i, _ in todo], [r for _, r in todo])
-            for (item, request), response in zip(todo, fresh):
-                self._cache[self._key(item, request)] = response
+            fresh = self.backend.answer([i for i, _ in todo.values()], [r for _, r in todo.values()])
+            for key, response in zip(todo, fresh):
+                self._cache[key] = response
         return [self._cache[self._key(i, r)] for i, r in zip(items, requests)]
