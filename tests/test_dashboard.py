@@ -121,27 +121,35 @@ def test_dashboard_configuration_rules(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- HTTP
 
 
-@pytest.fixture(scope="module")
-def processed_spool(tmp_path_factory):
-    """A spool with two processed studies (a review case and a routed set), as the service leaves it."""
+def process_samples(root: Path, names, router=None) -> dict[str, tuple[str, str]]:
+    """Store the samples in a spool under ``root`` and process each as the service does: {name: (group, series)}.
+
+    ``router`` None: the service's default router for a configuration without a VLM (``build_router``).
+    """
     from onevlm.net.journal import Journal
     from onevlm.net.processor import GroupProcessor
     from onevlm.net.service import build_router
     from onevlm.net.spool import Spool
 
-    root = tmp_path_factory.mktemp("dashboard")
     config = parse_config({"spool_dir": str(root / "spool")})
     spool, journal = Spool(config.spool_dir), Journal(config.journal_path)
-    router, cards = build_router(config)
+    router, cards = build_router(config) if router is None else (router, router.cards)
     groups = {}
-    for name in ("mr_small_no_bodypart.dcm", "ct_head_routine_brain.dcm"):
+    for name in names:
         stored = spool.store((SAMPLES / name).read_bytes())
         journal.record_instance(stored.sop_instance_uid, stored.group_key, stored.path, stored.sop_class_uid, "TEST")
         journal.set_group(stored.group_key, "queued")
         GroupProcessor(router, cards, spool, journal, ()).process(stored.group_key)
         groups[name] = (stored.group_key, stored.series_instance_uid)
     journal.close()
-    return root / "spool", groups
+    return groups
+
+
+@pytest.fixture(scope="module")
+def processed_spool(tmp_path_factory):
+    """A spool with two processed studies (a review case and a routed set), as the service leaves it."""
+    root = tmp_path_factory.mktemp("dashboard")
+    return root / "spool", process_samples(root, ("mr_small_no_bodypart.dcm", "ct_head_routine_brain.dcm"))
 
 
 class Page:
@@ -346,3 +354,171 @@ def test_drift_warning_when_a_calibration_in_force_misses_on_reviewed_cases(proc
     journal.close()
     body = page.request("GET", "/calibration")[2]
     assert 'id="drift-warning"' not in body and "kept (within tolerance)" in body
+
+
+# --------------------------------------------------------------------------- the hybrid router's figures
+
+DISAGREE = "ct_head_routine_brain.dcm"  # the image looks like a chest CT: stage 1 disagreement, review
+HEADER_ONLY = "cr_extremity_j2k.dcm"  # the header certifies Other: stopped, no VLM call
+PIXELS_ASKED = "mr_small_no_bodypart.dcm"  # no body part: the pixels asked (a flat answer), review, no disagreement
+DISAGREEMENT_TEXT = ("stage 1: header says brain CT scan (Modality CT, BodyPartExamined HEAD); the image looks like "
+                     "chest CT scan (p 0.95)")
+
+
+def _records(spool: Path, group: str) -> list[dict]:
+    import json
+
+    lines = (spool / "results" / group / "decisions.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def hybrid_spool(tmp_path_factory):
+    """Three studies routed by the hybrid router with scripted pixels, as the service leaves them."""
+    import pydicom
+    from scripted_pixels import FixedPixels
+
+    from onevlm.backends import create_backend
+    from onevlm.cards.repository import CardRepository, default_cards_dir
+    from onevlm.router.pipeline import Router
+
+    cards = CardRepository.load(default_cards_dir())
+    spooled = f"{pydicom.dcmread(SAMPLES / DISAGREE, stop_before_pixels=True).SOPInstanceUID}.dcm"  # the spool's name
+    pixels = FixedPixels({spooled: {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}})
+    root = tmp_path_factory.mktemp("dashboard-hybrid")
+    groups = process_samples(root, (DISAGREE, HEADER_ONLY, PIXELS_ASKED),
+                             Router(cards, create_backend("hybrid", cards, pixel_backend=pixels)))
+    return root / "spool", groups, pixels
+
+
+def _study_rows(body: str) -> dict[str, str]:
+    return dict(re.findall(r'<tr class="study" data-group="([0-9.]+)" data-outcome="[^"]*" '
+                           r'data-disagreement="([01])">', body))
+
+
+def test_hybrid_records_behind_the_fixture(hybrid_spool):
+    """The premises of the page tests, read from the decision records themselves."""
+    spool, groups, pixels = hybrid_spool
+    (disagree,), (header_only,), (asked,) = (_records(spool, groups[name][0])
+                                             for name in (DISAGREE, HEADER_ONLY, PIXELS_ASKED))
+    assert disagree["disagreement"] == DISAGREEMENT_TEXT and disagree["route"]["outcome"] == "review"
+    assert (header_only["vlm_calls"], header_only["disagreement"], header_only["route"]["outcome"]) == (0, None,
+                                                                                                        "stopped")
+    assert asked["vlm_calls"] >= 1 and asked["disagreement"] is None and asked["route"]["outcome"] == "review"
+    assert disagree["vlm_calls"] + asked["vlm_calls"] == len(pixels.calls)
+
+
+def test_disagreement_filter_lists_exactly_the_disagreeing_studies(hybrid_spool, page_factory):
+    spool, groups, _ = hybrid_spool
+    page = page_factory(spool, {})
+    status, _, body = page.request("GET", "/studies")
+    assert status == 200 and _study_rows(body) == {groups[DISAGREE][0]: "1", groups[HEADER_ONLY][0]: "0",
+                                                   groups[PIXELS_ASKED][0]: "0"}
+    assert 'id=disagreement-filter>' in body  # offered, not checked
+    status, _, body = page.request("GET", "/studies?disagreement=1")
+    assert status == 200 and _study_rows(body) == {groups[DISAGREE][0]: "1"}
+    assert "id=disagreement-filter checked" in body
+    assert _study_rows(page.request("GET", "/studies?outcome=review&disagreement=1")[2]) == {groups[DISAGREE][0]: "1"}
+    assert _study_rows(page.request("GET", "/studies?outcome=stopped&disagreement=1")[2]) == {}
+    got, _, body = page.request("GET", "/studies?disagreement=yes")
+    assert got == 400 and "disagreement must be 1" in body
+
+
+def test_decision_page_shows_sources_reasons_vlm_calls_and_the_disagreement(hybrid_spool, page_factory):
+    from html import escape
+
+    spool, groups, _ = hybrid_spool
+    page = page_factory(spool, {})
+    body = page.request("GET", f"/studies/{groups[DISAGREE][0]}")[2]
+    (record,) = _records(spool, groups[DISAGREE][0])
+    note = re.search(r'<p class=disagreement data-series="([0-9.]+)"><strong>Header and image disagree</strong>: '
+                     r'(.*?)\. A wrong header', body)
+    assert note and note.groups() == (groups[DISAGREE][1], escape(DISAGREEMENT_TEXT))
+    assert "VLM calls for this series: 1." in body
+    stages = re.findall(r"<tr class=stage>.*?</tr>", body, re.S)
+    assert len(stages) == len(record["stages"]) == 3
+    for row, stage in zip(stages, record["stages"]):
+        consultation = stage["consultation"]
+        assert f"<b class=consulted>{' + '.join(stage['consulted']) or 'none (text only)'}</b>" in row
+        assert f"<span class=reason>{escape(consultation['reason'])}</span>" in row
+        assert f"VLM calls {consultation['vlm_calls']}" in row
+    assert "header + pixels" in stages[0] and "header: brain CT scan 0.911" in stages[0]
+    assert "pixels: chest CT scan 0.950" in stages[0] and "margin 0.94 &gt; 0.5, action review" in stages[0]
+    assert "none (text only)" in stages[2]
+    body = page.request("GET", f"/studies/{groups[HEADER_ONLY][0]}")[2]
+    assert "VLM calls for this series: 0 (the header alone decided)." in body
+    assert "<b class=consulted>header</b>; VLM calls 0" in body and "the header certifies Other" in body
+    assert "class=disagreement" not in body
+
+
+def test_review_queue_marks_disagreement_cases(hybrid_spool, page_factory):
+    spool, groups, _ = hybrid_spool
+    page = page_factory(spool, {})
+    body = page.request("GET", "/review")[2]
+    marks = dict(re.findall(r'<tr class="case[^"]*" data-series="([0-9.]+)" data-disagreement="([01])">', body))
+    assert marks == {groups[DISAGREE][1]: "1", groups[PIXELS_ASKED][1]: "0"}  # the stopped study waits for no one
+    assert '<tr class="case disagreement-case"' in body and "fix at the source" in body
+    assert re.search(r"id=queue-disagreements>.*?: 1 of the cases", body, re.S)
+
+
+def test_status_and_overview_count_vlm_calls_header_only_series_and_disagreements(hybrid_spool, page_factory):
+    import json
+
+    spool, groups, pixels = hybrid_spool
+    page = page_factory(spool, {})
+    status, headers, body = page.request("GET", "/status")
+    counts = json.loads(body)
+    records = [r for group, _ in groups.values() for r in _records(spool, group)]
+    expected = {"vlm_calls": sum(r["vlm_calls"] for r in records), "series_decided": 3,
+                "series_without_vlm": sum(r["vlm_calls"] == 0 for r in records),
+                "disagreements": sum(bool(r["disagreement"]) for r in records)}
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert {k: counts[k] for k in expected} == expected == {"vlm_calls": len(pixels.calls), "series_decided": 3,
+                                                            "series_without_vlm": 1, "disagreements": 1}
+    assert counts["processed"] == 3  # the journal's counts are still there
+    overview = page.request("GET", "/")[2]
+    for key, value in expected.items():
+        assert f'id="count-{key}">{value}</td>' in overview
+    assert 'href="/studies?disagreement=1"' in overview
+
+
+def test_disagreement_words_are_escaped_and_old_records_tolerated(hybrid_spool, tmp_path, page_factory):
+    """A hostile disagreement text is shown as text; records from before the hybrid router (no consultation,
+    no VLM count) render as 'not recorded' and count as unknown."""
+    import json
+    import shutil
+
+    spool, groups, _ = hybrid_spool
+    copy = tmp_path / "spool"
+    shutil.copytree(spool, copy)
+    hostile = '<script>alert("x")</script> & header'
+    for name, group_series in groups.items():
+        log = copy / "results" / group_series[0] / "decisions.jsonl"
+        records = _records(copy, group_series[0])
+        for record in records:
+            if name == DISAGREE:
+                record["disagreement"] = record["route"]["disagreement"] = hostile
+            else:
+                record.pop("vlm_calls")
+                record.pop("disagreement")
+                for stage in record["stages"]:
+                    stage.pop("consultation")
+                    stage["consulted"] = None
+                for stage in record["route"]["stages"]:
+                    for key in ("consulted", "consult_reason", "vlm_calls"):
+                        stage.pop(key, None)
+        log.write_text("".join(json.dumps(r) + "\n" for r in records))
+        detail = copy / "results" / group_series[0] / "series.json"
+        entries = json.loads(detail.read_text())
+        for entry in entries["entries"]:  # the same figures as series.json keys, where the service writes them
+            for key in ("vlm_calls", "consulted", "disagreement"):
+                entry.pop(key, None)
+        detail.write_text(json.dumps(entries))
+    page = page_factory(copy, {})
+    for path in ("/studies", "/review", f"/studies/{groups[DISAGREE][0]}", "/studies?disagreement=1"):
+        body = page.request("GET", path)[2]
+        assert "<script>" not in body and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; header" in body
+    old = page.request("GET", f"/studies/{groups[HEADER_ONLY][0]}")[2]
+    assert "not recorded" in old and 'VLM calls for this series: <span class="muted">—</span>' in old
+    counts = json.loads(page.request("GET", "/status")[2])
+    assert (counts["vlm_calls"], counts["series_without_vlm"], counts["disagreements"]) == (1, 0, 1)

@@ -28,6 +28,14 @@ ROUTE_CONFIDENCE = ("Route confidence: the estimated probability that the right 
                     "backend's own scores, which are not frequencies.")
 STAGE_PROBABILITY = ("Stage probability: the backend's probability of an answer at this stage (calibrated: after the "
                      "site's temperature scaling). Not the probability that the case is routed right.")
+CONSULTATION = ("Sources: the hybrid router reads the DICOM header first and asks the VLM about the pixels only "
+                "when the header cannot decide a stage; stage 3 reads text only. VLM calls count the model's calls "
+                "for a series over all stages (0: the header alone decided).")
+DISAGREEMENT = ("Header and image disagree: the header says one answer and the image looks like another, by more "
+                "than the calibration's margin; by default the case goes to review. A wrong header is what a "
+                "reviewer wants to fix at the source (the modality or the PACS), so that it misleads no one else.")
+#: Probabilities shown per consulted source: its top answer only.
+SOURCE_ANSWERS = 1
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1d2733;background:#f6f7f9}
@@ -42,6 +50,7 @@ text-align:left;vertical-align:top}th{background:#eef2f7}td.num{text-align:right
 .outcome-review,.outcome-failed{color:#b03a2e;font-weight:600}.outcome-routed-set{color:#9a6700;font-weight:600}
 .outcome-routed{color:#1e7b34;font-weight:600}form.review{display:flex;gap:6px;flex-wrap:wrap;align-items:center}
 footer{padding:12px 16px;color:#6b7785;font-size:12px}svg{max-width:100%;height:auto}
+.disagreement{background:#fff1d6;border:2px solid #c26a00;padding:6px 10px}.disagree{color:#9a4300;font-weight:600}
 """
 
 
@@ -137,6 +146,13 @@ def overview_page(status: Mapping[str, Any], destinations: Sequence[DestinationH
                          ("queued", "studies queued", groups.get("queued", 0)),
                          ("processing", "studies processing", groups.get("processing", 0)),
                          ("export-pending", "exports pending", status.get("export_pending", 0))))
+    routing = "".join(f'<tr><th>{label}</th><td class=num id="count-{key}">{esc(status.get(key, 0))}</td></tr>'
+                      for key, label in (
+                          ("vlm_calls", "VLM calls (all series, all stages)"),
+                          ("series_decided", "series decided"),
+                          ("series_without_vlm", "decided series that needed no VLM call (the header alone decided)"),
+                          ("disagreements", '<a href="/studies?disagreement=1">series where header and image '
+                                            'disagree</a>')))
     by_name = {d.name: d for d in destinations}
     names = list(configured) + [n for n in by_name if n not in configured]
     rows = []
@@ -168,6 +184,7 @@ def overview_page(status: Mapping[str, Any], destinations: Sequence[DestinationH
                '<code>onevlm calibrate fit</code>.</p>')
     return layout("Overview", f"""
 <h2>Counts</h2><table id=counts>{counts}</table>
+<h2>Header and pixels</h2><table id=routing>{routing}</table>
 <h2>Queues</h2><table id=queues>{queues}</table>
 <h2>Destinations</h2>{destination_table}
 <h2>Studies per hour, last 24 hours</h2><div id=hourly>{hourly_svg}</div>
@@ -176,6 +193,8 @@ def overview_page(status: Mapping[str, Any], destinations: Sequence[DestinationH
 <h2 id=definitions>Definitions</h2>
 <p>{esc(ROUTE_CONFIDENCE)}</p>
 <p>{esc(STAGE_PROBABILITY)}</p>
+<p>{esc(CONSULTATION)}</p>
+<p>{esc(DISAGREEMENT)}</p>
 <p>Outcomes: routed: one card; routed-set: a few cards, one of which should be right; review: the
 router abstained, a person decides; stopped: not a medical image, or no card covers it; failed: not readable.</p>
 """, "/", drift=drift)
@@ -210,13 +229,24 @@ def _executions(cases: Iterable[SeriesCase]) -> str:
     return esc("; ".join(parts)) if parts else '<span class="muted">—</span>'
 
 
+def _disagree_mark(text: str | None, label: str = "header and image disagree") -> str:
+    """The marker of a header/image disagreement (its words in the tooltip), or a dash."""
+    if not text:
+        return '<span class="muted">—</span>'
+    return f'<span class=disagree title="{esc(text)}">{esc(label)}</span>'
+
+
+def _count(value: int | None) -> str:
+    return '<span class="muted">—</span>' if value is None else esc(value)
+
+
 def studies_page(rows: Sequence[StudyRow], outcome: str | None, outcomes: Sequence[str], show_patient: bool,
-                 viewer_url: str | None) -> str:
+                 viewer_url: str | None, disagree: bool = False) -> str:
     options = "".join(f'<option value="{esc(o)}"{" selected" if o == outcome else ""}>{esc(o)}</option>'
                       for o in outcomes)
     head = ("<tr><th>first received</th><th>study</th>" + ("<th>patient ID</th><th>accession</th>" if show_patient else "")
             + "<th>modality</th><th>outcome</th><th>card(s)</th><th>route confidence</th><th>specialty result</th>"
-              "<th>export</th><th>viewer</th></tr>")
+              "<th>export</th><th>header vs image</th><th>VLM calls</th><th>viewer</th></tr>")
     body = []
     for row in rows:
         result = row.result
@@ -225,21 +255,27 @@ def studies_page(rows: Sequence[StudyRow], outcome: str | None, outcomes: Sequen
         patient = "".join(f"<td>{esc(v)}</td>" for v in (row.patient or ("", ""))) if show_patient else ""
         viewer = (f'<a href="{esc(viewer_url.format(study=study))}" target=_blank rel=noopener>open</a>'
                   if viewer_url else "—")
+        disagreements = "; ".join(s.disagreement for s in result.series if s.disagreement) if result else ""
         body.append(
-            f'<tr class="study" data-group="{esc(row.group.group_key)}" data-outcome="{esc(row.outcome)}">'
+            f'<tr class="study" data-group="{esc(row.group.group_key)}" data-outcome="{esc(row.outcome)}" '
+            f'data-disagreement="{1 if disagreements else 0}">'
             f"<td>{fmt_time(row.group.first_received)}</td>"
             f'<td class=uid><a href="/studies/{esc(row.group.group_key)}">{esc(row.group.group_key)}</a></td>{patient}'
             f"<td>{esc(', '.join(modalities) or '—')}</td><td>{outcome_cell(row.outcome)}</td>"
             f"<td>{esc(', '.join(result.cards) if result and result.cards else '—')}</td>"
             f"<td>{probability(result.confidence, result.calibrated) if result else '—'}</td>"
             f"<td>{_executions(result.series) if result else '—'}</td><td>{esc(_exports(row.exports))}</td>"
+            f"<td>{_disagree_mark(disagreements)}</td><td class=num>{_count(result.vlm_calls if result else None)}</td>"
             f"<td>{viewer}</td></tr>")
     table = f"<table id=studies>{head}{''.join(body)}</table>" if body else "<p id=studies class=muted>No study.</p>"
     return layout("Studies", f"""
 <form method=get action="/studies" id=filter><label>Outcome <select name=outcome id=outcome-filter>
-<option value="">all</option>{options}</select></label> <button type=submit>Filter</button></form>
+<option value="">all</option>{options}</select></label>
+<label><input type=checkbox name=disagreement value=1 id=disagreement-filter{" checked" if disagree else ""}>
+header and image disagree</label> <button type=submit>Filter</button></form>
 <p class=muted>Newest first ({len(rows)} shown). A study's outcome is its most urgent series' outcome.
-Route confidence is the lowest among its routed series.</p>{table}""", "/studies")
+Route confidence is the lowest among its routed series. VLM calls: the study's series together, all stages
+(0: the header alone decided). {esc(DISAGREEMENT)}</p>{table}""", "/studies")
 
 
 # --------------------------------------------------------------------------- decision and review forms
@@ -282,6 +318,39 @@ def _evidence(stage: Mapping[str, Any], show_all: bool) -> str:
     return "<br>".join(lines) or "—"
 
 
+def _sources(sources: Mapping[str, Any] | None) -> str:
+    """Each consulted source's top answer on its own (``header: brain CT scan 0.911``)."""
+    parts = []
+    for source, probs in (sources or {}).items():
+        if isinstance(probs, Mapping) and probs:
+            top = sorted(probs.items(), key=lambda item: -item[1])[:SOURCE_ANSWERS]
+            parts.append(f"{esc(source)}: " + ", ".join(f"{esc(a)} {p:.3f}" for a, p in top))
+    return "<br>".join(parts)
+
+
+def _consultation(stage: Mapping[str, Any], assessed: Mapping[str, Any]) -> str:
+    """Which sources a stage consulted and why, its VLM calls, each source's answer and any disagreement."""
+    record = stage.get("consultation") or {}
+    consulted = stage.get("consulted", record.get("consulted", assessed.get("consulted")))
+    if consulted is None:
+        return '<span class="muted">not recorded</span>'
+    reason = record.get("reason") or assessed.get("consult_reason")
+    calls = record.get("vlm_calls", assessed.get("vlm_calls"))
+    lines = [f"<b class=consulted>{esc(' + '.join(consulted) or 'none (text only)')}</b>"
+             + (f"; VLM calls {esc(calls)}" if calls is not None else "")]
+    if reason:
+        lines.append(f"<span class=reason>{esc(reason)}</span>")
+    sources = _sources(record.get("sources"))
+    if sources:
+        lines.append(sources)
+    clash = record.get("disagreement")
+    if isinstance(clash, Mapping):
+        lines.append(f"<span class=disagree>header {esc(clash.get('header_answer'))}, image "
+                     f"{esc(clash.get('pixels_answer'))}: margin {esc(clash.get('margin'))} &gt; "
+                     f"{esc(clash.get('threshold'))}, action {esc(clash.get('action'))}</span>")
+    return "<br>".join(lines)
+
+
 def stage_table(case: SeriesCase, show_all: bool) -> str:
     decision = case.decision or {}
     assessed = {s["stage"]: s for s in (decision.get("route") or {}).get("stages") or []}
@@ -295,11 +364,22 @@ def stage_table(case: SeriesCase, show_all: bool) -> str:
                                       ("" if stage.get("informative", True) else "no evidence")) if f)
         rows.append(f'<tr class=stage><td>{stage["stage"]} {esc(stage.get("name"))}</td><td>{esc(stage.get("chosen"))}</td>'
                     f'<td>{probability(a.get("p", stage.get("confidence")), calibrated, STAGE_PROBABILITY)}</td>'
-                    f'<td>{_ranked(probs)}</td><td>{esc(flags) or "—"}</td><td>{_evidence(stage, show_all)}</td></tr>')
+                    f'<td>{_ranked(probs)}</td><td>{esc(flags) or "—"}</td><td>{_consultation(stage, a)}</td>'
+                    f'<td>{_evidence(stage, show_all)}</td></tr>')
     if not rows:
         return '<p class=muted>No stage ran.</p>'
     return ("<table class=stages><tr><th>stage</th><th>chosen</th><th>probability</th>"
-            "<th>candidates (top answers)</th><th>flags</th><th>evidence</th></tr>" + "".join(rows) + "</table>")
+            f'<th>candidates (top answers)</th><th>flags</th><th title="{esc(CONSULTATION)}">consulted (why)</th>'
+            "<th>evidence</th></tr>" + "".join(rows) + "</table>")
+
+
+def disagreement_note(case: SeriesCase) -> str:
+    """A series' header/image disagreement in words, prominently, with what a reviewer can do about it."""
+    if not case.disagreement:
+        return ""
+    return (f'<p class=disagreement data-series="{esc(case.series_instance_uid)}"><strong>Header and image '
+            f"disagree</strong>: {esc(case.disagreement)}. A wrong header is what a reviewer wants to fix at the "
+            "source (the modality or the PACS), so that it misleads no one else.</p>")
 
 
 def decision_page(group: GroupRow, result: GroupResult | None, answers: Mapping[str, ReviewAnswer],
@@ -327,6 +407,9 @@ def decision_page(group: GroupRow, result: GroupResult | None, answers: Mapping[
                 f"<p>Outcome {outcome_cell(case.outcome)}; card(s) {esc(', '.join(case.cards) or '—')}; route confidence "
                 f"{probability(case.confidence, case.calibrated)}; modality {esc(case.modality or '—')}; finding "
                 f"{esc(case.finding or 'not assessed')}.</p>"
+                + disagreement_note(case)
+                + f'<p class=vlm-calls title="{esc(CONSULTATION)}">VLM calls for this series: '
+                  f"{_count(case.vlm_calls)}{' (the header alone decided)' if case.vlm_calls == 0 else ''}.</p>"
                 + (f"<p>Reasons: {esc('; '.join(case.reasons))}</p>" if case.reasons else "")
                 + (f'<p class=error>{esc(case.error)}</p>' if case.error else "")
                 + f"<p>Specialty result: {_executions([case])}</p>" + stage_table(case, show_all)
@@ -346,15 +429,23 @@ def review_page(pending: Sequence[SeriesCase], answered: Sequence[tuple[SeriesCa
                 card_ids: Sequence[str], form_key: str, flash: str | None, limit: int) -> str:
     rows = []
     for case in pending[:limit]:
-        rows.append(f'<tr class=case data-series="{esc(case.series_instance_uid)}">'
+        reasons = "; ".join(case.reasons)
+        why = esc(reasons) or "—"
+        if case.disagreement:  # the marker first; its words unless the reasons say them already
+            words = "" if case.disagreement in reasons else f": {esc(case.disagreement)}"
+            why = f"{_disagree_mark(case.disagreement)}{words}<br>{why}"
+        flag = 1 if case.disagreement else 0
+        rows.append(f'<tr class="case{" disagreement-case" if flag else ""}" '
+                    f'data-series="{esc(case.series_instance_uid)}" data-disagreement="{flag}">'
                     f'<td class=uid><a href="/studies/{esc(case.group_key)}">{esc(case.group_key)}</a><br>'
                     f'{esc(case.series_instance_uid)}</td><td>{esc(case.dicom_modality)}</td>'
                     f"<td>{outcome_cell(case.outcome)}</td><td>{esc(', '.join(case.cards) or '—')}</td>"
-                    f"<td>{probability(case.confidence, case.calibrated)}</td><td>{esc('; '.join(case.reasons)) or '—'}</td>"
+                    f"<td>{probability(case.confidence, case.calibrated)}</td><td>{why}</td>"
                     f"<td>{review_form(case, card_ids, form_key, '/review', None)}</td></tr>")
     table = ("<table id=queue><tr><th>study / series</th><th>modality</th><th>outcome</th><th>card(s)</th>"
              "<th>route confidence</th><th>why</th><th>answer</th></tr>" + "".join(rows) + "</table>"
              ) if rows else "<p id=queue class=muted>Nothing waits for review.</p>"
+    disagreeing = sum(1 for case in pending if case.disagreement)
     done = "".join(f"<tr class=answered><td class=uid>{esc(c.group_key)}<br>{esc(c.series_instance_uid)}</td>"
                    f"<td>{outcome_cell(c.outcome)}</td><td>{esc(', '.join(c.cards) or '—')}</td>"
                    f"<td>{esc(describe(a))}</td><td>{esc(a.reviewer)}</td><td>{fmt_time(a.recorded_at)}</td></tr>"
@@ -365,7 +456,11 @@ def review_page(pending: Sequence[SeriesCase], answered: Sequence[tuple[SeriesCa
 <p>The <b>review</b> and <b>routed-set</b> cases waiting for an answer ({len(pending)}; the oldest {limit} shown).
 Record the right card, or <i>none of these</i> (the right card is not among those offered), or <i>not routable</i>
 (no card should run). Answers are labels for the site's calibration (<code>onevlm labels export</code>); they are
-never written into the DICOM results.</p>{table}<h2>Answered</h2>{done_table}""", "/review", flash)
+never written into the DICOM results.</p>
+<p id=queue-disagreements>Marked <span class=disagree>header and image disagree</span>: {disagreeing} of the cases
+waiting. A wrong header is what a reviewer wants to fix at the source (the modality or the PACS), so that it misleads
+no one else; the answer here labels the case, it does not correct the header.</p>{table}
+<h2>Answered</h2>{done_table}""", "/review", flash)
 
 
 # --------------------------------------------------------------------------- calibration health

@@ -159,7 +159,7 @@ class DashboardApp:
             if method != "GET":
                 raise HttpError(405, f"{method} is not allowed here")
             if path == "/status":
-                return Response(200, json.dumps(self.status()).encode(), "application/json")
+                return Response(200, json.dumps(self._status()).encode(), "application/json")
             if path == "/":
                 return _html(self._overview())
             if path == "/studies":
@@ -185,13 +185,17 @@ class DashboardApp:
         return pages.CalibrationInForce(c.calibration_id, c.fitted.get("date"), c.risk, c.delta, c.settings.policy,
                                         c.path)
 
+    def _status(self) -> dict:
+        """The service's status counts and the routing counts of every results folder (VLM calls, disagreements)."""
+        return {**self.status(), **self.index.routing_counts()}
+
     def _overview(self) -> str:
         now = time.time()
         start = (now // 3600 - 23) * 3600  # the current hour and the 23 before it
         counts = self.journal.studies_per_hour(start, 24)
         results = [self.index.group(g.group_key) for g in self.journal.recent_groups(RECENT_GROUPS)]
         decided = [r for r in results if r is not None]
-        return pages.overview_page(self.status(), self.journal.destination_health(),
+        return pages.overview_page(self._status(), self.journal.destination_health(),
                                    [d.name for d in self.config.destinations], charts.hourly_chart(counts, start),
                                    self._calibration_in_force(), (sum(r.calibrated for r in decided), len(decided)),
                                    self._health().drift)
@@ -211,6 +215,9 @@ class DashboardApp:
         outcome = query.get("outcome") or None
         if outcome is not None and outcome not in FILTERS:
             raise HttpError(400, f"unknown outcome {outcome!r}: use one of {', '.join(FILTERS)}")
+        disagree = query.get("disagreement", "")
+        if disagree not in ("", "1"):
+            raise HttpError(400, "disagreement must be 1 (header and image disagree) or left out")
         limit = query.get("limit", str(STUDY_LIST_DEFAULT))
         if not limit.isdigit() or not 1 <= int(limit) <= RECENT_GROUPS:
             raise HttpError(400, f"limit must be a whole number from 1 to {RECENT_GROUPS}")
@@ -219,11 +226,12 @@ class DashboardApp:
         for group in self.journal.recent_groups(RECENT_GROUPS):
             result = self.index.group(group.group_key)
             row = pages.StudyRow(group, result, exports.get(group.group_key, {}), self._patient(result))
-            if outcome is None or row.outcome == outcome:
+            if (outcome is None or row.outcome == outcome) and (not disagree or (result and result.disagreements)):
                 rows.append(row)
             if len(rows) >= int(limit):
                 break
-        return pages.studies_page(rows, outcome, FILTERS, self.settings.show_patient_ids, self.settings.viewer_url)
+        return pages.studies_page(rows, outcome, FILTERS, self.settings.show_patient_ids, self.settings.viewer_url,
+                                  bool(disagree))
 
     def _group_key(self, text: str) -> str:
         if not _UID.match(text):

@@ -2,7 +2,9 @@
 
 The service writes ``results/<group>/`` atomically (``metadata.json`` last, after
 ``series.json`` and ``decisions.jsonl``): a group is read again only when its ``metadata.json``
-changed, so the page stays cheap while the service processes. Research use only.
+changed, so the page stays cheap while the service processes. The hybrid router's figures (VLM
+calls, header/image disagreements) are read from the decision records, with ``series.json``'s
+keys as a fallback; records written before they existed count as unknown. Research use only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 #: Outcomes a reviewer is asked about (a routed single card can be reviewed from its decision page).
 REVIEW_OUTCOMES = ("review", "routed-set")
+#: The routing counts over every results folder (``GET /status`` and the overview).
+ROUTING_COUNTS = ("vlm_calls", "series_decided", "series_without_vlm", "disagreements")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ class SeriesCase:
 
     ``candidates`` are the cards a reviewer is offered first: the routed cards, then stage 3's
     ranked answers (without ``None``). ``instance_path`` is the spool file of the routed instance.
+    ``vlm_calls`` is the series' VLM calls over all stages (``None``: a record from before the
+    count existed); ``disagreement`` says in words where header and image contradict each other.
     """
 
     group_key: str
@@ -46,6 +52,13 @@ class SeriesCase:
     instance_path: Path | None
     decision: Mapping[str, Any] | None
     error: str | None
+    vlm_calls: int | None = None
+    disagreement: str | None = None
+
+    @property
+    def decided(self) -> bool:
+        """Whether the router reached a decision (a record without an error)."""
+        return self.decision is not None and not self.decision.get("error") and not self.error
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,17 @@ class GroupResult:
     series: tuple[SeriesCase, ...]
     written_at: float
 
+    @property
+    def disagreements(self) -> int:
+        """Series whose header and image disagree."""
+        return sum(1 for case in self.series if case.disagreement)
+
+    @property
+    def vlm_calls(self) -> int | None:
+        """VLM calls over the group's series (``None`` when no series' record counts them)."""
+        known = [case.vlm_calls for case in self.series if case.vlm_calls is not None]
+        return sum(known) if known else None
+
 
 def _candidates(decision: Mapping[str, Any] | None, cards: tuple[str, ...]) -> tuple[str, ...]:
     ranked = list(cards)
@@ -69,6 +93,20 @@ def _candidates(decision: Mapping[str, Any] | None, cards: tuple[str, ...]) -> t
             probs = stage.get("distribution") or {c["answer"]: c["p"] for c in stage.get("candidates") or []}
             ranked += [a for a, _ in sorted(probs.items(), key=lambda item: -item[1])]
     return tuple(dict.fromkeys(a for a in ranked if a and a not in ("None", "Other")))
+
+
+def _vlm_calls(decision: Mapping[str, Any] | None, entry: Mapping[str, Any]) -> int | None:
+    value = (decision or {}).get("vlm_calls", entry.get("vlm_calls"))
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _disagreement(decision: Mapping[str, Any] | None, entry: Mapping[str, Any]) -> str | None:
+    record = decision or {}
+    for text in (record.get("disagreement"), (record.get("route") or {}).get("disagreement"),
+                 entry.get("disagreement")):
+        if isinstance(text, str) and text.strip():
+            return text
+    return None
 
 
 def read_group(folder: Path, incoming: Path) -> GroupResult:
@@ -112,6 +150,8 @@ def read_group(folder: Path, incoming: Path) -> GroupResult:
             instance_path=(incoming / folder.name / f"{sop}.dcm") if sop else None,
             decision=decision,
             error=entry.get("error"),
+            vlm_calls=_vlm_calls(decision, entry),
+            disagreement=_disagreement(decision, entry),
         ))
     return GroupResult(
         group_key=folder.name,
@@ -161,3 +201,21 @@ class StudyIndex:
         """Every group with a results folder."""
         return sorted(p.name for p in self.results.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if self.results.is_dir() else []
+
+    def routing_counts(self) -> dict[str, int]:
+        """Over every results folder: VLM calls, decided series, those that needed no VLM call, disagreements.
+
+        Cheap once warm: a ``stat`` per group, each folder parsed once per version. A series whose
+        record does not count its VLM calls (written before the hybrid router) adds to neither
+        ``vlm_calls`` nor ``series_without_vlm``.
+        """
+        counts = dict.fromkeys(ROUTING_COUNTS, 0)
+        for key in self.group_keys():
+            result = self.group(key)
+            for case in result.series if result is not None else ():
+                counts["vlm_calls"] += case.vlm_calls or 0
+                counts["disagreements"] += bool(case.disagreement)
+                if case.decided:
+                    counts["series_decided"] += 1
+                    counts["series_without_vlm"] += case.vlm_calls == 0
+        return counts
