@@ -97,6 +97,9 @@ def test_operator_page_in_a_browser(tmp_path):
         assert int(overview["failed"]) == 0 and int(overview["quarantined"]) == 0
         assert overview["chartHasBars"] == 1 and "uncalibrated" in overview["calibration"]
         assert overview["calibratedShare"].startswith(f"Outputs calibrated: 0 of {len(files)}")
+        # No VLM configured: the header decided every series, no call made, nothing to disagree with
+        assert (int(overview["vlmCalls"]), int(overview["seriesWithoutVlm"]), int(overview["disagreements"])) == \
+            (0, len(files), 0)
 
         # Studies: every study sent, newest first, each with its outcome and the viewer link
         studies = {row["group"]: row for row in report["studies"]}

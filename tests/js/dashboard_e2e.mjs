@@ -67,6 +67,9 @@ async function main(argv) {
       calibration: await text(page, "#calibration"),
       calibratedShare: await text(page, "#calibrated-share"),
       drift: await page.locator("#drift-warning").count(),
+      vlmCalls: await text(page, "#count-vlm_calls"),
+      seriesWithoutVlm: await text(page, "#count-series_without_vlm"),
+      disagreements: await text(page, "#count-disagreements"),
     };
     await shoot(page, shots.overview);
 
