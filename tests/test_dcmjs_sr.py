@@ -23,6 +23,7 @@ BOXES = (
     ImageBox(70, 60, 110, 100, "intracranial hemorrhage", 0.42),
 )
 UNITLESS = {"value": "1", "scheme": "UCUM", "meaning": "no units"}
+CALLS = {"value": "{calls}", "scheme": "UCUM", "meaning": "calls"}
 
 
 def parse(path: Path) -> dict:
@@ -81,6 +82,10 @@ def test_dcmjs_reads_routed_ct_with_two_boxes(embedded_router, tmp_path):
         "Selected model card (router stage 3)": evaluations["Selected model card (router stage 3)"],
         "Routing outcome": coding.OUTCOME_ROUTED.meaning,
         "Router calibration": coding.UNCALIBRATED.meaning,
+        # the embedded router reads the header at stages 1-2, and stage 3 only text
+        "Evidence consulted, stage 1": coding.SOURCES_HEADER.meaning,
+        "Evidence consulted, stage 2": coding.SOURCES_HEADER.meaning,
+        "Evidence consulted, stage 3": coding.SOURCES_TEXT_ONLY.meaning,
     }
     assert evaluations["Selected model card (router stage 3)"].startswith(f"{decision.model_card_id}: ")
     measurements = routing["measurements"]
@@ -89,6 +94,7 @@ def test_dcmjs_reads_routed_ct_with_two_boxes(embedded_router, tmp_path):
     assert measurements["Route confidence"]["value"] <= measurements["Router confidence, stage 1"]["value"]
     for stage in decision.stages:
         assert measurements[f"Router confidence, stage {stage.stage}"]["value"] == pytest.approx(stage.confidence, rel=1e-9)
+    assert measurements["VLM calls (router, this series)"] == {"value": 0, "unit": CALLS}
     assert routing["comments"][0].endswith("(route confidence %.2f, uncalibrated)" % decision.confidence)
     assert RESEARCH_STATEMENT in routing["comments"]
     assert any(c.startswith("Justification: ") for c in routing["comments"])
@@ -135,9 +141,11 @@ def test_dcmjs_reads_sr_of_series_stopped_early(embedded_router, tmp_path):
         "Imaging modality (router stage 1)": "Other",
         "Routing outcome": coding.OUTCOME_NOT_COVERED.meaning,
         "Router calibration": coding.UNCALIBRATED.meaning,
+        "Evidence consulted, stage 1": coding.SOURCES_HEADER.meaning,
     }
     assert routing["measurements"]["Route confidence"]["value"] == pytest.approx(decision.confidence, rel=1e-9)
-    assert set(routing["measurements"]) == {"Route confidence", "Router confidence, stage 1"}
+    assert set(routing["measurements"]) == {"Route confidence", "Router confidence, stage 1",
+                                            "VLM calls (router, this series)"}
     assert any(c.startswith("Routing stopped: stage 1") for c in routing["comments"])
     assert RESEARCH_STATEMENT in routing["comments"]
     check_routing_region(routing, header)
@@ -197,4 +205,35 @@ def test_dcmjs_reads_a_routed_set_and_a_review_case(embedded_router, tmp_path):
                                                                   "Selected model card (router stage 3)")]
     assert "Route confidence" not in routing["measurements"]
     assert "requires human review: stage 1 tie" in routing["comments"][0]
+    check_routing_region(routing, header)
+
+
+def test_dcmjs_reads_a_header_and_image_disagreement(tmp_path):
+    """Hybrid router: what each stage read, the VLM calls and a disagreement with both answers coded."""
+    from scripted_pixels import FixedPixels
+
+    from onevlm.backends import create_backend
+    from onevlm.cards import CardRepository, default_cards_dir
+    from onevlm.router.pipeline import Router
+
+    cards = CardRepository.load(default_cards_dir())
+    pixels = FixedPixels({"ct_head_routine_brain.dcm": {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}})
+    router = Router(cards, create_backend("hybrid", cards, pixel_backend=pixels))
+    source = SAMPLES / "ct_head_routine_brain.dcm"
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    decision, sr_path = write_routing_sr(router, source, tmp_path / "disagree_sr.dcm")
+    assert decision.outcome.outcome == "review" and decision.disagreement
+
+    (routing,) = check_document(parse(sr_path), header)
+    evaluations = routing["qualitativeEvaluations"]
+    assert evaluations["Routing outcome"] == coding.OUTCOME_REVIEW.meaning
+    assert evaluations["Evidence consulted, stage 1"] == "Header and image pixels"
+    assert evaluations["Header and image, stage 1"] == "Header and image disagree"
+    items = {i["name"]: i for i in routing["codedItems"]}
+    assert items["Header's answer, stage 1"]["value"] == coding.modality_answer_code("brain CT scan").value
+    assert items["Image's answer, stage 1"]["value"] == coding.modality_answer_code("chest CT scan").value
+    assert routing["measurements"]["VLM calls (router, this series)"] == {"value": decision.vlm_calls, "unit": CALLS}
+    assert routing["comments"][0].startswith("onevlm route: requires human review: header and image disagree")
+    assert routing["comments"][1] == f"Header and image disagree: {decision.disagreement}"
+    assert RESEARCH_STATEMENT in routing["comments"]
     check_routing_region(routing, header)

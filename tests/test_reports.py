@@ -261,3 +261,161 @@ def test_without_host_paths_keeps_identity():
         "backend": "transformers", "model_dir": "medgemma-4b-it", "model": "google/medgemma-4b-it",
         "fingerprint": "abc", "adapters": {"radiology": {"dir": "radiology-v2"}},
         "paths": ["x.json", "relative words"], "base_dir": "base"}
+
+
+# --- what the router read (hybrid router: header first, the pixels only when the header cannot decide) --------------
+
+NEW_CONCEPTS = {c.value for c in (*coding.STAGE_SOURCES_CONCEPTS.values(), coding.VLM_CALLS_CONCEPT,
+                                  *coding.HEADER_IMAGE_CONCEPTS.values(), *coding.HEADER_ANSWER_CONCEPTS.values(),
+                                  *coding.PIXELS_ANSWER_CONCEPTS.values())}
+CALLS = "VLM calls (router, this series)"
+
+
+def _hybrid_sr(answers, source, tmp_path):
+    from scripted_pixels import FixedPixels
+
+    from onevlm.backends import create_backend
+    from onevlm.cards import CardRepository, default_cards_dir
+    from onevlm.router.pipeline import Router
+
+    cards = CardRepository.load(default_cards_dir())
+    pixels = FixedPixels(answers)
+    router = Router(cards, create_backend("hybrid", cards, pixel_backend=pixels))
+    decision, path = _sr(router, source, tmp_path=tmp_path)
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.srread(path)
+    assert sr.VerificationFlag == "UNVERIFIED" and RESEARCH_STATEMENT in _comments(sr)
+    return decision, pixels, sr
+
+
+def _calls(sr):
+    (group,) = sr.content.get_image_measurement_groups()
+    (calls,) = group.get_measurements(name=coding.VLM_CALLS_CONCEPT)
+    assert calls.unit == coding.CALLS_UNIT and calls.unit.value == "{calls}"
+    return calls.value
+
+
+def _parameters(sr):
+    (group,) = sr.content.get_image_measurement_groups()
+    return [item.TextValue for item in group[0].ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Parameters"]
+
+
+def test_sr_of_a_header_and_image_disagreement(tmp_path):
+    """The image looks like a chest CT, the header says brain CT: what each stage read, both answers coded, the sentence."""
+    answers = {"ct_head_routine_brain.dcm": {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}}
+    decision, pixels, sr = _hybrid_sr(answers, SAMPLES / "ct_head_routine_brain.dcm", tmp_path)
+    assert decision.outcome.outcome == "review" and decision.disagreement
+    evaluations = _evaluations(sr)
+    assert evaluations["Routing outcome"] == coding.OUTCOME_REVIEW
+    assert evaluations["Evidence consulted, stage 1"] == coding.SOURCES_HEADER_AND_PIXELS
+    assert evaluations["Evidence consulted, stage 2"] == coding.SOURCES_HEADER  # settled: stage 1 sends it to review
+    assert "Evidence consulted, stage 3" not in evaluations  # a review case shows no stage 3
+    assert evaluations["Header and image, stage 1"] == coding.HEADER_IMAGE_DISAGREE
+    assert evaluations["Header and image, stage 1"].value == "RTR-DISAGREE"
+    # both answers coded as stage 1's answers are
+    assert evaluations["Header's answer, stage 1"] == coding.modality_answer_code("brain CT scan")
+    assert evaluations["Image's answer, stage 1"] == coding.modality_answer_code("chest CT scan")
+    assert evaluations["Image's answer, stage 1"].scheme_designator == "99ONEVLM"
+    assert "Header and image, stage 2" not in evaluations
+    assert _calls(sr) == decision.vlm_calls == len(pixels.calls) == 1
+    comments = _comments(sr)
+    assert comments[0].startswith("onevlm route: requires human review: header and image disagree: stage 1: ")
+    assert comments[1] == f"Header and image disagree: {decision.disagreement}"
+    assert ("header says brain CT scan (Modality CT, BodyPartExamined HEAD); the image looks like chest CT scan "
+            "(p 0.95)") in comments[1]
+    parameters = _parameters(sr)
+    assert any(p.startswith('disagreement (stage 1): {"action": "review", "header_answer": "brain CT scan"')
+               for p in parameters), parameters
+    assert any(p.startswith("consultation (stage 1): header and pixels; 1 VLM call(s); ") for p in parameters)
+
+
+def test_sr_of_a_stage_2_disagreement_codes_findings(tmp_path):
+    """The header names a subdural hemorrhage, the image looks normal: the answers are coded as findings are."""
+    ds = pydicom.dcmread(pydicom_file("17106"))
+    ds.ReasonForStudy = "suspected subdural hemorrhage after fall"
+    source = tmp_path / "ct_head_sdh.dcm"
+    ds.save_as(source)
+    answers = {source.name: {1: {"brain CT scan": 0.95}, 2: {"Normal": 0.97, "subdural hemorrhage": 0.01}}}
+    decision, pixels, sr = _hybrid_sr(answers, source, tmp_path)
+    assert decision.outcome.outcome == "review" and decision.disagreement.startswith("stage 2: ")
+    evaluations = _evaluations(sr)
+    assert "Header and image, stage 1" not in evaluations
+    assert evaluations["Evidence consulted, stage 1"] == evaluations["Evidence consulted, stage 2"] == \
+        coding.SOURCES_HEADER_AND_PIXELS
+    assert evaluations["Header and image, stage 2"] == coding.HEADER_IMAGE_DISAGREE
+    assert evaluations["Header's answer, stage 2"] == coding.finding_code("subdural hemorrhage")
+    assert evaluations["Image's answer, stage 2"] == coding.finding_code("Normal")
+    assert evaluations["Image's answer, stage 2"].scheme_designator == "SCT"  # Normal 17621005
+    assert _calls(sr) == decision.vlm_calls == len(pixels.calls) == 2
+
+
+def test_sr_of_a_hybrid_decision_without_disagreement(tmp_path):
+    """Header and image agree: the sources each stage read and the VLM calls, no disagreement."""
+    answers = {"ct_head_routine_brain.dcm": {1: {"brain CT scan": 0.95, "chest CT scan": 0.01},
+                                             2: {"Normal": 0.9, "intracranial hemorrhage": 0.05}}}
+    decision, pixels, sr = _hybrid_sr(answers, SAMPLES / "ct_head_routine_brain.dcm", tmp_path)
+    assert decision.outcome.outcome == "routed" and decision.disagreement is None
+    evaluations = _evaluations(sr)
+    assert evaluations["Imaging modality (router stage 1)"] == coding.modality_answer_code("brain CT scan")
+    assert evaluations["Evidence consulted, stage 1"] == coding.SOURCES_HEADER_AND_PIXELS
+    assert evaluations["Evidence consulted, stage 2"] == coding.SOURCES_HEADER_AND_PIXELS
+    assert evaluations["Evidence consulted, stage 3"] == coding.SOURCES_TEXT_ONLY
+    assert not [name for name in evaluations if name.startswith(("Header and image", "Header's", "Image's"))]
+    assert _calls(sr) == decision.vlm_calls == len(pixels.calls) == 2
+    assert not [c for c in _comments(sr) if c.startswith("Header and image disagree")]
+    assert not [p for p in _parameters(sr) if p.startswith("disagreement")]
+
+
+def test_embedded_sr_reads_the_header_only_and_calls_no_vlm(embedded_router, tmp_path):
+    decision, path = _sr(embedded_router, SAMPLES / "ct_head_512_j2k.dcm", tmp_path=tmp_path)
+    sr = hd.sr.srread(path)
+    evaluations = _evaluations(sr)
+    assert evaluations["Evidence consulted, stage 1"] == evaluations["Evidence consulted, stage 2"] == \
+        coding.SOURCES_HEADER
+    assert "Evidence consulted, stage 3" not in evaluations  # a routed set shows no stage 3
+    assert _calls(sr) == 0
+    # the route confidence stays the group's first number (OHIF draws it, inferred from the whole image)
+    nums = [i for i in sr.content.get_image_measurement_groups()[0][0].ContentSequence if i.ValueType == "NUM"]
+    assert nums[0].ConceptNameCodeSequence[0].CodeMeaning == "Route confidence"
+    assert nums[-1].ConceptNameCodeSequence[0].CodeValue == coding.VLM_CALLS_CONCEPT.value
+
+
+def _without_consultation_items(items):
+    """The content tree without what consultation records add (codes, parameters, the disagreement comment)."""
+    kept = []
+    for item in items:
+        name = item.ConceptNameCodeSequence[0] if item.get("ConceptNameCodeSequence") else None
+        if name is not None and name.CodeValue in NEW_CONCEPTS:
+            continue
+        text = str(item.get("TextValue", ""))
+        if text.startswith(("consultation (stage", "disagreement (stage", "Header and image disagree: ")):
+            continue
+        if "ContentSequence" in item:
+            item.ContentSequence = _without_consultation_items(item.ContentSequence)
+        kept.append(item)
+    return kept
+
+
+def test_a_decision_without_consultation_records_builds_as_before(embedded_router, tmp_path):
+    """An older decision log (no consultation per stage): no new item; the rest is the same content tree."""
+    import dataclasses
+
+    decision = embedded_router.route(load_input(SAMPLES / "ct_head_512_j2k.dcm"))
+    assert all(s.consultation is not None for s in decision.stages)
+    old = dataclasses.replace(decision, stages=tuple(dataclasses.replace(s, consultation=None)
+                                                     for s in decision.stages))
+    assert old.vlm_calls == 0 and old.disagreement is None
+    header = pydicom.dcmread(SAMPLES / "ct_head_512_j2k.dcm", stop_before_pixels=True)
+    built = {}
+    for name, d in (("old", old), ("new", decision)):
+        sr = build_routing_sr(d, [header], header, card_captions={c.id: c.task_caption for c in embedded_router.cards})
+        built[name] = tmp_path / f"{name}.dcm"
+        sr.save_as(built[name], enforce_file_format=True)
+    assert dciodvfy_errors(built["old"]) == []
+    old_sr, new_sr = (pydicom.dcmread(built[name]) for name in ("old", "new"))
+    codes_used = {str(e.value) for e in old_sr.iterall() if e.keyword == "CodeValue"}
+    assert not codes_used & (NEW_CONCEPTS | {coding.SOURCES_HEADER.value, "{calls}"})
+    assert not [t for t in _text_values(old_sr) if t.startswith("consultation (stage")]
+    assert _without_consultation_items(new_sr.ContentSequence) == list(old_sr.ContentSequence)
+    assert (old_sr.SOPInstanceUID, old_sr.VerificationFlag) == (new_sr.SOPInstanceUID, "UNVERIFIED")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import Iterable
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
@@ -16,6 +17,12 @@ from pydicom.sr.codedict import codes
 
 SCHEME = "99ONEVLM"
 SCHEME_NAME = "onevlm router and specialty model concepts (private, research use only)"
+
+
+def _per_stage(value: str, meaning: str, stages: tuple[int, ...] = (1, 2, 3)) -> dict[int, CodedConcept]:
+    """One concept per router stage: code value ``<value>-S<n>``, meaning ``<meaning>, stage <n>``."""
+    return {stage: CodedConcept(f"{value}-S{stage}", SCHEME, f"{meaning}, stage {stage}") for stage in stages}
+
 
 #: Concept names of the routing report's content items.
 MODALITY_CONCEPT = CodedConcept("RTR-MODALITY", SCHEME, "Imaging modality (router stage 1)")
@@ -28,9 +35,7 @@ CALIBRATION_CONCEPT = CodedConcept("RTR-CALIB", SCHEME, "Router calibration")
 CALIBRATED = CodedConcept("RTR-CALIBRATED", SCHEME, "Calibrated on the site's labelled studies")
 UNCALIBRATED = CodedConcept("RTR-UNCALIBRATED", SCHEME, "Uncalibrated (no site calibration)")
 FINDING_NOT_ASSESSED = CodedConcept("RTR-NOEVIDENCE", SCHEME, "Not assessed: no finding evidence")
-STAGE_CONFIDENCE_CONCEPTS = {
-    stage: CodedConcept(f"RTR-CONF-S{stage}", SCHEME, f"Router confidence, stage {stage}") for stage in (1, 2, 3)
-}
+STAGE_CONFIDENCE_CONCEPTS = _per_stage("RTR-CONF", "Router confidence")
 BOX_FINDING_CONCEPT = CodedConcept("RTR-BOX", SCHEME, "Detected region (specialty model)")
 UNITLESS = CodedConcept("1", "UCUM", "no units")
 
@@ -57,6 +62,22 @@ PRESENT_FINDING_CONCEPT = CodedConcept("SPC-FINDING", SCHEME, "Finding present (
 NO_FINDING_PRESENT = CodedConcept("SPC-NONE", SCHEME, "None of the task's findings present")
 REGION_COUNT_CONCEPT = CodedConcept("SPC-NREGIONS", SCHEME, "Regions found (specialty model)")
 REGION_UNIT = CodedConcept("{regions}", "UCUM", "regions")
+
+#: Which evidence about the image a stage read (the hybrid router reads the header first and the
+#: pixels only when the header cannot decide; stage 3 reads neither): one evaluation per stage shown.
+STAGE_SOURCES_CONCEPTS = _per_stage("RTR-SRC", "Evidence consulted")
+SOURCES_HEADER = CodedConcept("RTR-SRC-HDR", SCHEME, "Header only")
+SOURCES_PIXELS = CodedConcept("RTR-SRC-PIX", SCHEME, "Image pixels only")
+SOURCES_HEADER_AND_PIXELS = CodedConcept("RTR-SRC-HDRPIX", SCHEME, "Header and image pixels")
+SOURCES_TEXT_ONLY = CodedConcept("RTR-SRC-TEXT", SCHEME, "Text only (neither header nor pixels)")
+#: The series' calls to the vision-language model, all stages together (0: routed without the VLM).
+VLM_CALLS_CONCEPT = CodedConcept("RTR-VLMCALLS", SCHEME, "VLM calls (router, this series)")
+CALLS_UNIT = CodedConcept("{calls}", "UCUM", "calls")
+#: A stage whose header and image contradict each other: the evaluation, then each side's answer.
+HEADER_IMAGE_CONCEPTS = _per_stage("RTR-HDRIMG", "Header and image", (1, 2))
+HEADER_IMAGE_DISAGREE = CodedConcept("RTR-DISAGREE", SCHEME, "Header and image disagree")
+HEADER_ANSWER_CONCEPTS = _per_stage("RTR-HDRANS", "Header's answer", (1, 2))
+PIXELS_ANSWER_CONCEPTS = _per_stage("RTR-PIXANS", "Image's answer", (1, 2))
 
 ANSWER_NONE = CodedConcept("RTR-NONE", SCHEME, "None")
 ANSWER_OTHER = CodedConcept("RTR-OTHER", SCHEME, "Other")
@@ -107,6 +128,26 @@ def modality_answer_code(answer: str) -> CodedConcept:
 def finding_code(answer: str) -> CodedConcept:
     """Stage 2's answer: SNOMED CT where DICOM's tables name it (e.g. Normal 17621005), else private."""
     return standard_sct(answer) or private_code("FND", answer)
+
+
+def stage_answer_code(stage: int, answer: str) -> CodedConcept:
+    """A stage-1 (modality) or stage-2 (finding) answer, coded as that stage's answers are."""
+    return modality_answer_code(answer) if stage == 1 else finding_code(answer)
+
+
+def sources_code(consulted: Iterable[str]) -> CodedConcept:
+    """What a stage read: ``("header",)``, ``("pixels",)``, both, or nothing (text only)."""
+    read = set(consulted)
+    unknown = read - {"header", "pixels"}
+    if unknown:
+        raise ValueError(f"unknown evidence sources: {', '.join(sorted(unknown))}")
+    if read == {"header", "pixels"}:
+        return SOURCES_HEADER_AND_PIXELS
+    if read == {"header"}:
+        return SOURCES_HEADER
+    if read == {"pixels"}:
+        return SOURCES_PIXELS
+    return SOURCES_TEXT_ONLY
 
 
 def card_code(card_id: str, caption: str | None = None) -> CodedConcept:

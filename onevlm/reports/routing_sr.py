@@ -12,6 +12,14 @@ Content (TID 1500 "Imaging Measurement Report"):
   its first numeric measurement is INFERRED FROM the whole routed image (TID 300: a closed
   POLYLINE along the image border), because OHIF 3.13 fails to load an SR that holds a
   measurement group without any spatial coordinates — and so OHIF shows the routing group;
+- in the same group, where the backend recorded which evidence each stage read (every current
+  backend does), per stage shown the sources consulted as a coded evaluation (header only, image pixels only,
+  header and image pixels, text only), the series' number of VLM calls as a numeric
+  measurement (``{calls}``) and each consultation's reason among the algorithm parameters; when
+  the header and the image disagree (hybrid router), per stage "Header and image disagree" with
+  the header's and the image's answers coded as that stage's answers are, the sentence as the
+  comment after the label, and the figures among the algorithm parameters. A decision without
+  any consultation record (older logs) builds as before;
 - with a specialty model (route -> execute), the same group also holds the execution: status
   (executed, not executable here, unparseable, failed), the task, and the answer as coded
   values (class, grade, findings present, number of regions), with the answer's summary in the
@@ -49,7 +57,8 @@ from onevlm.reports.source_attributes import (
     evidence_ready,
     restore_referenced_sop_classes,
 )
-from onevlm.router.decision import RoutingDecision
+from onevlm.router.decision import RoutingDecision, StageDecision
+from onevlm.router.outcome import disagreement_text
 from onevlm.specialty.execution import SpecialtyResult
 
 SERIES_DESCRIPTION = "onevlm routing - research use only, not for clinical use"
@@ -225,6 +234,44 @@ def _stage_value(decision: RoutingDecision, stage, card_captions: dict[str, str]
     return coding.card_code(stage.chosen, card_captions.get(stage.chosen))
 
 
+def _consultation_items(decision: RoutingDecision, shown_stages: Sequence[StageDecision]):
+    """What the stages read (hybrid router): coded evaluations, the VLM-call count, parameters.
+
+    Nothing for a decision whose stages carry no consultation record (older logs): its SR is
+    built exactly as before.
+    """
+    evaluations: list[hd.sr.QualitativeEvaluation] = []
+    measurements: list[hd.sr.Measurement] = []
+    parameters: list[str] = []
+    recorded = [s for s in decision.stages if s.consultation is not None]
+    if not recorded:
+        return evaluations, measurements, parameters
+    for stage in shown_stages:
+        if stage.consultation is not None:
+            evaluations.append(hd.sr.QualitativeEvaluation(name=coding.STAGE_SOURCES_CONCEPTS[stage.stage],
+                                                           value=coding.sources_code(stage.consultation.consulted)))
+    for stage in recorded:
+        consultation = stage.consultation
+        read = " and ".join(consultation.consulted) or "text only"
+        parameters.append(f"consultation (stage {stage.stage}): {read}; {consultation.vlm_calls} VLM call(s); "
+                          f"{consultation.reason}")
+        disagreement = consultation.disagreement
+        if disagreement is None or stage.stage not in coding.HEADER_IMAGE_CONCEPTS:
+            continue
+        evaluations += [
+            hd.sr.QualitativeEvaluation(name=coding.HEADER_IMAGE_CONCEPTS[stage.stage],
+                                        value=coding.HEADER_IMAGE_DISAGREE),
+            hd.sr.QualitativeEvaluation(name=coding.HEADER_ANSWER_CONCEPTS[stage.stage],
+                                        value=coding.stage_answer_code(stage.stage, disagreement.header_answer)),
+            hd.sr.QualitativeEvaluation(name=coding.PIXELS_ANSWER_CONCEPTS[stage.stage],
+                                        value=coding.stage_answer_code(stage.stage, disagreement.pixels_answer)),
+        ]
+        parameters.append(f"disagreement (stage {stage.stage}): {json.dumps(disagreement.as_dict(), sort_keys=True)}")
+    measurements.append(hd.sr.Measurement(name=coding.VLM_CALLS_CONCEPT, value=float(decision.vlm_calls),
+                                          unit=coding.CALLS_UNIT))
+    return evaluations, measurements, parameters
+
+
 def routing_group(decision: RoutingDecision, source_series_uid: str, card_captions: dict[str, str] | None = None,
                   executions: Sequence[SpecialtyResult] = ()):
     """The TID 1501 measurement group holding the routing decision (and the cards' executions).
@@ -233,7 +280,8 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
     routed set's cards follow it; the route confidence is the group's first number. Stage 3's own
     pick is reported only when the router routed it alone (or stopped on it): a set or a review
     case shows no single card. Stage probabilities are calibrated where the site fitted a
-    calibration; stage 2's is left out when it had no evidence.
+    calibration; stage 2's is left out when it had no evidence. Which evidence each stage read,
+    the VLM calls and a header/image disagreement follow (:func:`_consultation_items`).
     """
     card_captions = card_captions or {}
     outcome = decision.outcome_name
@@ -261,6 +309,9 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
         measurements.append(
             hd.sr.Measurement(name=coding.STAGE_CONFIDENCE_CONCEPTS[stage.stage], value=float(p), unit=coding.UNITLESS)
         )
+    consulted_evaluations, calls, consultation_parameters = _consultation_items(decision, shown_stages)
+    evaluations += consulted_evaluations
+    measurements += calls
     # No host paths in a DICOM output (model folders…): the model's name and fingerprint stay.
     backend = without_host_paths(decision.backend)
     parameters = [
@@ -272,6 +323,7 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
         calibration = without_host_paths(decision.outcome.calibration)
         parameters.append(f"calibration: {json.dumps(calibration, sort_keys=True, default=str)}")
         parameters += [f"outcome note: {reason}" for reason in decision.outcome.reasons[1 if outcome == 'review' else 0:]]
+    parameters += consultation_parameters
     name = "onevlm model-card router"
     for execution in executions:
         more_evaluations, more_measurements = _execution_items(execution)
@@ -303,6 +355,9 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
     if executions:
         label = f"{label}; {executions_summary(executions)}"
     container.ContentSequence.append(_comment(label))
+    disagreement = decision.disagreement or disagreement_text(decision.stages)
+    if disagreement:
+        container.ContentSequence.append(_comment(f"Header and image disagree: {disagreement}"))
     for execution in executions:
         if not execution.executed and len(executions) == 1:
             # The label carries an executed result; more comments push the confidence line out of OHIF 3.13's view.
