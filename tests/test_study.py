@@ -84,6 +84,11 @@ def test_route_study_writes_sr_and_metadata(embedded_router, tmp_path):
     assert meta["with_cards"] == sum(1 for e in detail["entries"] if e["cards"])
     assert meta["confidence"] == min(e["confidence"] for e in detail["entries"] if e["cards"])
     assert meta["calibrated"] is False and "calibration_id" not in meta  # no value: left out, never null
+    # the embedded router reads headers only: no VLM call, no header/image disagreement
+    assert head["consulted"] == [["header"], ["header"], []] and head["vlm_calls"] == 0
+    assert head["disagreement"] is None
+    decided = [e for e in detail["entries"] if not e["skipped"] and not e["error"]]
+    assert meta["vlm_calls"] == 0 and meta["series_without_vlm"] == len(decided) > 0 and meta["disagreements"] == 0
     liver = entries["mr_abdomen_liver.dcm"]
     assert liver["modality"] == "Other" and liver["stopped_early"] and liver["stopped_at_stage"] == 1
     skipped = [e for e in detail["entries"] if e["skipped"]]
@@ -186,3 +191,62 @@ def test_a_series_with_pixel_data_cut_short_gets_the_error(embedded_router, tmp_
     mr = by_modality["MR"]
     assert mr["error"] is None and mr["sr_file"] and mr["modality"] == "brain MRI scan"
     assert meta["errors"] == 2 and meta["needs_review"] is True
+
+
+def test_hybrid_study_counts_vlm_calls_and_disagreements(tmp_path):
+    """metadata.json: the VLM calls, the series routed without one, the disagreements; series.json: per series."""
+    from scripted_pixels import FixedPixels
+
+    from onevlm.backends import create_backend
+    from onevlm.cards import CardRepository, default_cards_dir
+    from onevlm.router.pipeline import Router
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("ct_head_routine_brain.dcm", "ct_head_512_j2k.dcm", "cr_extremity_j2k.dcm", "rt_plan.dcm"):
+        shutil.copy(SAMPLES / name, inputs / name)
+    cards = CardRepository.load(default_cards_dir())
+    pixels = FixedPixels({"ct_head_routine_brain.dcm": {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}})
+    router = Router(cards, create_backend("hybrid", cards, pixel_backend=pixels))
+    out = write_study_outputs(route_study(router, [inputs]), tmp_path / "out", cards)
+    meta = json.loads(out.metadata_file.read_text())
+    detail = json.loads(out.detail_file.read_text())
+    assert all(isinstance(v, (str, int, float, bool)) for v in meta.values()), meta
+    entries = {e["input"]: e for e in detail["entries"]}
+    disagree = entries["ct_head_routine_brain.dcm"]
+    assert disagree["consulted"] == [["header", "pixels"], ["header"], []] and disagree["vlm_calls"] == 1
+    assert disagree["disagreement"].startswith("stage 1: header says brain CT scan (Modality CT, "
+                                               "BodyPartExamined HEAD); the image looks like chest CT scan (p 0.95)")
+    assert disagree["outcome"] == "review" and disagree["sr_file"]
+    assert dciodvfy_errors(out.metadata_file.parent / disagree["sr_file"]) == []
+    asked = entries["ct_head_512_j2k.dcm"]  # the header is not certain enough at stages 1 and 2
+    assert asked["consulted"] == [["header", "pixels"], ["header", "pixels"], []] and asked["vlm_calls"] == 2
+    assert asked["disagreement"] is None
+    certain = entries["cr_extremity_j2k.dcm"]  # the header decides: the pixels are not read
+    assert certain["consulted"] == [["header"]] and certain["vlm_calls"] == 0 and certain["outcome"] == "stopped"
+    skipped = entries["rt_plan.dcm"]
+    assert skipped["skipped"] and skipped["consulted"] == [] and skipped["vlm_calls"] == 0
+    assert meta["vlm_calls"] == sum(e["vlm_calls"] for e in detail["entries"]) == len(pixels.calls) == 3
+    assert meta["series_without_vlm"] == 1 and meta["disagreements"] == 1
+    assert meta["outcome"] == "review" and meta["needs_review"] is True
+    decisions = [json.loads(line) for line in out.decisions_file.read_text().splitlines()]
+    assert sum(d["vlm_calls"] for d in decisions) == 3
+
+
+def test_decision_records_without_vlm_counts_leave_the_keys_out():
+    """An older decision record (no ``vlm_calls``, no stage consultation): the count is unknown, not 0."""
+    from onevlm.reports.routing_metadata import build_metadata, series_entry
+
+    stage = {"stage": 1, "confidence": 0.9, "informative": True}
+    old = {"outcome": "routed", "cards": ["MODEL_01"], "confidence": 0.9, "error": None, "stages": [stage]}
+    unsaid = {**old, "vlm_calls": 0}  # a backend that did not say what its stages read
+    counted = {**old, "vlm_calls": 1, "stages": [{**stage, "consulted": ["header", "pixels"]}]}
+    entries = [series_entry(d, study_instance_uid="1.2.3", series_instance_uid=f"1.2.3.{i}", dicom_modality="CT")
+               for i, d in enumerate((old, unsaid, counted))]
+    assert [e["vlm_calls"] for e in entries] == [None, None, 1]
+    assert [e["consulted"] for e in entries] == [[None], [None], [["header", "pixels"]]]
+    meta = build_metadata(entries)
+    assert "vlm_calls" not in meta and "series_without_vlm" not in meta  # left out, never null
+    assert meta["disagreements"] == 0
+    meta = build_metadata(entries[2:])
+    assert (meta["vlm_calls"], meta["series_without_vlm"], meta["disagreements"]) == (1, 0, 0)

@@ -37,6 +37,12 @@ def series_entry(decision: Mapping[str, Any] | None, *, study_instance_uid: str,
     ``executions`` the :meth:`SpecialtyResult.as_dict` records of the routed card(s) when a
     specialty model was asked. Stage probabilities are the calibrated ones where the router was
     calibrated (``calibrated``); stage 2's is ``None`` when it had no evidence.
+
+    What the router read: ``consulted`` per stage that ran (``["header"]``, ``["pixels"]``,
+    ``["header", "pixels"]``, ``[]`` for text only; ``None`` where the stage did not say),
+    ``vlm_calls`` (all stages; 0 for a skipped series; ``None`` when unknown: see
+    :func:`known_vlm_calls`) and ``disagreement``: the header and the image contradicting
+    each other, in words, else ``None``.
     """
     decision = decision or {}
     reference = decision.get("reference") or {}
@@ -48,6 +54,7 @@ def series_entry(decision: Mapping[str, Any] | None, *, study_instance_uid: str,
         if stage["stage"] == 2 and not stage.get("informative", True):
             continue
         stage_confidence[str(stage["stage"])] = (assessed.get(stage["stage"]) or {}).get("p", stage["confidence"])
+    consulted = [stage.get("consulted") for stage in stages]
     outcome = "skipped" if skipped else (decision.get("outcome") or ("failed" if decision.get("error") else "review"))
     routed = bool(decision.get("cards"))
     return {
@@ -66,6 +73,9 @@ def series_entry(decision: Mapping[str, Any] | None, *, study_instance_uid: str,
         "calibrated": bool(decision.get("calibrated")),
         "reasons": list(route.get("reasons") or []),
         "stage_confidence": stage_confidence,
+        "vlm_calls": 0 if skipped else known_vlm_calls(decision),
+        "consulted": consulted,
+        "disagreement": decision.get("disagreement"),
         "stopped_early": bool(decision.get("stopped_early", False)),
         "stopped_at_stage": None if routed or not stages else stages[-1]["stage"],
         "stop_reason": decision.get("stop_reason"),
@@ -76,6 +86,18 @@ def series_entry(decision: Mapping[str, Any] | None, *, study_instance_uid: str,
         "executions": [dict(e) for e in executions or ()],
         "not_for_clinical_use": True,
     }
+
+
+def known_vlm_calls(decision: Mapping[str, Any]) -> int | None:
+    """A decision record's VLM calls, or ``None`` when the record cannot tell.
+
+    A record written before the count existed has no ``vlm_calls``; one whose stages all lack a
+    consultation record (a backend that did not say what it read) counts 0 without meaning it.
+    """
+    stages = decision.get("stages") or []
+    if "vlm_calls" not in decision or (stages and all(s.get("consulted") is None for s in stages)):
+        return None
+    return int(decision["vlm_calls"])
 
 
 def build_metadata(entries: Sequence[Mapping[str, Any]], problems: Iterable[Mapping[str, str]] = (),
@@ -90,9 +112,16 @@ def build_metadata(entries: Sequence[Mapping[str, Any]], problems: Iterable[Mapp
     calibrated, and ``study_instance_uid`` the study when the output holds exactly one
     (``studies`` counts them). ``detail_file`` names the :func:`build_detail` document.
 
+    What the router read: ``vlm_calls`` the VLM calls over the study's series (0 for the
+    embedded router, which reads headers only), ``series_without_vlm`` the decided series
+    (neither skipped nor failed) decided without any VLM call (every one of the embedded
+    router's; the hybrid router's where the header decided alone), and ``disagreements`` the
+    series whose header and image disagree.
+
     A value that does not exist (``confidence`` with nothing routed, ``calibration_id`` when
-    uncalibrated, ``study_instance_uid`` with several studies) is left out rather than written
-    as ``null``: a workflow condition reads a missing key as ``NULL``.
+    uncalibrated, ``study_instance_uid`` with several studies, ``vlm_calls`` and
+    ``series_without_vlm`` when a series' decision record does not count its calls) is left out
+    rather than written as ``null``: a workflow condition reads a missing key as ``NULL``.
     """
     entries = list(entries)
     problems = list(problems)
@@ -103,6 +132,8 @@ def build_metadata(entries: Sequence[Mapping[str, Any]], problems: Iterable[Mapp
     confidences = [e["confidence"] for e in routed if e["confidence"] is not None]
     decided = [e for e in entries if not e["skipped"] and not e["error"]]
     studies = sorted({e["study_instance_uid"] for e in entries})
+    calls = [e.get("vlm_calls") for e in entries]
+    calls_known = all(c is not None for c in calls)
     document: dict[str, Scalar | None] = {
         "not_for_clinical_use": True,
         "detail_file": DETAIL_FILE,
@@ -123,6 +154,9 @@ def build_metadata(entries: Sequence[Mapping[str, Any]], problems: Iterable[Mapp
         "errors": sum(1 for e in entries if e["error"]) + len(problems),
         "unreadable": len(problems),
         "executed": sum(1 for e in entries for x in e["executions"] if x.get("status") == "executed"),
+        "vlm_calls": sum(calls) if calls_known else None,
+        "series_without_vlm": sum(1 for e in decided if e.get("vlm_calls") == 0) if calls_known else None,
+        "disagreements": sum(1 for e in entries if e.get("disagreement")),
     }
     return {key: value for key, value in document.items() if value is not None}
 
