@@ -91,9 +91,9 @@ def _rows(n: int, header_right: float, pixels_right: float, seed: int) -> list[S
 def test_fitted_weights_follow_each_sources_reliability():
     # pixels at chance among the three likely answers get little weight (they only tell those from None/Other);
     # a reliable source that says 0.8 when it is right 95 % of the time is under-confident: weight above 1
-    noise = fit_stage_fusion(1, _rows(400, header_right=0.95, pixels_right=1 / 3, seed=1), 0.1, 0.1)
+    noise = fit_stage_fusion(1, _rows(400, header_right=0.95, pixels_right=1 / 3, seed=1), 0.1)
     assert noise.pixel_weight < 0.3 and noise.header_weight > 1.0
-    informative = fit_stage_fusion(1, _rows(400, header_right=1 / 3, pixels_right=0.97, seed=2), 0.1, 0.1)
+    informative = fit_stage_fusion(1, _rows(400, header_right=1 / 3, pixels_right=0.97, seed=2), 0.1)
     assert informative.header_weight < 0.3 and informative.pixel_weight > 1.0
     # a header right 95 % of the time at 0.8 is certified alone; one right a third of the time never is
     assert noise.gate is not None and 0.5 <= noise.gate <= 1.0
@@ -351,3 +351,69 @@ def test_calibrate_fit_on_labelled_dicom_fits_the_fusion_and_routes_with_it(card
     router = _router(cards, header_source, pixels, loaded.fusion, loaded)
     (decision,) = _route(router, "cr_chest_j2k.dcm")
     assert decision.outcome.calibrated and decision.stages[0].consultation is not None
+
+
+def test_corroboration_needs_two_agreeing_header_statements(cards):
+    import pydicom
+
+    from onevlm.backends.embedded.modality_evidence import corroboration, modality_profiles
+    from onevlm.dicom.header import header_from_dataset
+    from onevlm.inputs import load_input
+
+    profiles = modality_profiles(cards)
+
+    def check(name, answer, **fields):
+        ds = pydicom.dcmread(SAMPLES / name, stop_before_pixels=True)
+        for keyword, value in fields.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        return corroboration(header_from_dataset(ds), answer, profiles)
+
+    routine = corroboration(load_input(SAMPLES / "ct_head_routine_brain.dcm").header, "brain CT scan", profiles)
+    assert routine["corroborated"] and "BodyPartExamined" in routine["supporting"]
+    only_body_part = corroboration(load_input(SAMPLES / "ct_head_512_j2k.dcm").header, "brain CT scan", profiles)
+    assert not only_body_part["corroborated"] and only_body_part["supporting"] == ["BodyPartExamined"]
+    # a wrong Body Part Examined contradicts the descriptions: not corroborated, whichever answer
+    wrong = check("ct_head_routine_brain.dcm", "brain CT scan", BodyPartExamined="CHEST")
+    assert not wrong["corroborated"] and wrong["conflicting"] == ["BodyPartExamined"]
+    # the same text copied into two fields is one statement
+    copied = check("ct_head_512_j2k.dcm", "chest CT scan", BodyPartExamined=None, StudyDescription="CT CHEST",
+                   SeriesDescription="CT CHEST")
+    assert copied["supporting"] == ["StudyDescription"] and not copied["corroborated"]
+    # a Modality no card accepts is Other on its own; two different uncovered regions are no agreement
+    assert corroboration(load_input(SAMPLES / "nm_whole_body_j2k.dcm").header, "Other", profiles)["corroborated"]
+    torn = check("mr_brain_pilot.dcm", "Other", BodyPartExamined="SHOULDER", StudyDescription="MRI LIVER")
+    assert not torn["corroborated"]
+    # a named organ another modality owns does not back this one through a shared generic region
+    liver = check("mr_brain_pilot.dcm", "kidney MRI scan", BodyPartExamined="LIVER", StudyDescription="MR LIVER")
+    assert liver["conflicting"] and not liver["corroborated"]
+
+
+def test_only_a_corroborated_certain_header_decides_alone(cards, header_source):
+    fusion = Fusion(stages={1: StageFusion(stage=1, corroborated_temperature=0.5, gate=0.9)}, calibrated=True)
+    pixels = FixedPixels({})
+    routine, single = _route(_router(cards, header_source, pixels, fusion), "ct_head_routine_brain.dcm",
+                             "ct_head_512_j2k.dcm")
+    assert routine.stages[0].consulted == ("header",) and routine.stages[0].consultation.corroborated is True
+    assert "certifies brain CT scan" in routine.stages[0].consultation.reason
+    assert routine.stages[0].confidence > 0.99  # sharpened by the corroborated temperature
+    assert single.stages[0].consulted == ("header", "pixels")
+    assert "only BodyPartExamined backs it" in single.stages[0].consultation.reason
+    assert ("ct_head_512_j2k.dcm", 1) in pixels.calls and ("ct_head_routine_brain.dcm", 1) not in pixels.calls
+
+
+def test_stage3_weighs_the_cards_by_stage2s_findings(cards, header_source):
+    # unsure between two findings of two different cards: the card set holds both, weighed
+    torn = FixedPixels({"ct_head_routine_brain.dcm": {
+        1: {"brain CT scan": 0.95}, 2: {"acute ischemic stroke": 0.5, "calvarial fracture": 0.45}}})
+    (decision,) = _route(_router(cards, header_source, torn), "ct_head_routine_brain.dcm")
+    third = decision.stages[2]
+    weighed = third.evidence["findings_weighed"]
+    assert set(weighed) >= {"acute ischemic stroke", "calvarial fracture"}
+    assert third.distribution["MODEL_04"] > 0.2 and third.distribution["MODEL_03"] > 0.2
+    sure = FixedPixels({"ct_head_routine_brain.dcm": {1: {"brain CT scan": 0.95}, 2: {"acute ischemic stroke": 0.995}}})
+    (decision,) = _route(_router(cards, header_source, sure), "ct_head_routine_brain.dcm")
+    assert "findings_weighed" not in decision.stages[2].evidence  # one finding holds the mass: its match alone
+    assert max(decision.stages[2].distribution, key=decision.stages[2].distribution.get) == "MODEL_04"

@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from onevlm import __version__
-from onevlm.calibration.fusion import HEADER, PIXELS, Fusion, StageMix, complete, flat
+from onevlm.calibration.fusion import HEADER, PIXELS, Fusion, StageMix, complete, flat, top
 from onevlm.inputs.routing_input import RoutingInput
 from onevlm.router.answers import normalise
 from onevlm.router.backend import Candidate, Consultation, RouterBackend, StageRequest, StageResponse
@@ -56,6 +56,70 @@ def pixel_distribution(response: StageResponse, allowed: Sequence[str]) -> dict[
         probs[answer.answer] = min(probs.get(answer.answer, 0.0) + p, 1.0)
     total = math.fsum(probs.values())
     return {a: p / total for a, p in probs.items()} if total > 1.0 else probs
+
+
+#: Stage 3 weighs at most this many of stage 2's findings.
+MAX_FINDINGS = 5
+#: ... those holding this share of stage 2's probability (each at least FINDING_FLOOR).
+FINDING_MASS, FINDING_FLOOR = 0.99, 0.01
+
+
+def corroboration(response: StageResponse, stage: int, answer: str) -> tuple[bool, str | None]:
+    """Whether the header source backs ``answer`` with agreeing statements, and if not, why (in words).
+
+    Stage 1 reads the header source's ``corroboration`` evidence (two independent statements, none
+    contradicting). Stage 2's header evidence is descriptive text, one phrase at most naming a
+    finding: never enough for the header to decide alone.
+    """
+    if stage == 2:
+        return False, "a finding named in header text alone is not enough (descriptions are wrong on about 10 % of series)"
+    evidence = (response.evidence or {}).get("corroboration")
+    if not isinstance(evidence, dict):
+        return True, None  # a header source without the notion: its probabilities and the gate decide
+    if evidence.get("answer") != answer:
+        return False, f"the header's fields do not single out {answer}"
+    if evidence.get("corroborated"):
+        return True, None
+    if evidence.get("conflicting"):
+        return False, (f"header fields disagree ({', '.join(evidence.get('supporting') or ['none'])} for it; "
+                       f"{', '.join(evidence['conflicting'])} against)")
+    supporting = evidence.get("supporting") or []
+    if not supporting:
+        return False, "no header field names its anatomy"
+    return False, (f"only {supporting[0]} backs it: one field alone is wrong too often (Body Part Examined on "
+                   "about 15 % of images)")
+
+
+def likely_findings(request: StageRequest) -> list[tuple[str, float]]:
+    """Stage 2's likely findings and their weights (renormalised), or the chosen finding alone."""
+    probs = request.finding_probs
+    if not probs:
+        return [(request.finding, 1.0)]
+    ranked = sorted(((f, p) for f, p in probs.items() if p >= FINDING_FLOOR), key=lambda kv: -kv[1])
+    chosen, total = [], 0.0
+    for finding, p in ranked[:MAX_FINDINGS]:
+        chosen.append((finding, p))
+        total += p
+        if total >= FINDING_MASS:
+            break
+    if request.finding not in {f for f, _ in chosen}:
+        return [(request.finding, 1.0)]  # Algorithm 1 kept an answer outside the likely ones: follow it
+    return [(f, p / total) for f, p in chosen]
+
+
+def _mixed_cards(request: StageRequest, parts: list[tuple[StageRequest, StageResponse, float]]) -> StageResponse:
+    """The weighted mixture of stage-3 distributions (one per finding), as one response."""
+    mixture: dict[str, float] = {}
+    for _, response, weight in parts:
+        for card, p in (response.distribution or {}).items():
+            mixture[card] = mixture.get(card, 0.0) + weight * p
+    ranked = sorted(mixture.items(), key=lambda kv: -kv[1])
+    weights = ", ".join(f"{r.finding} {w:.2f}" for r, _, w in parts)
+    candidates = tuple(Candidate(f"{card}: weighed over stage 2's findings ({weights})", min(p, 1.0))
+                       for card, p in ranked[:2])
+    first = parts[0][1]
+    evidence = {**first.evidence, "findings_weighed": {r.finding: round(w, 6) for r, _, w in parts}}
+    return StageResponse(candidates, evidence, distribution=mixture, consultation=first.consultation)
 
 
 class HybridBackend:
@@ -118,7 +182,7 @@ class HybridBackend:
         for stage in sorted({r.stage for r in requests}):
             index = [i for i, r in enumerate(requests) if r.stage == stage]
             batch_items, batch_requests = [items[i] for i in index], [requests[i] for i in index]
-            answered = (self.header.answer(batch_items, batch_requests) if stage == 3
+            answered = (self._answer_cards(batch_items, batch_requests) if stage == 3
                         else self._answer_stage(batch_items, batch_requests))
             for i, response in zip(index, answered):
                 responses[i] = response
@@ -128,21 +192,25 @@ class HybridBackend:
 
     def _answer_stage(self, items: list[RoutingInput], requests: list[StageRequest]) -> list[StageResponse]:
         # The sources see the paper's stage request: stage 2 never learns stage 1's answer.
-        source_requests = [replace(r, modality=None, settled=None) for r in requests]
+        source_requests = [replace(r, modality=None, settled=None, finding_probs=None) for r in requests]
         header_responses = self.header.answer(items, source_requests)
         stage = requests[0].stage
         fusion = self.fusion.stage(stage)
-        headers, reasons, ask = [], [], []
+        headers, reasons, backed, ask = [], [], [], []
         for i, (item, request, response) in enumerate(zip(items, requests, header_responses)):
             answers = request.allowed
             header = complete(response.distribution or {c.text: c.p for c in response.candidates}, answers) \
                 if response.informative else flat(answers)
             headers.append(header)
-            alone = fusion.header_alone(header, answers)
-            reason = self._why_not(item, request, alone, fusion)
+            corroborated, why = corroboration(response, stage, top(header)[0])
+            alone = fusion.header_alone(header, answers, corroborated)
+            backed.append(corroborated)
+            reason = self._why_not(item, request)
+            if reason is None and self.read_pixels == "cascade" and fusion.header_decides(alone, corroborated):
+                reason = fusion.gate_reason(alone)
             if reason is None:
                 ask.append(i)
-                reason = fusion.gate_reason(alone) if response.informative else _NO_HEADER_EVIDENCE[stage]
+                reason = fusion.gate_reason(alone, why) if response.informative else _NO_HEADER_EVIDENCE[stage]
             reasons.append(reason)
         pixel_responses = self._ask_pixels([items[i] for i in ask], [source_requests[i] for i in ask])
         by_item = dict(zip(ask, pixel_responses))
@@ -156,22 +224,44 @@ class HybridBackend:
                                pixel_response)
                 pixel_response = None
             pixels = complete(pixel_distribution(pixel_response, answers), answers) if pixel_response else None
-            mix = fusion.mix(header, pixels, answers, self.fusion.on_disagreement, no_pixels_reason=reasons[i])
-            out.append(self._response(mix, header_response, pixel_response, header, pixels))
+            mix = fusion.mix(header, pixels, answers, self.fusion.on_disagreement, no_pixels_reason=reasons[i],
+                             corroborated=backed[i])
+            out.append(self._response(mix, header_response, pixel_response, header, pixels, backed[i]))
         return out
 
-    def _why_not(self, item: RoutingInput, request: StageRequest, header_alone, fusion) -> str | None:
-        """Why the pixels are not read for this input and stage, or ``None`` to read them."""
+    @staticmethod
+    def _why_not(item: RoutingInput, request: StageRequest) -> str | None:
+        """Why the pixels cannot matter for this input and stage, whatever the header says, or ``None``."""
         non_image = item.header.non_image_kind if item.header is not None else None
         if non_image:
             return f"no pixels to read: {non_image}"
-        if request.settled:
-            return request.settled
-        if self.read_pixels == "always":
-            return None
-        if fusion.header_decides(header_alone):
-            return fusion.gate_reason(header_alone)
-        return None
+        return request.settled
+
+    # -- stage 3 ----------------------------------------------------------------------------------
+
+    def _answer_cards(self, items: list[RoutingInput], requests: list[StageRequest]) -> list[StageResponse]:
+        """Stage 3 on text: the cards' captions against each likely finding, weighted by stage 2's probabilities.
+
+        Matching text is cheap, so the card distribution is ``sum_f P2(f) P3(card | modality, f)`` over
+        the findings that hold 99 % of stage 2's mass (at most :data:`MAX_FINDINGS`), not the
+        distribution given stage 2's one answer: a sure finding gives one card, an uncertain one a
+        set. Without stage-2 probabilities it is the chosen finding's match.
+        """
+        expanded_items, expanded_requests, spans, weights = [], [], [], []
+        for item, request in zip(items, requests):
+            findings = likely_findings(request)
+            start = len(expanded_requests)
+            for finding, weight in findings:
+                expanded_items.append(item)
+                expanded_requests.append(replace(request, finding=finding, finding_probs=None))
+                weights.append(weight)
+            spans.append((start, len(expanded_requests)))
+        answered = self.header.answer(expanded_items, expanded_requests)
+        out = []
+        for (start, end), request in zip(spans, requests):
+            parts = list(zip(expanded_requests[start:end], answered[start:end], weights[start:end]))
+            out.append(parts[0][1] if len(parts) == 1 else _mixed_cards(request, parts))
+        return out
 
     def _ask_pixels(self, items: list[RoutingInput], requests: list[StageRequest]) -> list[StageResponse | Exception]:
         if not items:
@@ -190,7 +280,7 @@ class HybridBackend:
             return out
 
     def _response(self, mix: StageMix, header_response: StageResponse, pixel_response: StageResponse | None,
-                  header: dict[str, float], pixels: dict[str, float] | None) -> StageResponse:
+                  header: dict[str, float], pixels: dict[str, float] | None, corroborated: bool) -> StageResponse:
         ranked = sorted(mix.probs.items(), key=lambda item: -item[1])
         candidates = tuple(Candidate(text=a, p=min(p, 1.0)) for a, p in ranked[:2])
         vlm_calls = pixel_response.consultation.vlm_calls if pixel_response is not None and \
@@ -201,6 +291,7 @@ class HybridBackend:
             vlm_calls=vlm_calls,
             sources={HEADER: header if header_response.informative else None, PIXELS: pixels},
             disagreement=mix.disagreement,
+            corroborated=corroborated,
         )
         evidence = {
             "method": "hybrid-header-then-pixels-v1",

@@ -11,28 +11,33 @@ alone. Definitions, per stage and over the stage's admissible answers ``A``:
   answer outside ``A`` counts as unlisted mass. Probabilities are floored at :data:`PROB_FLOOR`
   before logarithms, so neither source can rule an answer out on its own. A source without
   evidence for the stage (the header names no finding: ``informative: false``) counts as flat.
-- **Header alone:** ``q_h(a) ∝ h(a)^(1/T_h)`` (temperature scaling).
+- **Header alone:** ``q_h(a) ∝ h(a)^(1/T_h)`` (temperature scaling), with its own temperature ``T_c``
+  where the header corroborates its answer (its statements agree: such a header is right far more
+  often than one resting on a single field, and only such a header may decide alone).
 - **Pixels alone:** ``q_v(a) ∝ v(a)^(1/T_v)``.
 - **Pooled** (log-linear pooling): ``q(a) ∝ h(a)^w_h · v(a)^w_p``. With ``w_h = w_p = 1`` this is
   the product of the two, i.e. Bayes' rule for independent evidence under a flat prior.
-- **Gate (the cascade):** the header decides alone when ``max_a q_h(a) >= g``; ``g >= 0.5``, so the
-  header's answer is then unique. Otherwise the pixels are read and the stage's distribution is
-  the pooled one.
-- **Disagreement:** the pixels were read, the header's answer ``a_h = argmax q_h`` differs from the
-  pixels' ``a_v = argmax q_v``, and ``D = q_v(a_v) - q_v(a_h) > m``: the image contradicts what
-  the header says, by more than the margin ``m``. The site's policy then sends the case to review
+- **Gate (the cascade):** the header decides alone when ``max_a q_h(a) >= g`` and the header
+  *corroborates* its answer (two independent header statements back it and none contradicts it:
+  one wrong field is the commonest header error); ``g >= 0.5``, so the header's answer is then
+  unique. Otherwise the pixels are read and the stage's distribution is the pooled one.
+- **Disagreement:** the pixels were read, the header says ``a_h = argmax q_h`` (with more than half
+  its probability: a header torn between answers says none of them), the pixels' answer
+  ``a_v = argmax q_v`` differs, and ``D = q_v(a_v) - q_v(a_h) > m``: the image contradicts what the
+  header says, by more than the margin ``m``. The site's policy then sends the case to review
   (default) or decides the stage on the pixels alone.
 
 Uncalibrated (no fit): ``T_h = T_v = w_h = w_p = 1``, ``g =`` :data:`DEFAULT_GATE`, ``m =``
 :data:`DEFAULT_MARGIN`, and every output says ``calibrated: false``.
 
-Fitted per stage on labelled rows that carry both sources (:func:`fit_stage_fusion`): ``T_h`` and
-``T_v`` by temperature scaling; ``(w_h, w_p)`` by minimising the gold answers' negative
+Fitted per stage on labelled rows that carry both sources (:func:`fit_stage_fusion`): ``T_h``, ``T_c``
+(on the corroborated rows) and ``T_v`` by temperature scaling; ``(w_h, w_p)`` by minimising the gold answers' negative
 log-likelihood, which is convex (a multinomial logistic regression with two features and no
-intercept); ``g`` by Learn-then-Test on the header alone (among the rows it lets through, the
-header's answer is wrong at most ``alpha`` of the time, with probability ``1 - delta``), then
-raised until the conformal quantile of the resulting stage distribution admits the header's
-answer on every row the gate lets through; ``m`` as the split-conformal quantile (level
+intercept); ``g`` as the lowest header probability at which the corroborated header alone was
+wrong on at most ``alpha`` of the fitting rows at or above it, raised until the conformal quantile
+of the resulting stage distribution admits the header's answer on every row the gate lets through
+(the coverage guarantee is that quantile's, fitted on the distribution the gate produces; the gate
+only decides which inputs need their pixels read); ``m`` as the split-conformal quantile (level
 ``alpha``) of ``D`` over rows whose header answer was right, so a right header is flagged at most
 ``alpha`` of the time, and never below :data:`MIN_MARGIN`.
 """
@@ -47,7 +52,6 @@ import numpy as np
 
 from onevlm.calibration.conformal import conformal_quantile
 from onevlm.calibration.scores import SUM_TOLERANCE, StageScores
-from onevlm.calibration.selective import certified_threshold
 
 HEADER = "header"
 PIXELS = "pixels"
@@ -60,6 +64,8 @@ DEFAULT_GATE = 0.95
 DEFAULT_MARGIN = 0.5
 #: A fitted margin is never smaller: a near-tie of the pixels is no contradiction.
 MIN_MARGIN = 0.2
+#: The header "says" its answer when it gives it more than this probability alone.
+HEADER_SAYS = 0.5
 #: Pooling weights are searched in [0, MAX_WEIGHT].
 MAX_WEIGHT = 5.0
 #: What a disagreement does: send the case to review, or decide the stage on the pixels alone.
@@ -203,8 +209,8 @@ class StageFusion:
 
     Attributes
     ----------
-    header_temperature, pixel_temperature:
-        ``T_h`` and ``T_v``.
+    header_temperature, corroborated_temperature, pixel_temperature:
+        ``T_h``, ``T_c`` and ``T_v``.
     header_weight, pixel_weight:
         ``w_h`` and ``w_p`` of the log-linear pooling.
     gate:
@@ -217,6 +223,7 @@ class StageFusion:
 
     stage: int
     header_temperature: float = 1.0
+    corroborated_temperature: float = 1.0
     pixel_temperature: float = 1.0
     header_weight: float = 1.0
     pixel_weight: float = 1.0
@@ -228,7 +235,7 @@ class StageFusion:
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage!r}")
-        for name in ("header_temperature", "pixel_temperature"):
+        for name in ("header_temperature", "corroborated_temperature", "pixel_temperature"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0.0:
                 raise ValueError(f"stage {self.stage}: {name} must be positive, got {value!r}")
@@ -243,8 +250,10 @@ class StageFusion:
 
     # -- the three distributions ----------------------------------------------------------------
 
-    def header_alone(self, header: Mapping[str, float], answers: Sequence[str]) -> dict[str, float]:
-        return _softmax(_logs(header, answers) / self.header_temperature, answers)
+    def header_alone(self, header: Mapping[str, float], answers: Sequence[str],
+                     corroborated: bool = False) -> dict[str, float]:
+        temperature = self.corroborated_temperature if corroborated else self.header_temperature
+        return _softmax(_logs(header, answers) / temperature, answers)
 
     def pixels_alone(self, pixels: Mapping[str, float], answers: Sequence[str]) -> dict[str, float]:
         return _softmax(_logs(pixels, answers) / self.pixel_temperature, answers)
@@ -253,16 +262,16 @@ class StageFusion:
         return _softmax(self.header_weight * _logs(header, answers) + self.pixel_weight * _logs(pixels, answers),
                         answers)
 
-    def header_decides(self, header_alone: Mapping[str, float]) -> bool:
-        """Whether the header alone certifies the stage (its answer's probability reaches the gate)."""
-        return self.gate is not None and top(header_alone)[1] >= self.gate
+    def header_decides(self, header_alone: Mapping[str, float], corroborated: bool = True) -> bool:
+        """Whether the header alone certifies the stage: corroborated, and its answer's probability reaches the gate."""
+        return corroborated and self.gate is not None and top(header_alone)[1] >= self.gate
 
     def disagreement(self, header_alone: Mapping[str, float], pixels_alone: Mapping[str, float],
                      action: str = "review") -> Disagreement | None:
         """The contradiction between the header's and the pixels' answers, if beyond the margin."""
         header_answer, header_p = top(header_alone)
-        if header_p - second(header_alone) <= 1e-12:
-            return None  # a header without a unique answer says nothing to contradict
+        if header_p <= HEADER_SAYS:
+            return None  # a header torn between answers says nothing to contradict
         pixels_answer, pixels_p = top(pixels_alone)
         if pixels_answer == header_answer:
             return None
@@ -273,8 +282,11 @@ class StageFusion:
 
     # -- the cascade ----------------------------------------------------------------------------
 
-    def gate_reason(self, header_alone: Mapping[str, float]) -> str:
+    def gate_reason(self, header_alone: Mapping[str, float], corroboration: str | None = None) -> str:
+        """Why the header alone does or does not decide; ``corroboration``: why it is not corroborated."""
         answer, p = top(header_alone)
+        if corroboration:
+            return f"the header alone cannot decide {answer} (p {p:.2f}): {corroboration}"
         if self.gate is None:
             return f"the header alone never certifies stage {self.stage} on this site's labels (header {answer} p {p:.2f})"
         if p >= self.gate:
@@ -282,13 +294,17 @@ class StageFusion:
         return f"the header alone is not certain enough (p {p:.2f} for {answer} < gate {self.gate:.2f})"
 
     def mix(self, header: Mapping[str, float], pixels: Mapping[str, float] | None, answers: Sequence[str],
-            on_disagreement: str = "review", no_pixels_reason: str | None = None) -> StageMix:
-        """The stage's distribution for complete sources (:func:`complete`); ``pixels`` ``None``: not read."""
-        alone = self.header_alone(header, answers)
-        if pixels is None:
-            reason = no_pixels_reason or self.gate_reason(alone)
-            return StageMix(alone, (HEADER,), reason)
+            on_disagreement: str = "review", no_pixels_reason: str | None = None,
+            corroborated: bool = False) -> StageMix:
+        """The stage's distribution for complete sources (:func:`complete`); ``pixels`` ``None``: not read.
+
+        ``no_pixels_reason`` is the reason recorded (default: the gate's); ``corroborated``: whether
+        the header's statements back its answer (its header-alone temperature).
+        """
+        alone = self.header_alone(header, answers, corroborated)
         reason = no_pixels_reason or self.gate_reason(alone)
+        if pixels is None:
+            return StageMix(alone, (HEADER,), reason)
         disagreement = self.disagreement(alone, self.pixels_alone(pixels, answers), on_disagreement)
         if disagreement is not None and on_disagreement == "pixels":
             return StageMix(self.pixels_alone(pixels, answers), (HEADER, PIXELS), reason, disagreement)
@@ -297,7 +313,9 @@ class StageFusion:
     # -- file form -----------------------------------------------------------------------------
 
     def as_dict(self) -> dict[str, Any]:
-        return {"header_temperature": self.header_temperature, "pixel_temperature": self.pixel_temperature,
+        return {"header_temperature": self.header_temperature,
+                "corroborated_temperature": self.corroborated_temperature,
+                "pixel_temperature": self.pixel_temperature,
                 "header_weight": self.header_weight, "pixel_weight": self.pixel_weight, "gate": self.gate,
                 "margin": self.margin, "n": self.n, "n_pixels": self.n_pixels}
 
@@ -308,6 +326,7 @@ class StageFusion:
             raise ValueError(f"fusion stage {stage}: unknown key(s) {', '.join(sorted(unknown))}")
         gate = data.get("gate", DEFAULT_GATE)
         return cls(stage=stage, header_temperature=float(data.get("header_temperature", 1.0)),
+                   corroborated_temperature=float(data.get("corroborated_temperature", 1.0)),
                    pixel_temperature=float(data.get("pixel_temperature", 1.0)),
                    header_weight=float(data.get("header_weight", 1.0)),
                    pixel_weight=float(data.get("pixel_weight", 1.0)),
@@ -373,6 +392,7 @@ class SourceRow:
 
     ``pixels`` is ``None`` when the pixels were not read (the row then fits the header only).
     ``gold`` is the right answer (``None``: unknown; such rows are not fitted on).
+    ``corroborated``: whether the header's statements back its answer (else it never decides alone).
     """
 
     stage: int
@@ -380,6 +400,7 @@ class SourceRow:
     header: Mapping[str, float]
     pixels: Mapping[str, float] | None
     gold: str | None
+    corroborated: bool = True
 
     def __post_init__(self) -> None:
         for name in SOURCES:
@@ -420,33 +441,49 @@ def fit_weights(rows: Sequence[SourceRow]) -> tuple[float, float]:
     return w_h, w_p
 
 
-def _temperature(rows: Sequence[SourceRow], source: str) -> float:
+def _temperature(rows: Sequence[SourceRow], source: str, corroborated_only: bool = False) -> float:
     from onevlm.calibration.temperature import fit_temperature
 
     scores = [StageScores(r.stage, dict(getattr(r, source)), r.gold) for r in rows
-              if getattr(r, source) is not None and r.gold in r.answers]
+              if getattr(r, source) is not None and r.gold in r.answers and (r.corroborated or not corroborated_only)]
     if not scores:
         return 1.0
     return fit_temperature(scores).temperature
 
 
 def _stage_probs(fusion: StageFusion, row: SourceRow, gate: float | None) -> dict[str, float]:
-    alone = fusion.header_alone(row.header, row.answers)
-    if row.pixels is None or (gate is not None and top(alone)[1] >= gate):
+    alone = fusion.header_alone(row.header, row.answers, row.corroborated)
+    if row.pixels is None or (row.corroborated and gate is not None and top(alone)[1] >= gate):
         return alone
     return fusion.pooled(row.header, row.pixels, row.answers)
 
 
-def fit_gate(fusion: StageFusion, rows: Sequence[SourceRow], alpha: float, delta: float) -> float | None:
-    """The gate ``g`` (module docstring); ``None`` when the header alone certifies nothing."""
+def fit_gate(fusion: StageFusion, rows: Sequence[SourceRow], alpha: float) -> float | None:
+    """The gate ``g`` (module docstring); ``None`` when the header alone is never right often enough.
+
+    On the rows the header may decide alone (corroborated ones): the lowest header probability at
+    which the header's answer was wrong on at most ``alpha`` of the fitting rows at or above it (and
+    at least ``1/alpha`` rows lie there, so the rate means something); then raised until the
+    conformal quantile of the stage's distribution admits the header's answer on every row the gate
+    lets through. The guarantee itself comes from that conformal quantile, fitted afterwards on the
+    distribution the gate produces: the gate decides how many pixels are read, not the coverage.
+    """
     labelled = [r for r in rows if r.gold in r.answers]
-    alone = [fusion.header_alone(r.header, r.answers) for r in labelled]
-    confidences = [top(a)[1] for a in alone]
-    correct = [top(a)[0] == r.gold for a, r in zip(alone, labelled)]
-    certified = certified_threshold(confidences, correct, alpha, delta) if labelled else None
-    if certified is None or certified.threshold is None:
+    eligible = [r for r in labelled if r.corroborated]
+    scored = sorted(((top(a)[1], top(a)[0] == r.gold) for r in eligible
+                     for a in (fusion.header_alone(r.header, r.answers, corroborated=True),)), reverse=True)
+    least = math.ceil(1.0 / alpha)
+    gate, errors = None, 0
+    for count, (p, right) in enumerate(scored, start=1):
+        errors += not right
+        next_p = scored[count][0] if count < len(scored) else -1.0
+        if next_p == p:
+            continue  # a threshold keeps every row of its probability
+        if count >= least and errors <= alpha * count:
+            gate = p
+    if gate is None:
         return None
-    gate = max(float(certified.threshold), 0.5)
+    gate = max(gate, 0.5)
     for _ in range(64):  # g only rises; each step lets fewer rows through, so this ends
         scores = [1.0 - _stage_probs(fusion, r, gate)[r.gold] for r in labelled]
         qhat = conformal_quantile(scores, alpha)
@@ -465,9 +502,9 @@ def fit_margin(fusion: StageFusion, rows: Sequence[SourceRow], alpha: float) -> 
     for row in rows:
         if row.pixels is None or row.gold not in row.answers:
             continue
-        alone = fusion.header_alone(row.header, row.answers)
-        header_answer = top(alone)[0]
-        if header_answer != row.gold:
+        alone = fusion.header_alone(row.header, row.answers, row.corroborated)
+        header_answer, header_p = top(alone)
+        if header_answer != row.gold or header_p <= HEADER_SAYS:
             continue
         pixels = fusion.pixels_alone(row.pixels, row.answers)
         pixels_answer, pixels_p = top(pixels)
@@ -480,7 +517,7 @@ def fit_margin(fusion: StageFusion, rows: Sequence[SourceRow], alpha: float) -> 
     return float(min(max(margin, MIN_MARGIN), 1.0))
 
 
-def fit_stage_fusion(stage: int, rows: Sequence[SourceRow], alpha: float, delta: float) -> StageFusion:
+def fit_stage_fusion(stage: int, rows: Sequence[SourceRow], alpha: float) -> StageFusion:
     """Fit one stage's fusion (temperatures, pooling weights, gate, margin) on labelled rows.
 
     Raises
@@ -493,10 +530,11 @@ def fit_stage_fusion(stage: int, rows: Sequence[SourceRow], alpha: float, delta:
         raise ValueError(f"stage {stage}: no labelled row to fit the fusion on")
     w_h, w_p = fit_weights(labelled)
     fusion = StageFusion(stage=stage, header_temperature=_temperature(labelled, HEADER),
+                         corroborated_temperature=_temperature(labelled, HEADER, corroborated_only=True),
                          pixel_temperature=_temperature(labelled, PIXELS), header_weight=w_h, pixel_weight=w_p,
                          gate=None, margin=DEFAULT_MARGIN, n=len(labelled),
                          n_pixels=sum(1 for r in labelled if r.pixels is not None))
-    gate = fit_gate(fusion, labelled, alpha, delta)
+    gate = fit_gate(fusion, labelled, alpha)
     margin = fit_margin(fusion, labelled, alpha)
     return StageFusion(**{**fusion.as_dict(), "gate": gate, "margin": margin}, stage=stage)
 

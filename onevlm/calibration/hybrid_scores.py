@@ -5,7 +5,9 @@ File format (JSON Lines, one stage of one input per line, blank lines skipped)::
     {"stage": 1, "header": {"chest CT scan": 0.80, "brain CT scan": 0.15}, "pixels": {"brain CT scan": 0.93}, "gold": "brain CT scan"}
 
 ``header`` is required; ``pixels`` may be missing or ``null`` (the pixels were not read: the line is
-decided on the header alone, and says so); ``gold`` is required to fit, optional to apply. Each
+decided on the header alone, and says so); ``gold`` is required to fit, optional to apply;
+``corroborated`` (optional, default ``true``) says whether the header's own statements back its
+answer (the router's rule: a header that does not never decides alone). Each
 source is a distribution over the stage's admissible answers (probabilities in [0, 1] summing to
 at most 1; what a source leaves unlisted is shared by the answers it did not list). When fitting,
 a stage's admissible answers are every answer its lines name; when applying, every answer of a
@@ -51,12 +53,13 @@ class HybridLine:
     header: Mapping[str, float]
     pixels: Mapping[str, float] | None
     gold: str | None = None
+    corroborated: bool = True
 
 
 def _parse(record: Any, number: int) -> HybridLine:
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    unknown = set(record) - {"stage", "header", "pixels", "gold"}
+    unknown = set(record) - {"stage", "header", "pixels", "gold", "corroborated"}
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}")
     stage = record.get("stage")
@@ -69,7 +72,10 @@ def _parse(record: Any, number: int) -> HybridLine:
     gold = record.get("gold")
     if gold is not None and (not isinstance(gold, str) or not gold):
         raise ValueError(f"gold must be a non-empty string or null, got {gold!r}")
-    return HybridLine(number, stage, header, pixels, gold)
+    corroborated = record.get("corroborated", True)
+    if not isinstance(corroborated, bool):
+        raise ValueError(f"corroborated must be true or false, got {corroborated!r}")
+    return HybridLine(number, stage, header, pixels, gold, corroborated)
 
 
 def read_hybrid_scores(path: str | Path) -> list[HybridLine]:
@@ -119,19 +125,21 @@ def _answers(lines: Sequence[HybridLine]) -> dict[int, tuple[str, ...]]:
 
 def _source_row(line: HybridLine, answers: Sequence[str]) -> SourceRow:
     return SourceRow(line.stage, tuple(answers), complete(line.header, answers), complete(line.pixels, answers),
-                     line.gold)
+                     line.gold, line.corroborated)
 
 
 def mixed_scores(fusion: StageFusion, row: SourceRow, on_disagreement: str):
     """The cascade on one row: the header alone when it decides (its pixels unread), else pooled."""
-    alone = fusion.header_alone(row.header, row.answers)
-    if fusion.header_decides(alone):
-        return fusion.mix(row.header, None, row.answers, on_disagreement)
+    alone = fusion.header_alone(row.header, row.answers, row.corroborated)
+    if fusion.header_decides(alone, row.corroborated):
+        return fusion.mix(row.header, None, row.answers, on_disagreement, corroborated=True)
+    why = fusion.gate_reason(alone, None if row.corroborated else "the line says its header is not corroborated")
     if row.pixels is None:
         return fusion.mix(row.header, None, row.answers, on_disagreement,
-                          no_pixels_reason=f"{fusion.gate_reason(alone)}; no pixel evidence given: decided on "
-                                           "the header alone")
-    return fusion.mix(row.header, row.pixels, row.answers, on_disagreement)
+                          no_pixels_reason=f"{why}; no pixel evidence given: decided on the header alone",
+                          corroborated=row.corroborated)
+    return fusion.mix(row.header, row.pixels, row.answers, on_disagreement, no_pixels_reason=why,
+                      corroborated=row.corroborated)
 
 
 def fit_hybrid_from_scores(lines: Sequence[HybridLine], risk: float, delta: float = 0.1, holdout: float = 0.0,
@@ -156,7 +164,7 @@ def fit_hybrid_from_scores(lines: Sequence[HybridLine], risk: float, delta: floa
             continue
         fit_idx, held_idx = split_indices(len(rows), holdout, seed)
         fit_rows = [rows[i] for i in fit_idx]
-        fusion = fit_stage_fusion(stage, fit_rows, risk, delta)
+        fusion = fit_stage_fusion(stage, fit_rows, risk)
         stage_fusions[stage] = fusion
         mixed = [StageScores(stage, mixed_scores(fusion, r, on_disagreement).probs, r.gold) for r in fit_rows]
         stages[stage] = fit_stage(stage, mixed, risk, delta, scale_temperature=False).calibration

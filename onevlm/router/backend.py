@@ -65,6 +65,8 @@ class StageRequest:
     modality: str | None = None
     finding: str | None = None
     settled: str | None = None
+    #: Stage 3: stage 2's probabilities over findings, when it had evidence (a backend may weigh them).
+    finding_probs: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
@@ -91,6 +93,9 @@ class Consultation:
         (``None`` for a source that was not read); a calibration refits on them.
     disagreement:
         Set when the header and the pixels contradict each other beyond the calibrated margin.
+    corroborated:
+        Whether the header's own statements back its answer (the hybrid lets only such a header
+        decide alone); ``None`` where not assessed.
     """
 
     consulted: tuple[str, ...]
@@ -98,6 +103,7 @@ class Consultation:
     vlm_calls: int = 0
     sources: Mapping[str, Mapping[str, float] | None] = field(default_factory=dict)
     disagreement: Disagreement | None = None
+    corroborated: bool | None = None
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.consulted if s not in SOURCES]
@@ -118,6 +124,7 @@ class Consultation:
             "sources": {name: None if probs is None else {a: round(p, 9) for a, p in probs.items()}
                         for name, probs in self.sources.items()},
             "disagreement": self.disagreement.as_dict() if self.disagreement is not None else None,
+            "corroborated": self.corroborated,
         }
 
     @classmethod
@@ -127,7 +134,8 @@ class Consultation:
                    vlm_calls=int(data.get("vlm_calls", 0)),
                    sources={k: None if v is None else {a: float(p) for a, p in v.items()}
                             for k, v in (data.get("sources") or {}).items()},
-                   disagreement=Disagreement.from_dict(disagreement) if disagreement else None)
+                   disagreement=Disagreement.from_dict(disagreement) if disagreement else None,
+                   corroborated=data.get("corroborated"))
 
 
 @dataclass(frozen=True)

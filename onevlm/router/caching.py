@@ -23,7 +23,8 @@ class CachingBackend:
 
     @staticmethod
     def _key(item: RoutingInput, request: StageRequest) -> tuple:
-        return (str(item.path), request.stage, request.modality, request.finding, request.settled)
+        weighed = tuple(sorted(request.finding_probs.items())) if request.finding_probs else None
+        return (str(item.path), request.stage, request.modality, request.finding, request.settled, weighed)
 
     def answer(self, items: Sequence[RoutingInput], requests: Sequence[StageRequest]) -> list[StageResponse]:
         todo: dict[tuple, tuple[RoutingInput, StageRequest]] = {}

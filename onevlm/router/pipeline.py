@@ -169,6 +169,7 @@ class Router:
         finding = state.stages[1].chosen
         candidates = self.cards.by_modality(modality)
         prompt = stage3_prompt(modality, finding, [(c.id, c.task_caption) for c in candidates])
+        stage2 = state.stages[1]
         return StageRequest(
             stage=3,
             prompt=prompt,
@@ -176,6 +177,7 @@ class Router:
             cards=candidates,
             modality=modality,
             finding=finding,
+            finding_probs=dict(stage2.distribution) if stage2.informative and stage2.distribution else None,
         )
 
     def _run_stage(

@@ -366,8 +366,9 @@ def source_rows(decisions: Sequence[RoutingDecision], rows: Sequence[LabelledInp
             continue
         header = sources.get(HEADER)
         pixels = sources.get(PIXELS)
+        corroborated = record.consultation.corroborated is not False
         out.append(SourceRow(stage, answers, complete(header, answers) if header else flat(answers),
-                             complete(pixels, answers) if pixels else None, _canonical(gold, answers)))
+                             complete(pixels, answers) if pixels else None, _canonical(gold, answers), corroborated))
     return out
 
 
@@ -389,5 +390,5 @@ def fit_fusion(decisions: Sequence[RoutingDecision], rows: Sequence[LabelledInpu
         if not any(r.gold in r.answers for r in stage_rows):
             logger.warning("stage %d: no labelled input to fit the fusion on; its defaults stay", stage)
             continue
-        stages[stage] = fit_stage_fusion(stage, stage_rows, risk / len(SET_STAGES), delta)
+        stages[stage] = fit_stage_fusion(stage, stage_rows, risk / len(SET_STAGES))
     return Fusion(stages=stages, on_disagreement=on_disagreement, calibrated=True)

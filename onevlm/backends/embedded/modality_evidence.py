@@ -15,6 +15,10 @@ odds); they are documented, not fitted.
   accepting the code covers.
 - ``None`` is ``NONE_FOR_NON_IMAGE`` for objects that are not images (SR, RT plan, ECG…),
   otherwise ``NONE_FOR_IMAGE``: a DICOM image is a medical image.
+
+The evidence also says whether the header **corroborates** its top answer (:func:`corroboration`):
+the answer is backed by two independent header statements and contradicted by none. It does not
+change the probabilities; the hybrid router lets the header decide alone only when it holds.
 """
 
 from __future__ import annotations
@@ -90,6 +94,78 @@ def header_regions(header: DicomHeader) -> tuple[list[str], list[str]]:
                 regions.append(region)
             notes.append(f"{field_name} '{text}' names {region}")
     return regions, notes
+
+
+#: Fewest independent header statements that must back an answer before the header may decide alone.
+MIN_STATEMENTS = 2
+
+
+def anatomy_statements(header: DicomHeader) -> list[tuple[str, tuple[str, ...]]]:
+    """Each independent statement of anatomy in the header: ``(field, regions)``.
+
+    Body Part Examined, the anatomic region, each description and Image Type's exam values; a text
+    repeated in several fields (a study description copied into the series description) counts once.
+    """
+    statements: list[tuple[str, tuple[str, ...]]] = []
+    if header.body_part_examined and (region := region_of_body_part(header.body_part_examined)):
+        statements.append(("BodyPartExamined", (region,)))
+    texts = [("AnatomicRegion", header.anatomic_region)] if header.anatomic_region else []
+    texts += list(header.descriptions)
+    if header.image_type[2:]:
+        texts.append(("ImageType", " ".join(header.image_type[2:])))
+    seen: set[str] = set()
+    for field_name, text in texts:
+        key = " ".join(text.lower().split())
+        regions = tuple(regions_in_text(text))
+        if regions and key not in seen:
+            seen.add(key)
+            statements.append((field_name, regions))
+    return statements
+
+
+def corroboration(header: DicomHeader, answer: str, profiles: list[ModalityProfile]) -> dict:
+    """Whether the header backs ``answer`` with independent statements that nothing in it contradicts.
+
+    A modality is corroborated when the Modality code is one its cards accept and at least
+    :data:`MIN_STATEMENTS` anatomy statements name a region it accepts while none names only
+    regions it does not. ``Other`` is corroborated when no card accepts the Modality code, or when
+    that many statements name anatomy that none of the code's cards covers. One field alone is
+    never enough: Body Part Examined alone is wrong on about 15 % of images (Güld et al., 2002).
+    """
+    code = header.effective_modality
+    informative = code not in UNINFORMATIVE_CODES
+    statements = anatomy_statements(header)
+
+    def backs(regions: tuple[str, ...], accepted: set[str] | frozenset[str]) -> bool:
+        # an organ named must be accepted; a statement naming only generic regions backs what contains them
+        organs = [r for r in regions if r not in GENERIC_REGIONS]
+        if organs:
+            return any(r in accepted for r in organs)
+        return bool(expand(regions) & expand(accepted))
+
+    out = {"answer": answer, "supporting": [], "conflicting": [], "code_backs_answer": False, "corroborated": False}
+    if answer == OTHER:
+        accepting = [p for p in profiles if code in p.codes] if informative else []
+        if informative and not accepting:
+            out.update(code_backs_answer=True, corroborated=True, supporting=["Modality"])
+            return out
+        covered = set().union(*(p.regions for p in accepting)) if accepting else set()
+        uncovered = [(f, set(regions)) for f, regions in statements if not backs(regions, covered)]
+        out["conflicting"] = [f for f, regions in statements if backs(regions, covered)]
+        # statements for Other must agree with each other: the same uncovered region
+        shared = set.intersection(*(expand(r) for _, r in uncovered)) if uncovered else set()
+        out["supporting"] = [f for f, _ in uncovered] if shared else [f for f, _ in uncovered[:1]]
+        out["corroborated"] = len(out["supporting"]) >= MIN_STATEMENTS and not out["conflicting"]
+        return out
+    else:
+        profile = next((p for p in profiles if p.modality == answer), None)
+        if profile is None or not informative or code not in profile.codes:
+            return out
+        out["code_backs_answer"] = True
+        for field_name, regions in statements:
+            (out["supporting"] if backs(regions, profile.regions) else out["conflicting"]).append(field_name)
+    out["corroborated"] = len(out["supporting"]) >= MIN_STATEMENTS and not out["conflicting"]
+    return out
 
 
 def anatomy_score(evidence: set[str], accepted: frozenset[str]) -> tuple[float, str]:
@@ -174,6 +250,7 @@ def rank_modalities(header: DicomHeader, profiles: list[ModalityProfile]) -> tup
         "anatomy": region_notes,
         "non_image": non_image,
         "reasons": {r.answer: reasons[r.answer] for r in ranking[:2]},
+        "corroboration": corroboration(header, ranking[0].answer, profiles),
     }
     return ranking, evidence
 
