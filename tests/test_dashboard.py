@@ -358,7 +358,7 @@ def test_drift_warning_when_a_calibration_in_force_misses_on_reviewed_cases(proc
 
 # --------------------------------------------------------------------------- the hybrid router's figures
 
-DISAGREE = "ct_head_routine_brain.dcm"  # the image looks like a chest CT: stage 1 disagreement, review
+DISAGREE = "ct_head_512_j2k.dcm"  # only Body Part backs brain CT; the image looks like a chest CT: review
 HEADER_ONLY = "cr_extremity_j2k.dcm"  # the header certifies Other: stopped, no VLM call
 PIXELS_ASKED = "mr_small_no_bodypart.dcm"  # no body part: the pixels asked (a flat answer), review, no disagreement
 DISAGREEMENT_TEXT = ("stage 1: header says brain CT scan (Modality CT, BodyPartExamined HEAD); the image looks like "

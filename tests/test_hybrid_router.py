@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from onevlm.calibration.fusion import (
-    DEFAULT_GATE,
     Fusion,
     SourceRow,
     StageFusion,
@@ -253,16 +252,16 @@ def test_objects_without_pixels_and_certain_headers_cost_no_vlm_call(cards, head
 
 
 def test_an_uncertain_header_asks_the_pixels_and_the_pooled_answer_decides(cards, header_source):
-    # the head CT header says brain CT at 0.91 (< the default gate 0.95): the pixels are read at stages 1 and 2
-    pixels = FixedPixels({"ct_head_routine_brain.dcm": {
+    # only Body Part Examined backs brain CT in this header: the pixels are read at stages 1 and 2
+    pixels = FixedPixels({"ct_head_512_j2k.dcm": {
         1: {"brain CT scan": 0.9, "chest CT scan": 0.05},
         2: {"acute ischemic stroke": 0.9, "Normal": 0.05},
     }})
-    (decision,) = _route(_router(cards, header_source, pixels), "ct_head_routine_brain.dcm")
-    assert pixels.calls == [("ct_head_routine_brain.dcm", 1), ("ct_head_routine_brain.dcm", 2)]
+    (decision,) = _route(_router(cards, header_source, pixels), "ct_head_512_j2k.dcm")
+    assert pixels.calls == [("ct_head_512_j2k.dcm", 1), ("ct_head_512_j2k.dcm", 2)]
     assert decision.vlm_calls == 2
     first, second, third = decision.stages
-    assert first.consulted == ("header", "pixels") and f"< gate {DEFAULT_GATE:.2f}" in first.consultation.reason
+    assert first.consulted == ("header", "pixels") and "only BodyPartExamined backs it" in first.consultation.reason
     assert first.chosen == "brain CT scan" and first.confidence > 0.99  # two sources agree
     assert second.consulted == ("header", "pixels") and second.chosen == "acute ischemic stroke"
     assert second.consultation.reason == "the header names no finding: the pixels decide"
@@ -276,8 +275,8 @@ def test_an_uncertain_header_asks_the_pixels_and_the_pooled_answer_decides(cards
 
 
 def test_a_contradicting_image_is_a_disagreement_sent_to_review(cards, header_source):
-    pixels = FixedPixels({"ct_head_routine_brain.dcm": {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}})
-    (decision,) = _route(_router(cards, header_source, pixels), "ct_head_routine_brain.dcm")
+    pixels = FixedPixels({"ct_head_512_j2k.dcm": {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}})
+    (decision,) = _route(_router(cards, header_source, pixels), "ct_head_512_j2k.dcm")
     flag = decision.stages[0].consultation.disagreement
     assert flag is not None and (flag.header_answer, flag.pixels_answer) == ("brain CT scan", "chest CT scan")
     assert decision.outcome_name == "review"
@@ -285,11 +284,11 @@ def test_a_contradicting_image_is_a_disagreement_sent_to_review(cards, header_so
                                      "the image looks like chest CT scan (p 0.95)")
     assert decision.outcome.reasons[0].startswith("header and image disagree: stage 1: header says brain CT scan")
     # stage 1 already sends the case to review: the pixels are not read at stage 2
-    assert pixels.calls == [("ct_head_routine_brain.dcm", 1)]
+    assert pixels.calls == [("ct_head_512_j2k.dcm", 1)]
     assert "already sends the case to review" in decision.stages[1].consultation.reason
     # the site's policy "pixels": the stage is decided on the pixels, the route goes on, flagged
     (decided,) = _route(_router(cards, header_source, pixels, Fusion(on_disagreement="pixels")),
-                        "ct_head_routine_brain.dcm")
+                        "ct_head_512_j2k.dcm")
     assert decided.stages[0].chosen == "chest CT scan" and decided.outcome_name != "review"
     assert decided.disagreement and any("decided on the pixels" in r for r in decided.outcome.reasons)
 
@@ -299,7 +298,7 @@ def test_unreadable_pixels_fall_back_to_the_header_and_say_so(cards, header_sour
         def answer(self, items, requests):
             raise RuntimeError("cannot decode pixel data")
 
-    (decision,) = _route(_router(cards, header_source, Broken({})), "ct_head_routine_brain.dcm")
+    (decision,) = _route(_router(cards, header_source, Broken({})), "ct_head_512_j2k.dcm")
     assert decision.error is None and decision.stages[0].consulted == ("header",)
     assert "could not be read (cannot decode pixel data)" in decision.stages[0].consultation.reason
     assert decision.vlm_calls == 0

@@ -303,8 +303,9 @@ def _parameters(sr):
 
 def test_sr_of_a_header_and_image_disagreement(tmp_path):
     """The image looks like a chest CT, the header says brain CT: what each stage read, both answers coded, the sentence."""
-    answers = {"ct_head_routine_brain.dcm": {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}}
-    decision, pixels, sr = _hybrid_sr(answers, SAMPLES / "ct_head_routine_brain.dcm", tmp_path)
+    # only Body Part Examined backs brain CT in this header: the pixels are read, and contradict it
+    answers = {"ct_head_512_j2k.dcm": {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}}
+    decision, pixels, sr = _hybrid_sr(answers, SAMPLES / "ct_head_512_j2k.dcm", tmp_path)
     assert decision.outcome.outcome == "review" and decision.disagreement
     evaluations = _evaluations(sr)
     assert evaluations["Routing outcome"] == coding.OUTCOME_REVIEW
@@ -341,20 +342,21 @@ def test_sr_of_a_stage_2_disagreement_codes_findings(tmp_path):
     assert decision.outcome.outcome == "review" and decision.disagreement.startswith("stage 2: ")
     evaluations = _evaluations(sr)
     assert "Header and image, stage 1" not in evaluations
-    assert evaluations["Evidence consulted, stage 1"] == evaluations["Evidence consulted, stage 2"] == \
-        coding.SOURCES_HEADER_AND_PIXELS
+    assert decision.stages[0].consultation.corroborated  # its header fields agree on a head CT
+    assert evaluations["Evidence consulted, stage 1"] == coding.SOURCES_HEADER
+    assert evaluations["Evidence consulted, stage 2"] == coding.SOURCES_HEADER_AND_PIXELS
     assert evaluations["Header and image, stage 2"] == coding.HEADER_IMAGE_DISAGREE
     assert evaluations["Header's answer, stage 2"] == coding.finding_code("subdural hemorrhage")
     assert evaluations["Image's answer, stage 2"] == coding.finding_code("Normal")
     assert evaluations["Image's answer, stage 2"].scheme_designator == "SCT"  # Normal 17621005
-    assert _calls(sr) == decision.vlm_calls == len(pixels.calls) == 2
+    assert _calls(sr) == decision.vlm_calls == len(pixels.calls) == 1
 
 
 def test_sr_of_a_hybrid_decision_without_disagreement(tmp_path):
     """Header and image agree: the sources each stage read and the VLM calls, no disagreement."""
-    answers = {"ct_head_routine_brain.dcm": {1: {"brain CT scan": 0.95, "chest CT scan": 0.01},
-                                             2: {"Normal": 0.9, "intracranial hemorrhage": 0.05}}}
-    decision, pixels, sr = _hybrid_sr(answers, SAMPLES / "ct_head_routine_brain.dcm", tmp_path)
+    answers = {"ct_head_512_j2k.dcm": {1: {"brain CT scan": 0.95, "chest CT scan": 0.01},
+                                       2: {"Normal": 0.9, "intracranial hemorrhage": 0.05}}}
+    decision, pixels, sr = _hybrid_sr(answers, SAMPLES / "ct_head_512_j2k.dcm", tmp_path)
     assert decision.outcome.outcome == "routed" and decision.disagreement is None
     evaluations = _evaluations(sr)
     assert evaluations["Imaging modality (router stage 1)"] == coding.modality_answer_code("brain CT scan")

@@ -206,31 +206,33 @@ def test_hybrid_study_counts_vlm_calls_and_disagreements(tmp_path):
     for name in ("ct_head_routine_brain.dcm", "ct_head_512_j2k.dcm", "cr_extremity_j2k.dcm", "rt_plan.dcm"):
         shutil.copy(SAMPLES / name, inputs / name)
     cards = CardRepository.load(default_cards_dir())
-    pixels = FixedPixels({"ct_head_routine_brain.dcm": {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}})
+    # ct_head_512: only Body Part Examined backs brain CT, the image looks like a chest CT (a disagreement);
+    # ct_head_routine_brain: five header statements back brain CT, the header decides stage 1 alone
+    pixels = FixedPixels({"ct_head_512_j2k.dcm": {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}})
     router = Router(cards, create_backend("hybrid", cards, pixel_backend=pixels))
     out = write_study_outputs(route_study(router, [inputs]), tmp_path / "out", cards)
     meta = json.loads(out.metadata_file.read_text())
     detail = json.loads(out.detail_file.read_text())
     assert all(isinstance(v, (str, int, float, bool)) for v in meta.values()), meta
     entries = {e["input"]: e for e in detail["entries"]}
-    disagree = entries["ct_head_routine_brain.dcm"]
+    disagree = entries["ct_head_512_j2k.dcm"]
     assert disagree["consulted"] == [["header", "pixels"], ["header"], []] and disagree["vlm_calls"] == 1
     assert disagree["disagreement"].startswith("stage 1: header says brain CT scan (Modality CT, "
                                                "BodyPartExamined HEAD); the image looks like chest CT scan (p 0.95)")
     assert disagree["outcome"] == "review" and disagree["sr_file"]
     assert dciodvfy_errors(out.metadata_file.parent / disagree["sr_file"]) == []
-    asked = entries["ct_head_512_j2k.dcm"]  # the header is not certain enough at stages 1 and 2
-    assert asked["consulted"] == [["header", "pixels"], ["header", "pixels"], []] and asked["vlm_calls"] == 2
+    asked = entries["ct_head_routine_brain.dcm"]  # the header decides stage 1, names no finding: stage 2 asks
+    assert asked["consulted"] == [["header"], ["header", "pixels"], []] and asked["vlm_calls"] == 1
     assert asked["disagreement"] is None
     certain = entries["cr_extremity_j2k.dcm"]  # the header decides: the pixels are not read
     assert certain["consulted"] == [["header"]] and certain["vlm_calls"] == 0 and certain["outcome"] == "stopped"
     skipped = entries["rt_plan.dcm"]
     assert skipped["skipped"] and skipped["consulted"] == [] and skipped["vlm_calls"] == 0
-    assert meta["vlm_calls"] == sum(e["vlm_calls"] for e in detail["entries"]) == len(pixels.calls) == 3
+    assert meta["vlm_calls"] == sum(e["vlm_calls"] for e in detail["entries"]) == len(pixels.calls) == 2
     assert meta["series_without_vlm"] == 1 and meta["disagreements"] == 1
     assert meta["outcome"] == "review" and meta["needs_review"] is True
     decisions = [json.loads(line) for line in out.decisions_file.read_text().splitlines()]
-    assert sum(d["vlm_calls"] for d in decisions) == 3
+    assert sum(d["vlm_calls"] for d in decisions) == 2
 
 
 def test_decision_records_without_vlm_counts_leave_the_keys_out():

@@ -67,12 +67,9 @@ FINDING_MASS, FINDING_FLOOR = 0.99, 0.01
 def corroboration(response: StageResponse, stage: int, answer: str) -> tuple[bool, str | None]:
     """Whether the header source backs ``answer`` with agreeing statements, and if not, why (in words).
 
-    Stage 1 reads the header source's ``corroboration`` evidence (two independent statements, none
-    contradicting). Stage 2's header evidence is descriptive text, one phrase at most naming a
-    finding: never enough for the header to decide alone.
+    The header source's ``corroboration`` evidence: stage 1, two independent statements of anatomy
+    and none contradicting; stage 2, two different phrases of the header's text naming the finding.
     """
-    if stage == 2:
-        return False, "a finding named in header text alone is not enough (descriptions are wrong on about 10 % of series)"
     evidence = (response.evidence or {}).get("corroboration")
     if not isinstance(evidence, dict):
         return True, None  # a header source without the notion: its probabilities and the gate decide
@@ -85,7 +82,10 @@ def corroboration(response: StageResponse, stage: int, answer: str) -> tuple[boo
                        f"{', '.join(evidence['conflicting'])} against)")
     supporting = evidence.get("supporting") or []
     if not supporting:
-        return False, "no header field names its anatomy"
+        return False, "no header field names its anatomy" if stage == 1 else "no header phrase names it"
+    if stage == 2:
+        return False, (f"only {supporting[0]} names it: one phrase alone is wrong too often (descriptions on "
+                       "about 10 % of series)")
     return False, (f"only {supporting[0]} backs it: one field alone is wrong too often (Body Part Examined on "
                    "about 15 % of images)")
 

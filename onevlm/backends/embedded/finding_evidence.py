@@ -95,6 +95,16 @@ def rank_findings(
             field_name, phrase = phrases[int(best_phrase[j])]
             support[r.answer] = f"{field_name} phrase '{phrase}' (cosine {best[j]:.3f})"
     informative = bool(np.any(best > NOISE_FLOOR))
+    top = ranking[0].answer
+    supporting: list[str] = []
+    if top != NORMAL:
+        j = findings.index(top)
+        seen: set[str] = set()
+        for (field_name, phrase), sim in zip(phrases, sims[:, j]):
+            key = " ".join(phrase.lower().split())
+            if sim > NOISE_FLOOR and key not in seen:  # the same phrase copied into two fields counts once
+                seen.add(key)
+                supporting.append(field_name)
     evidence = {
         "method": "header-text-minilm-v1",
         "pixels_read": False,
@@ -104,6 +114,9 @@ def rank_findings(
         "normal_prior": NORMAL_PRIOR,
         "text": [f"{f}: {p}" for f, p in phrases],
         "support": support,
+        # two different phrases naming the finding back it (the hybrid lets only such a header decide alone)
+        "corroboration": {"answer": top, "supporting": supporting, "conflicting": [],
+                          "corroborated": len(supporting) >= 2},
     }
     if not informative:
         evidence["note"] = f"no phrase is closer to a finding than the noise floor {NOISE_FLOOR}: no evidence either way"
