@@ -17,6 +17,7 @@ its rows from the last prefill in that engine's layout. Never shipped: tests onl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -168,3 +169,29 @@ class ScriptedAnswers:
         for token, value in scripted.items():
             row[token] = value
         return row
+
+
+@contextlib.contextmanager
+def scripted_router_calls(answers: Mapping[str, float]):
+    """While open, the specialty model's shared base answers the router from ``answers`` (its adapters' calls do not).
+
+    :class:`~onevlm.specialty.shared_base.SharedBaseRouterBackend` is the router's VLM when one model
+    plays both roles; the script is installed around each of its router calls and removed after, so
+    the specialty tasks keep the model's own answers.
+    """
+    from onevlm.specialty.shared_base import SharedBaseRouterBackend
+
+    original = SharedBaseRouterBackend.answer
+
+    def answer(self, items, requests):
+        script = ScriptedAnswers(self.inner.loaded, answers)
+        try:
+            return original(self, items, requests)
+        finally:
+            script.remove()
+
+    SharedBaseRouterBackend.answer = answer
+    try:
+        yield
+    finally:
+        SharedBaseRouterBackend.answer = original

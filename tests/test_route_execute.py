@@ -508,3 +508,52 @@ def test_listener_service_runs_route_execute(models, tmp_path):
     assert detail["entries"][0]["executions"][0]["labels"] == ["malignant"]
     sr = next(metadata.parent.glob("sr/*.dcm"))
     assert ("Class (specialty model)", "Malignant") in _sr_items(sr)
+
+
+def test_route_execute_app_calibrated_hybrid_turns_a_card_set_into_one_card(models, specialty_model, cards, tmp_path):
+    """A calibrated hybrid router: where the header decides the modality and the pixels the finding, the
+    head CTs go to one card (MODEL_04, the stroke card) instead of the four brain CT cards by header alone."""
+    import csv
+
+    from onevlm.backends import create_backend
+    from onevlm.router.site_calibration import calibrate_from_labels
+    from onevlm.specialty.shared_base import SharedBaseRouterBackend
+    from scripted_vlm import scripted_router_calls
+
+    script = {"brain CT scan": 0.6, "acute ischemic stroke": 0.35}
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "modality", "finding", "card"])
+        for _ in range(12):
+            writer.writerow([str(SAMPLES / BRAIN_CT), "brain CT scan", "acute ischemic stroke", "MODEL_04"])
+            writer.writerow([str(SAMPLES / "ct_head_512_j2k.dcm"), "brain CT scan", "acute ischemic stroke", "MODEL_04"])
+        for _ in range(6):
+            writer.writerow([str(SAMPLES / "nm_whole_body_j2k.dcm"), "Other", "", ""])
+            writer.writerow([str(SAMPLES / "rt_plan.dcm"), "None", "", ""])
+    backend = create_backend("hybrid", cards, pixel_backend=SharedBaseRouterBackend(specialty_model))
+    with scripted_router_calls(script):
+        calibration = calibrate_from_labels(labels, cards, backend, risk=0.2, holdout=0.0)
+    assert calibration.fusion is not None and calibration.identity["backend"] == "hybrid"
+    calibration_file = calibration.save(tmp_path / "calibration.json")
+
+    inputs = copy_samples(tmp_path / "in", (BRAIN_CT, "ct_head_512_j2k.dcm"))
+    runs = {}
+    for name, extra in (("hybrid", {"ONEVLM_CALIBRATION": str(calibration_file),
+                                    "ONEVLM_TEST_SCRIPTED_ANSWERS": json.dumps(script)}),
+                        ("embedded", {"ONEVLM_BACKEND": "embedded", "ONEVLM_TEST_SCRIPTED_ANSWERS": "{}"})):
+        out = tmp_path / name
+        run = subprocess.run([sys.executable, str(REPO / "tests" / "scripted_app.py"), "apps.route_execute_app",
+                              "-i", str(inputs), "-o", str(out), "-m", str(models["models"])],
+                             capture_output=True, text=True, timeout=600, cwd=REPO,
+                             env=_app_env(ONEVLM_SPECIALTY_QUANTIZE="nf4", ONEVLM_DEVICE="cpu", **extra))
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        runs[name] = {e["input"]: e for e in json.loads((out / "series.json").read_text())["entries"]}
+    for input_name in (BRAIN_CT, "ct_head_512_j2k.dcm"):
+        alone, hybrid = runs["embedded"][input_name], runs["hybrid"][input_name]
+        assert alone["outcome"] == "routed-set" and alone["cards"] == ["MODEL_01", "MODEL_02", "MODEL_03", "MODEL_04"]
+        assert hybrid["outcome"] == "routed" and hybrid["cards"] == ["MODEL_04"] and hybrid["calibrated"]
+        assert hybrid["consulted"][1] == ["header", "pixels"]  # the finding is the pixels'
+    # the routine head CT's header decides the modality: its one VLM call is stage 2's
+    assert runs["hybrid"][BRAIN_CT]["consulted"][0] == ["header"] and runs["hybrid"][BRAIN_CT]["vlm_calls"] == 1
+    assert runs["hybrid"]["ct_head_512_j2k.dcm"]["vlm_calls"] == 2
