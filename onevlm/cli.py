@@ -175,6 +175,15 @@ def _print_decision(decision, stream=None) -> None:
         just = stage.chosen_record.justification
         if just:
             print(f"       justification: {just}", file=stream)
+        consultation = stage.consultation
+        if consultation is not None and decision.backend.get("backend") == "hybrid":
+            read = f"{' + '.join(consultation.consulted)} ({consultation.reason})" if consultation.consulted \
+                else consultation.reason
+            print(f"       read: {read}", file=stream)
+    if decision.disagreement:
+        print(f"  HEADER AND IMAGE DISAGREE: {decision.disagreement}", file=stream)
+    if decision.backend.get("backend") in ("hybrid", "transformers"):
+        print(f"  VLM calls: {decision.vlm_calls}", file=stream)
     print(f"  {_outcome_line(decision)}", file=stream)
     for note in (decision.outcome.reasons[1:] if decision.outcome else ()):
         print(f"     note: {note}", file=stream)
@@ -1020,13 +1029,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that run for months and write to network peers: a peer that hangs up must raise
+#: BrokenPipeError in the thread serving it, never end the process (the default SIGPIPE action would).
+LONG_RUNNING = frozenset({"serve", "dashboard"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
-    if hasattr(signal, "SIGPIPE") and argv is None:  # `onevlm route ... | head` ends quietly, as other tools do
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(signal, "SIGPIPE") and argv is None and args.command not in LONG_RUNNING:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `onevlm route ... | head` ends quietly, as other tools do
     try:
         _setup(args.verbose, args.command, args.threads)
     except ValueError as exc:  # a bad ONEVLM_THREADS
