@@ -121,3 +121,66 @@ def _content_items(dataset):
     for item in dataset.get("ContentSequence", []):
         yield item
         yield from _content_items(item)
+
+
+def test_cli_fits_and_evaluates_the_hybrid_router_with_a_model(tiny_model, tmp_path, capsys):
+    """--model without --backend is the hybrid router in route, calibrate fit and router evaluate."""
+    from onevlm.calibration.site import SiteCalibration
+    from onevlm.cli import main
+
+    labels = SAMPLES / "labels.csv"
+    calibration = tmp_path / "calibration.json"
+    assert main(["calibrate", "fit", str(labels), "--model", str(tiny_model), "--risk", "0.2", "--holdout", "0.3",
+                 "-o", str(calibration)]) == 0
+    fitted = SiteCalibration.load(calibration)
+    assert fitted.identity["backend"] == "hybrid" and fitted.fusion is not None and fitted.fusion.calibrated
+    assert set(fitted.identity) == {"backend", "header", "pixels", "prompts"}
+    log = tmp_path / "decisions.jsonl"
+    capsys.readouterr()
+    assert main(["route", str(SAMPLES / "ct_head_512_j2k.dcm"), "--model", str(tiny_model), "--calibration",
+                 str(calibration), "--log", str(log), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert record["backend"]["backend"] == "hybrid" and record["calibrated"] is True
+    assert record["stages"][0]["consulted"] in (["header"], ["header", "pixels"])
+    # the header-only embedded router refuses the hybrid's calibration, naming what differs
+    assert main(["route", str(SAMPLES / "ct_head_512_j2k.dcm"), "--backend", "embedded", "--calibration",
+                 str(calibration)]) != 0
+    assert "does not fit this router" in capsys.readouterr().err
+    out = tmp_path / "evaluation"
+    assert main(["router", "evaluate", str(labels), "--model", str(tiny_model), "--holdout", "0.3", "--risk", "0.2",
+                 "-o", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"]["backend"] == "hybrid" and summary["calibration"]["heldout"]["n"] > 0
+    assert SiteCalibration.load(out / "calibration.json").fusion is not None
+
+
+def test_each_file_is_parsed_once_and_decoded_only_when_the_vlm_reads_it(tiny_model, tmp_path, monkeypatch):
+    """The hybrid path: one header parse per file; pixels decoded from that parse, only for inputs whose pixels are read."""
+    from onevlm.backends import create_backend
+    from onevlm.cards import CardRepository, default_cards_dir
+    import importlib
+
+    conversion = importlib.import_module("onevlm.imaging.dicom_to_image")
+    from onevlm.router.pipeline import Router
+    from onevlm.router.runner import route_files
+
+    cards = CardRepository.load(default_cards_dir())
+    router = Router(cards, create_backend("hybrid", cards, model_dir=str(tiny_model)))
+    stroke = stroke_protocol(tmp_path)  # its header decides stages 1-2: never decoded
+    parsed, decoded = [], []
+    real_dcmread, real_convert = pydicom.dcmread, conversion.dicom_to_image
+
+    def counting_dcmread(source, *args, **kwargs):
+        parsed.append(Path(getattr(source, "name", source)).name)
+        return real_dcmread(source, *args, **kwargs)
+
+    def counting_convert(source):
+        decoded.append(Path(source.filename).name if isinstance(source, pydicom.Dataset) else Path(source).name)
+        return real_convert(source)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting_dcmread)
+    monkeypatch.setattr(conversion, "dicom_to_image", counting_convert)
+    decisions = list(route_files(router, [stroke, SAMPLES / "ct_head_512_j2k.dcm", SAMPLES / "rt_plan.dcm"]))
+    assert [d.vlm_calls for d in decisions] == [0, 2, 0]
+    assert sorted(parsed) == sorted(["stroke.dcm", "ct_head_512_j2k.dcm", "rt_plan.dcm"])  # one parse each
+    assert decoded == ["ct_head_512_j2k.dcm"]  # from that parse, once (its features serve stages 1 and 2)

@@ -416,3 +416,26 @@ def test_stage3_weighs_the_cards_by_stage2s_findings(cards, header_source):
     (decision,) = _route(_router(cards, header_source, sure), "ct_head_routine_brain.dcm")
     assert "findings_weighed" not in decision.stages[2].evidence  # one finding holds the mass: its match alone
     assert max(decision.stages[2].distribution, key=decision.stages[2].distribution.get) == "MODEL_04"
+
+
+def test_the_router_package_has_no_import_circle():
+    """onevlm/router: no module imports one that imports it back (directly or around a circle), lazily or not."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "onevlm" / "router"
+    graph = {}
+    for path in root.glob("*.py"):
+        module = f"onevlm.router.{path.stem}"
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("onevlm.router."):
+                targets.add(node.module)
+            elif isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names if a.name.startswith("onevlm.router."))
+        graph[module] = targets - {module}
+
+    def reaches(start, goal, seen=()):
+        return any(t == goal or (t not in seen and reaches(t, goal, (*seen, t))) for t in graph.get(start, ()))
+
+    circles = sorted(m for m in graph if reaches(m, m))
+    assert circles == [], f"import circles through {circles}"
