@@ -116,3 +116,16 @@ def test_startup_bench_times_every_command(tmp_path):
             "python -m apps.router_app -i dicom_samples"} <= names
     assert all(positive(c["median"]) for c in result["commands"].values())
     assert positive(result["first_run_ever_seconds"])
+
+
+def test_fusion_bench_compares_the_three_routers(tmp_path):
+    out = tmp_path / "fusion.json"
+    run_bench("fusion_bench.py", "--series", "150", "--repeats", "1", "--alphas", "0.2", "--json", str(out))
+    results = json.loads(out.read_text())
+    summary = results["summary"]
+    assert sorted(summary) == ["goals@0.2", "header@0.2", "hybrid@0.2", "pixels@0.2"]
+    assert summary["header@0.2"]["vlm_calls"] == 0 and summary["pixels@0.2"]["vlm_calls"] > 0
+    for router in ("header", "pixels", "hybrid"):
+        entry = summary[f"{router}@0.2"]
+        assert 0 <= entry["risk"] <= 1 and abs(entry["one_card"] + entry["routed_set"] + entry["review"]) <= 1
+    assert all(run["fusion"] for run in results["runs"] if run["router"] == "hybrid")
