@@ -217,9 +217,10 @@ def test_dcmjs_reads_a_header_and_image_disagreement(tmp_path):
     from onevlm.router.pipeline import Router
 
     cards = CardRepository.load(default_cards_dir())
-    pixels = FixedPixels({"ct_head_routine_brain.dcm": {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}})
+    # only Body Part Examined backs brain CT in this header: the pixels are read, and contradict it
+    pixels = FixedPixels({"ct_head_512_j2k.dcm": {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}})
     router = Router(cards, create_backend("hybrid", cards, pixel_backend=pixels))
-    source = SAMPLES / "ct_head_routine_brain.dcm"
+    source = SAMPLES / "ct_head_512_j2k.dcm"
     header = pydicom.dcmread(source, stop_before_pixels=True)
     decision, sr_path = write_routing_sr(router, source, tmp_path / "disagree_sr.dcm")
     assert decision.outcome.outcome == "review" and decision.disagreement
