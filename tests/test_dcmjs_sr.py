@@ -218,9 +218,15 @@ def test_dcmjs_reads_a_header_and_image_disagreement(tmp_path):
 
     cards = CardRepository.load(default_cards_dir())
     # only Body Part Examined backs brain CT in this header: the pixels are read, and contradict it
-    pixels = FixedPixels({"ct_head_512_j2k.dcm": {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}})
+    source = tmp_path / "ct_head_body_part_only.dcm"
+    ds = pydicom.dcmread(SAMPLES / "ct_head_routine_brain.dcm")
+    for keyword in ("StudyDescription", "SeriesDescription", "ProtocolName", "PerformedProcedureStepDescription",
+                    "RequestedProcedureDescription"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.save_as(source)
+    pixels = FixedPixels({source.name: {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}})
     router = Router(cards, create_backend("hybrid", cards, pixel_backend=pixels))
-    source = SAMPLES / "ct_head_512_j2k.dcm"
     header = pydicom.dcmread(source, stop_before_pixels=True)
     decision, sr_path = write_routing_sr(router, source, tmp_path / "disagree_sr.dcm")
     assert decision.outcome.outcome == "review" and decision.disagreement
