@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
 
 from onevlm.imaging.dicom_to_image import MAX_SIDE, ImageConversionError, ct_preset, dicom_to_image
 

@@ -7,7 +7,7 @@ when the router says the route is already settled (stage 1 sends the case to rev
 modality has one card), not for an object without pixels. The inputs that need it go to the
 pixel source in one batch; their stage distribution is the pooled one, and a contradiction
 between the two is recorded as a disagreement. Stage 3 is text only: the header source's caption
-matcher answers it and the VLM is not called.
+matcher answers it, weighing the cards by stage 2's likely findings, and the VLM is not called.
 
 Every response carries a :class:`~onevlm.router.backend.Consultation`: which sources were read and
 why, the VLM calls made, both sources' own distributions (a calibration refits on them) and the
@@ -107,7 +107,7 @@ def likely_findings(request: StageRequest) -> list[tuple[str, float]]:
     return [(f, p / total) for f, p in chosen]
 
 
-def _mixed_cards(request: StageRequest, parts: list[tuple[StageRequest, StageResponse, float]]) -> StageResponse:
+def _mixed_cards(parts: list[tuple[StageRequest, StageResponse, float]]) -> StageResponse:
     """The weighted mixture of stage-3 distributions (one per finding), as one response."""
     mixture: dict[str, float] = {}
     for _, response, weight in parts:
@@ -258,9 +258,9 @@ class HybridBackend:
             spans.append((start, len(expanded_requests)))
         answered = self.header.answer(expanded_items, expanded_requests)
         out = []
-        for (start, end), request in zip(spans, requests):
+        for start, end in spans:
             parts = list(zip(expanded_requests[start:end], answered[start:end], weights[start:end]))
-            out.append(parts[0][1] if len(parts) == 1 else _mixed_cards(request, parts))
+            out.append(parts[0][1] if len(parts) == 1 else _mixed_cards(parts))
         return out
 
     def _ask_pixels(self, items: list[RoutingInput], requests: list[StageRequest]) -> list[StageResponse | Exception]:

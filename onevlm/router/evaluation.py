@@ -10,11 +10,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from onevlm.calibration.cutoffs import Cutoffs, fit_cutoffs
 from onevlm.calibration.ece import EceResult, expected_calibration_error

@@ -198,7 +198,6 @@ def build_subword_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
     import string
 
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE(unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Sequence([
