@@ -77,6 +77,7 @@ bench: install
 	$(RUN) $(BIN)/python bench/startup_bench.py --repeat 5
 	$(RUN) $(BIN)/python bench/calibration_bench.py --repeats 20
 	$(RUN) $(BIN)/python bench/calibration_bench.py --repeats 20 --top2
+	$(RUN) $(BIN)/python bench/fusion_bench.py --series 900 --repeats 10
 	$(RUN) $(BIN)/python bench/multi_adapter_bench.py --size small --adapters 5 --requests 10 --repeat 3
 	# these two need dcmtk and orthanc (apt-get install dcmtk orthanc orthanc-dicomweb, as .ci/run does)
 	$(RUN) $(BIN)/python bench/ingest_bench.py --files 200 --repeat 3
