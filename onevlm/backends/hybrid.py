@@ -25,7 +25,14 @@ from onevlm import __version__
 from onevlm.calibration.fusion import HEADER, PIXELS, Fusion, StageMix, complete, flat, top
 from onevlm.inputs.routing_input import RoutingInput
 from onevlm.router.answers import normalise
-from onevlm.router.backend import Candidate, Consultation, RouterBackend, StageRequest, StageResponse
+from onevlm.router.backend import (
+    Candidate,
+    Consultation,
+    RouterBackend,
+    StageRequest,
+    StageResponse,
+    answer_each,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -264,20 +271,8 @@ class HybridBackend:
         return out
 
     def _ask_pixels(self, items: list[RoutingInput], requests: list[StageRequest]) -> list[StageResponse | Exception]:
-        if not items:
-            return []
-        try:
-            return list(self.pixels.answer(items, requests))
-        except Exception as batch_error:  # isolate the input(s) whose pixels fail; the others keep theirs
-            if len(items) == 1:
-                return [batch_error]
-            out: list[StageResponse | Exception] = []
-            for item, request in zip(items, requests):
-                try:
-                    out.append(self.pixels.answer([item], [request])[0])
-                except Exception as exc:
-                    out.append(exc)
-            return out
+        # an input whose pixels fail is decided on its header; the others keep their pixels
+        return answer_each(self.pixels, items, requests) if items else []
 
     def _response(self, mix: StageMix, header_response: StageResponse, pixel_response: StageResponse | None,
                   header: dict[str, float], pixels: dict[str, float] | None, corroborated: bool) -> StageResponse:

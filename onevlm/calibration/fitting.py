@@ -147,16 +147,24 @@ def fit_from_scores(rows: Sequence[StageScores], risk: float, delta: float = 0.1
             heldout[str(stage)] = stage_heldout(fitted.calibration, [stage_rows[i] for i in held_idx])
     if not stages:
         raise ValueError("no score rows to fit on")
-    return SiteCalibration(
-        settings=settings or RoutingSettings(),
-        stages=stages,
-        risk=risk,
-        delta=delta,
-        identity={},
-        fitted={"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source or "scores",
-                "rows": sizes, "holdout": holdout, "seed": seed},
-        heldout=heldout or None,
-    )
+    return scores_calibration(stages, risk, delta, settings, source, sizes, holdout, seed, heldout)
+
+
+def scores_calibration(stages: dict[int, StageCalibration], risk: float, delta: float,
+                       settings: RoutingSettings | None, source: str | None, sizes: dict[str, int], holdout: float,
+                       seed: int, heldout: dict[str, Any], **extra: Any) -> SiteCalibration:
+    """A calibration fitted on score rows: no backend identity (a router refuses it), how it was fitted.
+
+    ``extra`` are further :class:`SiteCalibration` fields (a hybrid fit's ``fusion``); a ``kind`` in
+    them is recorded in ``fitted`` instead.
+    """
+    kind = extra.pop("kind", None)
+    fitted = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source or "scores",
+              "rows": sizes, "holdout": holdout, "seed": seed}
+    if kind:
+        fitted["kind"] = kind
+    return SiteCalibration(settings=settings or RoutingSettings(), stages=stages, risk=risk, delta=delta,
+                           identity={}, fitted=fitted, heldout=heldout or None, **extra)
 
 
 def score_outcome(fitted: StageCalibration, scaled: StageScores, settings: RoutingSettings) -> dict[str, Any]:

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from onevlm.calibration.fitting import fit_stage, score_outcome, split_indices, stage_heldout
+from onevlm.calibration.fitting import fit_stage, score_outcome, scores_calibration, split_indices, stage_heldout
 from onevlm.calibration.fusion import (
     HEADER,
     PIXELS,
@@ -178,17 +177,9 @@ def fit_hybrid_from_scores(lines: Sequence[HybridLine], risk: float, delta: floa
             heldout[str(stage)] = figures
     if not stages:
         raise ValueError("no labelled hybrid score lines to fit on (every line needs a gold)")
-    return SiteCalibration(
-        settings=settings or RoutingSettings(),
-        stages=stages,
-        risk=risk,
-        delta=delta,
-        identity={},
-        fitted={"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source or "scores",
-                "rows": sizes, "holdout": holdout, "seed": seed, "kind": "hybrid"},
-        heldout=heldout or None,
-        fusion=Fusion(stages=stage_fusions, on_disagreement=on_disagreement, calibrated=True, answers=answers),
-    )
+    fusion = Fusion(stages=stage_fusions, on_disagreement=on_disagreement, calibrated=True, answers=answers)
+    return scores_calibration(stages, risk, delta, settings, source, sizes, holdout, seed, heldout, kind="hybrid",
+                              fusion=fusion)
 
 
 def apply_hybrid(calibration: SiteCalibration, lines: Sequence[HybridLine], source: str = "scores") -> list[dict[str, Any]]:

@@ -200,3 +200,26 @@ class RouterBackend(Protocol):
 
 class BackendError(RuntimeError):
     """A backend could not answer for an input (the message names the input)."""
+
+
+def answer_each(backend: RouterBackend, items: Sequence[RoutingInput],
+                requests: Sequence[StageRequest]) -> list[StageResponse | Exception]:
+    """``backend.answer`` for a batch; when the batch fails, each input again alone, so only the failing ones fail.
+
+    Returns one response per input, or the exception that input raised.
+    """
+    try:
+        responses = list(backend.answer(items, requests))
+        if len(responses) != len(items):
+            raise RuntimeError(f"backend returned {len(responses)} responses for {len(items)} inputs")
+        return list(responses)
+    except Exception as batch_error:
+        if len(items) == 1:
+            return [batch_error]
+        out: list[StageResponse | Exception] = []
+        for item, request in zip(items, requests):
+            try:
+                out.append(backend.answer([item], [request])[0])
+            except Exception as exc:
+                out.append(exc)
+        return out

@@ -26,6 +26,7 @@ from onevlm.router.backend import (
     RouterBackend,
     StageRequest,
     StageResponse,
+    answer_each,
 )
 from onevlm.router.decision import CandidateRecord, RoutingDecision, StageDecision
 from onevlm.router.outcome import REVIEW, decide_outcome
@@ -209,23 +210,12 @@ class Router:
             after(state, decision)
 
     def _answer(self, states: list[_Progress], requests: list[StageRequest]) -> list[StageResponse | Exception]:
-        items = [s.item for s in states]
-        try:
-            responses = self.backend.answer(items, requests)
-            if len(responses) != len(items):
-                raise RuntimeError(f"backend returned {len(responses)} responses for {len(items)} inputs")
-            return list(responses)
-        except Exception as batch_error:  # isolate the failing input(s), keep the others
-            if len(items) == 1:
-                return [batch_error]
-            logger.warning("batched stage %d failed (%s); retrying one input at a time", requests[0].stage, batch_error)
-            out: list[StageResponse | Exception] = []
-            for item, request in zip(items, requests):
-                try:
-                    out.append(self.backend.answer([item], [request])[0])
-                except Exception as exc:
-                    out.append(exc)
-            return out
+        responses = answer_each(self.backend, [s.item for s in states], requests)
+        failed = sum(isinstance(r, Exception) for r in responses)
+        if failed and len(states) > 1:
+            logger.warning("stage %d failed for %d of %d inputs; the others go on", requests[0].stage, failed,
+                           len(states))
+        return responses
 
     def _decide(self, request: StageRequest, response: StageResponse, seconds: float) -> StageDecision:
         records = tuple(self._normalise(request, c.text, c.p, c.sequence_logprob) for c in response.candidates)
