@@ -439,3 +439,34 @@ def test_the_router_package_has_no_import_circle():
 
     circles = sorted(m for m in graph if reaches(m, m))
     assert circles == [], f"import circles through {circles}"
+
+
+def test_a_finding_of_another_modality_contradicts_a_header_wrong_in_every_field(cards, header_source, tmp_path):
+    """Body Part and description agree on a gastroscopy (as a wrong protocol writes them): the header decides stage 1,
+    but the finding the image shows belongs to colonoscopy cards only: flagged, reviewed."""
+    import pydicom
+
+    ds = pydicom.dcmread(SAMPLES / "ct_head_routine_brain.dcm")
+    for keyword in ("ProtocolName", "PerformedProcedureStepDescription", "RequestedProcedureDescription",
+                    "StudyDescription"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.Modality, ds.BodyPartExamined, ds.SeriesDescription = "ES", "STOMACH", "GASTROSCOPY"
+    ds.save_as(tmp_path / "scope.dcm")
+    pixels = FixedPixels({"scope.dcm": {2: {"adenomatous polyp": 0.9, "Normal": 0.05}}})
+    fusion = Fusion(stages={1: StageFusion(stage=1, gate=0.6)})
+    from onevlm.inputs import load_input
+
+    (decision,) = _router(cards, header_source, pixels, fusion).route_many([load_input(tmp_path / "scope.dcm")])
+    assert decision.stages[0].consulted == ("header",) and decision.stages[0].chosen == "esophageal gastroscopy scan"
+    flag = decision.stages[1].consultation.disagreement
+    assert flag is not None and flag.stage == 1 and flag.finding == "adenomatous polyp"
+    assert (flag.header_answer, flag.pixels_answer, flag.header_p) == ("esophageal gastroscopy scan",
+                                                                        "colonoscopy scan", None)
+    assert decision.outcome_name == "review"
+    assert "the image's finding adenomatous polyp (p 0.90) belongs to colonoscopy scan, not to it" in \
+        decision.disagreement
+    # a finding the chosen modality's cards list is no contradiction
+    same = FixedPixels({"scope.dcm": {2: {"barrett's esophagus": 0.9}}})
+    (decision,) = _router(cards, header_source, same, fusion).route_many([load_input(tmp_path / "scope.dcm")])
+    assert decision.disagreement is None

@@ -421,3 +421,25 @@ def test_a_decision_without_consultation_records_builds_as_before(embedded_route
     assert not [t for t in _text_values(old_sr) if t.startswith("consultation (stage")]
     assert _without_consultation_items(new_sr.ContentSequence) == list(old_sr.ContentSequence)
     assert (old_sr.SOPInstanceUID, old_sr.VerificationFlag) == (new_sr.SOPInstanceUID, "UNVERIFIED")
+
+
+def test_sr_of_a_finding_that_belongs_to_another_modality(tmp_path):
+    """A header wrong in every field (a gastroscopy on a colonoscopy): the image's finding contradicts stage 1's
+    modality; the SR codes it as a stage-1 disagreement with both modalities, the finding in the sentence."""
+    ds = pydicom.dcmread(SAMPLES / "ct_head_routine_brain.dcm")
+    for keyword in ("ProtocolName", "PerformedProcedureStepDescription", "RequestedProcedureDescription",
+                    "StudyDescription"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.Modality, ds.BodyPartExamined, ds.SeriesDescription = "ES", "STOMACH", "GASTROSCOPY"
+    source = tmp_path / "scope.dcm"
+    ds.save_as(source)
+    answers = {source.name: {2: {"adenomatous polyp": 0.9, "Normal": 0.05}}}
+    decision, pixels, sr = _hybrid_sr(answers, source, tmp_path)
+    assert decision.stages[0].consulted == ("header",) and decision.outcome.outcome == "review"
+    evaluations = _evaluations(sr)
+    assert evaluations["Header and image, stage 1"] == coding.HEADER_IMAGE_DISAGREE
+    assert evaluations["Header's answer, stage 1"] == coding.modality_answer_code("esophageal gastroscopy scan")
+    assert evaluations["Image's answer, stage 1"] == coding.modality_answer_code("colonoscopy scan")
+    assert "Header and image, stage 2" not in evaluations
+    assert any("the image's finding adenomatous polyp (p 0.90) belongs to colonoscopy scan" in c for c in _comments(sr))

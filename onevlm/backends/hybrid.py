@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from onevlm import __version__
+from onevlm.cards.repository import CardRepository
 from onevlm.calibration.fusion import HEADER, PIXELS, Fusion, StageMix, complete, flat, top
 from onevlm.inputs.routing_input import RoutingInput
 from onevlm.router.answers import normalise
@@ -144,6 +145,10 @@ class HybridBackend:
         The fitted fusion (``calibration.json``'s ``fusion``); ``None``: the uncalibrated defaults.
     read_pixels:
         ``cascade`` (default) or ``always`` (see :data:`PIXEL_POLICIES`).
+    cards:
+        The card repository: with it, an image whose stage-2 finding belongs to other modalities'
+        cards than the one stage 1 chose is a disagreement too (a header whose fields are wrong
+        together, as a wrong protocol at the scanner writes them, is caught there).
     """
 
     name = "hybrid"
@@ -151,17 +156,24 @@ class HybridBackend:
     decodes_on_demand = True
 
     def __init__(self, header: RouterBackend, pixels: RouterBackend, fusion: Fusion | None = None,
-                 read_pixels: str = "cascade") -> None:
+                 read_pixels: str = "cascade", cards: CardRepository | None = None) -> None:
         if read_pixels not in PIXEL_POLICIES:
             raise ValueError(f"read_pixels must be one of {', '.join(PIXEL_POLICIES)}, got {read_pixels!r}")
         self.header = header
         self.pixels = pixels
         self.fusion = fusion or Fusion()
         self.read_pixels = read_pixels
+        self.cards = cards if cards is not None else getattr(header, "cards", None)
+        self._owners: dict[str, list[str]] = {}
+        for card in (self.cards.cards if self.cards is not None else ()):
+            for finding in card.findings:
+                holders = self._owners.setdefault(finding.lower(), [])
+                if card.modality not in holders:
+                    holders.append(card.modality)
 
     def with_fusion(self, fusion: Fusion | None, read_pixels: str | None = None) -> "HybridBackend":
         """The same sources (models stay loaded) with another fusion or pixel policy."""
-        return HybridBackend(self.header, self.pixels, fusion, read_pixels or self.read_pixels)
+        return HybridBackend(self.header, self.pixels, fusion, read_pixels or self.read_pixels, self.cards)
 
     def __str__(self) -> str:
         return f"hybrid (header, then {self.pixels} when the header cannot decide)"
@@ -233,6 +245,12 @@ class HybridBackend:
             pixels = complete(pixel_distribution(pixel_response, answers), answers) if pixel_response else None
             mix = fusion.mix(header, pixels, answers, self.fusion.on_disagreement, no_pixels_reason=reasons[i],
                              corroborated=backed[i])
+            if stage == 2 and pixels is not None and mix.disagreement is None and request.modality:
+                # the finding the image shows may belong to another modality than the one stage 1 chose
+                foreign = fusion.foreign_finding(fusion.pixels_alone(pixels, answers), request.modality, self._owners,
+                                                 self.fusion.on_disagreement)
+                if foreign is not None:
+                    mix = replace(mix, disagreement=foreign)
             out.append(self._response(mix, header_response, pixel_response, header, pixels, backed[i]))
         return out
 

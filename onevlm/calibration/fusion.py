@@ -143,24 +143,32 @@ class Disagreement:
 
     Attributes
     ----------
+    stage:
+        The stage whose answers disagree.
     header_answer, header_p:
-        The header's answer and its probability (header alone).
+        The header's answer and its probability (header alone; ``None`` where the check ran at a
+        later stage, which does not see it).
     pixels_answer, pixels_p:
         The pixels' answer and its probability (pixels alone).
     margin, threshold:
         ``D = q_v(pixels_answer) - q_v(header_answer)`` and the margin ``m`` it exceeds.
     action:
         ``review`` or ``pixels`` (the site's policy).
+    finding:
+        Set when the image's stage-2 finding belongs to another modality's cards than the one
+        the header decided (``pixels_answer`` is then that modality, ``pixels_p`` the finding's
+        probability).
     """
 
     stage: int
     header_answer: str
-    header_p: float
+    header_p: float | None
     pixels_answer: str
     pixels_p: float
     margin: float
     threshold: float
     action: str = "review"
+    finding: str | None = None
 
     def __post_init__(self) -> None:
         if self.action not in DISAGREEMENT_ACTIONS:
@@ -169,20 +177,29 @@ class Disagreement:
     def text(self, header_says: str | None = None) -> str:
         """In words: ``header says chest CT scan; the image looks like brain CT scan (p 0.93)``."""
         said = f" ({header_says})" if header_says else ""
+        if self.finding:
+            return (f"header says {self.header_answer}{said}; the image's finding {self.finding} "
+                    f"(p {self.pixels_p:.2f}) belongs to {self.pixels_answer}, not to it")
         return (f"header says {self.header_answer}{said}; the image looks like {self.pixels_answer} "
                 f"(p {self.pixels_p:.2f})")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "header_answer": self.header_answer, "header_p": round(self.header_p, 6),
-                "pixels_answer": self.pixels_answer, "pixels_p": round(self.pixels_p, 6),
-                "margin": round(self.margin, 6), "threshold": round(self.threshold, 6), "action": self.action}
+        out = {"stage": self.stage, "header_answer": self.header_answer,
+               "header_p": None if self.header_p is None else round(self.header_p, 6),
+               "pixels_answer": self.pixels_answer, "pixels_p": round(self.pixels_p, 6),
+               "margin": round(self.margin, 6), "threshold": round(self.threshold, 6), "action": self.action}
+        if self.finding:
+            out["finding"] = self.finding
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Disagreement":
+        header_p = data.get("header_p")
         return cls(stage=int(data["stage"]), header_answer=str(data["header_answer"]),
-                   header_p=float(data["header_p"]), pixels_answer=str(data["pixels_answer"]),
+                   header_p=None if header_p is None else float(header_p), pixels_answer=str(data["pixels_answer"]),
                    pixels_p=float(data["pixels_p"]), margin=float(data["margin"]),
-                   threshold=float(data["threshold"]), action=str(data.get("action", "review")))
+                   threshold=float(data["threshold"]), action=str(data.get("action", "review")),
+                   finding=data.get("finding"))
 
 
 @dataclass(frozen=True)
@@ -284,6 +301,19 @@ class StageFusion:
         if margin <= self.margin:
             return None
         return Disagreement(self.stage, header_answer, header_p, pixels_answer, pixels_p, margin, self.margin, action)
+
+    def foreign_finding(self, pixels_alone: Mapping[str, float], modality: str, owners: Mapping[str, Sequence[str]],
+                        action: str = "review") -> Disagreement | None:
+        """The image's finding belongs to other modalities' cards, none of ``modality``'s (stage 2).
+
+        ``owners`` maps a finding (lower case) to the modalities whose cards list it. The finding
+        must beat the margin ``m`` in the pixels' own probability and be no ``Normal``.
+        """
+        finding, p = top(pixels_alone)
+        holders = list(owners.get(finding.lower(), ()))
+        if p <= self.margin or finding.lower() == "normal" or not holders or modality in holders:
+            return None
+        return Disagreement(1, modality, None, holders[0], p, p, self.margin, action, finding=finding)
 
     # -- the cascade ----------------------------------------------------------------------------
 

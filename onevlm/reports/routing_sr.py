@@ -256,17 +256,19 @@ def _consultation_items(decision: RoutingDecision, shown_stages: Sequence[StageD
         parameters.append(f"consultation (stage {stage.stage}): {read}; {consultation.vlm_calls} VLM call(s); "
                           f"{consultation.reason}")
         disagreement = consultation.disagreement
-        if disagreement is None or stage.stage not in coding.HEADER_IMAGE_CONCEPTS:
+        # the stage whose answers disagree (stage 2's finding may contradict stage 1's modality)
+        about = disagreement.stage if disagreement is not None else stage.stage
+        if disagreement is None or about not in coding.HEADER_IMAGE_CONCEPTS:
             continue
         evaluations += [
-            hd.sr.QualitativeEvaluation(name=coding.HEADER_IMAGE_CONCEPTS[stage.stage],
+            hd.sr.QualitativeEvaluation(name=coding.HEADER_IMAGE_CONCEPTS[about],
                                         value=coding.HEADER_IMAGE_DISAGREE),
-            hd.sr.QualitativeEvaluation(name=coding.HEADER_ANSWER_CONCEPTS[stage.stage],
-                                        value=coding.stage_answer_code(stage.stage, disagreement.header_answer)),
-            hd.sr.QualitativeEvaluation(name=coding.PIXELS_ANSWER_CONCEPTS[stage.stage],
-                                        value=coding.stage_answer_code(stage.stage, disagreement.pixels_answer)),
+            hd.sr.QualitativeEvaluation(name=coding.HEADER_ANSWER_CONCEPTS[about],
+                                        value=coding.stage_answer_code(about, disagreement.header_answer)),
+            hd.sr.QualitativeEvaluation(name=coding.PIXELS_ANSWER_CONCEPTS[about],
+                                        value=coding.stage_answer_code(about, disagreement.pixels_answer)),
         ]
-        parameters.append(f"disagreement (stage {stage.stage}): {json.dumps(disagreement.as_dict(), sort_keys=True)}")
+        parameters.append(f"disagreement (stage {about}): {json.dumps(disagreement.as_dict(), sort_keys=True)}")
     measurements.append(hd.sr.Measurement(name=coding.VLM_CALLS_CONCEPT, value=float(decision.vlm_calls),
                                           unit=coding.CALLS_UNIT))
     return evaluations, measurements, parameters

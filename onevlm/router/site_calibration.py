@@ -325,7 +325,8 @@ def calibrate_rows(rows, labels_csv, cards, backend, risk, delta, holdout, seed,
         # Both sources cached: every later pass reuses the VLM's answers.
         from onevlm.backends.hybrid import HybridBackend
 
-        backend = HybridBackend(CachingBackend(backend.header), CachingBackend(backend.pixels), None, "always")
+        backend = HybridBackend(CachingBackend(backend.header), CachingBackend(backend.pixels), None, "always",
+                                backend.cards)
         always = route_labelled(Router(cards, backend), rows, batch_size)
         fusion = fit_fusion(always, rows, risk, delta, holdout, seed, on_disagreement)
         backend = backend.with_fusion(fusion, read_pixels="cascade")
