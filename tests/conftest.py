@@ -98,3 +98,22 @@ def embedded_router(shipped_cards, encoder):
     from onevlm.router import Router
 
     return Router(shipped_cards, EmbeddedBackend(shipped_cards, encoder=encoder))
+
+
+#: The descriptive fields of ct_head_routine_brain.dcm (it names its anatomy in several of them).
+DESCRIPTIONS = ("StudyDescription", "SeriesDescription", "ProtocolName", "PerformedProcedureStepDescription",
+                "RequestedProcedureDescription")
+
+
+def header_variant(path: Path, source: Path = SAMPLES / "ct_head_routine_brain.dcm", **fields) -> Path:
+    """A copy of ``source`` at ``path`` with every description removed, then ``fields`` set (a header variant)."""
+    import pydicom
+
+    ds = pydicom.dcmread(source)
+    for keyword in DESCRIPTIONS:
+        if keyword in ds:
+            delattr(ds, keyword)
+    for keyword, value in fields.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path)
+    return path

@@ -218,13 +218,9 @@ def test_dcmjs_reads_a_header_and_image_disagreement(tmp_path):
 
     cards = CardRepository.load(default_cards_dir())
     # only Body Part Examined backs brain CT in this header: the pixels are read, and contradict it
-    source = tmp_path / "ct_head_body_part_only.dcm"
-    ds = pydicom.dcmread(SAMPLES / "ct_head_routine_brain.dcm")
-    for keyword in ("StudyDescription", "SeriesDescription", "ProtocolName", "PerformedProcedureStepDescription",
-                    "RequestedProcedureDescription"):
-        if keyword in ds:
-            delattr(ds, keyword)
-    ds.save_as(source)
+    from conftest import header_variant
+
+    source = header_variant(tmp_path / "ct_head_body_part_only.dcm")
     pixels = FixedPixels({source.name: {1: {"chest CT scan": 0.95, "brain CT scan": 0.01}}})
     router = Router(cards, create_backend("hybrid", cards, pixel_backend=pixels))
     header = pydicom.dcmread(source, stop_before_pixels=True)

@@ -444,15 +444,9 @@ def test_the_router_package_has_no_import_circle():
 def test_a_finding_of_another_modality_contradicts_a_header_wrong_in_every_field(cards, header_source, tmp_path):
     """Body Part and description agree on a gastroscopy (as a wrong protocol writes them): the header decides stage 1,
     but the finding the image shows belongs to colonoscopy cards only: flagged, reviewed."""
-    import pydicom
+    from conftest import header_variant
 
-    ds = pydicom.dcmread(SAMPLES / "ct_head_routine_brain.dcm")
-    for keyword in ("ProtocolName", "PerformedProcedureStepDescription", "RequestedProcedureDescription",
-                    "StudyDescription"):
-        if keyword in ds:
-            delattr(ds, keyword)
-    ds.Modality, ds.BodyPartExamined, ds.SeriesDescription = "ES", "STOMACH", "GASTROSCOPY"
-    ds.save_as(tmp_path / "scope.dcm")
+    header_variant(tmp_path / "scope.dcm", Modality="ES", BodyPartExamined="STOMACH", SeriesDescription="GASTROSCOPY")
     pixels = FixedPixels({"scope.dcm": {2: {"adenomatous polyp": 0.9, "Normal": 0.05}}})
     fusion = Fusion(stages={1: StageFusion(stage=1, gate=0.6)})
     from onevlm.inputs import load_input

@@ -426,14 +426,10 @@ def test_a_decision_without_consultation_records_builds_as_before(embedded_route
 def test_sr_of_a_finding_that_belongs_to_another_modality(tmp_path):
     """A header wrong in every field (a gastroscopy on a colonoscopy): the image's finding contradicts stage 1's
     modality; the SR codes it as a stage-1 disagreement with both modalities, the finding in the sentence."""
-    ds = pydicom.dcmread(SAMPLES / "ct_head_routine_brain.dcm")
-    for keyword in ("ProtocolName", "PerformedProcedureStepDescription", "RequestedProcedureDescription",
-                    "StudyDescription"):
-        if keyword in ds:
-            delattr(ds, keyword)
-    ds.Modality, ds.BodyPartExamined, ds.SeriesDescription = "ES", "STOMACH", "GASTROSCOPY"
-    source = tmp_path / "scope.dcm"
-    ds.save_as(source)
+    from conftest import header_variant
+
+    source = header_variant(tmp_path / "scope.dcm", Modality="ES", BodyPartExamined="STOMACH",
+                            SeriesDescription="GASTROSCOPY")
     answers = {source.name: {2: {"adenomatous polyp": 0.9, "Normal": 0.05}}}
     decision, pixels, sr = _hybrid_sr(answers, source, tmp_path)
     assert decision.stages[0].consulted == ("header",) and decision.outcome.outcome == "review"
