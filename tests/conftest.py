@@ -12,6 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Gemma 3's real vocabulary is fetched once by `make test` (onevlm fetch-vocabulary) into the user's cache
+# folder: the tests read it from there (before the session's own cache replaces ONEVLM_CACHE_DIR).
+VOCABULARY_CACHE = Path(os.environ.get("ONEVLM_CACHE_DIR") or Path.home() / ".cache" / "onevlm")
 # The sentence model's ONNX export and the card-text vectors go to a cache folder of this test session
 # (subprocesses inherit it), never to the user's ~/.cache; removed at exit.
 _CACHE = tempfile.TemporaryDirectory(prefix="onevlm-test-cache-")
@@ -19,6 +22,17 @@ os.environ.setdefault("ONEVLM_CACHE_DIR", _CACHE.name)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "dicom_samples"
+
+
+def gemma3_vocabulary() -> Path:
+    """The cache folder holding Gemma 3's fetched vocabulary; fails the test, saying how to fetch it, when missing."""
+    from onevlm.vlm.gemma3_vocabulary import VocabularyError, require_vocabulary
+
+    try:
+        require_vocabulary(VOCABULARY_CACHE)
+    except VocabularyError as exc:
+        pytest.fail(f"{exc} (make test fetches it)")
+    return VOCABULARY_CACHE
 CARDS = REPO / "model_cards"
 
 

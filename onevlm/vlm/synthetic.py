@@ -161,7 +161,9 @@ def _fast_tokenizer(backend):
     )
 
 
-TOKENIZERS = ("word", "subword")
+TOKENIZERS = ("word", "subword", "gemma3")
+#: Gemma 3's configured vocabulary (its tokenizer has 262,145 entries; the embedding has spare rows).
+GEMMA3_VOCAB_SIZE = 262_208
 
 #: Ordinary English (written for this module) so the subword vocabulary also holds everyday
 #: pieces, as a real model's does, and not only the router's own words.
@@ -264,6 +266,7 @@ def build_synthetic_model(
     seed: int = 0,
     device: str = "cpu",
     tokenizer: str = "word",
+    vocabulary_cache: str | Path | None = None,
 ) -> Path:
     """Write a complete, loadable synthetic model folder.
 
@@ -280,8 +283,12 @@ def build_synthetic_model(
     device:
         Where to initialise the weights (``cuda`` makes the 4B shape quick to build on a GPU).
     tokenizer:
-        ``word`` (default: every admissible answer one token, the quickest for tests) or
-        ``subword`` (BPE shaped like Gemma 3's: answers span several pieces and share first tokens).
+        ``word`` (default: every admissible answer one token, the quickest for tests),
+        ``subword`` (BPE shaped like Gemma 3's: answers span several pieces and share first tokens) or
+        ``gemma3`` (Gemma 3's real vocabulary and chat template, fetched once:
+        :mod:`onevlm.vlm.gemma3_vocabulary`; the output layer then has Gemma 3's 262,208 rows).
+    vocabulary_cache:
+        ``gemma3`` only: the cache folder holding the fetched vocabulary (default ``ONEVLM_CACHE_DIR``).
 
     Returns
     -------
@@ -303,11 +310,17 @@ def build_synthetic_model(
 
         cards = CardRepository.load(default_cards_dir())
     tokenizer_kind = tokenizer
-    if tokenizer_kind == "subword":
+    template = GEMMA3_CHAT_TEMPLATE
+    if tokenizer_kind == "gemma3":
+        from onevlm.vlm.gemma3_vocabulary import chat_template, load_tokenizer
+
+        tokenizer = load_tokenizer(vocabulary_cache)  # a clear error, saying how to fetch it, when missing
+        template = chat_template(vocabulary_cache)
+    elif tokenizer_kind == "subword":
         tokenizer = build_subword_tokenizer([*corpus(cards), ENGLISH_TEXT])
     else:
         tokenizer = build_tokenizer(corpus(cards), answer_phrases(cards))
-    vocab_size = spec.vocab_size or len(tokenizer)
+    vocab_size = spec.vocab_size or (GEMMA3_VOCAB_SIZE if tokenizer_kind == "gemma3" else len(tokenizer))
     if vocab_size < len(tokenizer):
         raise ValueError("vocabulary smaller than the tokenizer")
     config = synthetic_config(spec, tokenizer, vocab_size)
@@ -336,7 +349,7 @@ def build_synthetic_model(
     processor = Gemma3Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        chat_template=GEMMA3_CHAT_TEMPLATE,
+        chat_template=template,
         image_seq_length=spec.mm_tokens_per_image,
     )
     processor.save_pretrained(out)
