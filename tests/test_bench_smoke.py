@@ -129,3 +129,21 @@ def test_fusion_bench_compares_the_three_routers(tmp_path):
         entry = summary[f"{router}@0.2"]
         assert 0 <= entry["risk"] <= 1 and abs(entry["one_card"] + entry["routed_set"] + entry["review"]) <= 1
     assert all(run["fusion"] for run in results["runs"] if run["router"] == "hybrid")
+
+
+def test_vocabulary_facts_on_gemma3s_real_vocabulary(tmp_path):
+    from conftest import gemma3_vocabulary
+
+    out = tmp_path / "facts.json"
+    env_cache = str(gemma3_vocabulary())  # the vocabulary's cache, not this session's own
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "vocabulary_facts.py"), "--json", str(out)], cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "ONEVLM_CACHE_DIR": env_cache},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = json.loads(out.read_text())
+    assert facts["vocabulary"] == 262_145 and facts["prompt_tokens"]["image_tokens"] == 256
+    assert facts["prompt_tokens"]["stage1"] > facts["prompt_tokens"]["stage2"] > 256
+    ids = facts["answers"]["card_ids"]
+    assert ids["n"] == ids["share_first_token"] and ids["min"] >= 4  # MODEL, _, digits: every ID starts alike
+    layer = facts["output_layer_4b"]
+    assert 4.2e9 < layer["parameters"] < 4.4e9 and layer["output_layer_parameters"] == 262_208 * 2560
