@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from onevlm.cards import CardRepository, default_cards_dir  # noqa: E402
 from onevlm.router import prompts  # noqa: E402
 from onevlm.vlm.backend import MODEL_TURN_OPENING  # noqa: E402
-from onevlm.vlm.gemma3_vocabulary import chat_template, load_tokenizer  # noqa: E402
+from onevlm.vlm.gemma3_vocabulary import chat_template, load_tokenizer, require_vocabulary  # noqa: E402
 from onevlm.vlm.synthetic import GEMMA3_VOCAB_SIZE, SIZES, synthetic_config  # noqa: E402
 
 IMAGE_TOKENS = 256
@@ -68,12 +68,11 @@ def lengths(tokenizer, answers) -> dict:
             "examples_sharing": sorted(shared)[:6]}
 
 
-def output_layer_facts() -> dict:
+def output_layer_facts(tokenizer) -> dict:
     """Parameters and decode-step bytes of medgemma-4b-it's shape, counted on the meta device."""
     import torch
     from transformers import Gemma3ForConditionalGeneration
 
-    tokenizer = load_tokenizer()
     config = synthetic_config(SIZES["medgemma-4b-shape"], tokenizer, GEMMA3_VOCAB_SIZE)
     with torch.device("meta"):
         model = Gemma3ForConditionalGeneration(config)
@@ -100,10 +99,11 @@ def run() -> dict:
     from transformers import Gemma3ImageProcessorPil, Gemma3Processor
 
     cards = CardRepository.load(default_cards_dir())
-    tokenizer = load_tokenizer()
+    folder = require_vocabulary()
+    tokenizer = load_tokenizer(folder=folder)
     image_processor = Gemma3ImageProcessorPil(size={"height": 896, "width": 896}, image_mean=[0.5] * 3,
                                               image_std=[0.5] * 3, do_pan_and_scan=False)
-    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template(),
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template(folder=folder),
                                 image_seq_length=IMAGE_TOKENS)
     stage3 = [prompt_length(processor, prompts.stage3_prompt(m, "Normal", [(c.id, c.task_caption)
                                                                         for c in cards.by_modality(m)]))
@@ -123,7 +123,7 @@ def run() -> dict:
             "findings": lengths(tokenizer, [*findings, "Normal"]),
             "card_ids": lengths(tokenizer, [c.id for c in cards]),
         },
-        "output_layer_4b": output_layer_facts(),
+        "output_layer_4b": output_layer_facts(tokenizer),
     }
 
 

@@ -33,6 +33,7 @@ from onevlm.router.backend import (
     StageRequest,
     StageResponse,
     answer_each,
+    answer_probability,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,7 @@ def pixel_distribution(response: StageResponse, allowed: Sequence[str]) -> dict[
         answer = normalise(candidate.text, allowed)
         if not answer.in_allowed_set:
             continue
-        p = candidate.p
-        if candidate.sequence_logprob is not None:
-            p = min(p, math.exp(candidate.sequence_logprob))
+        p = answer_probability(candidate.p, candidate.sequence_logprob)
         probs[answer.answer] = min(probs.get(answer.answer, 0.0) + p, 1.0)
     total = math.fsum(probs.values())
     return {a: p / total for a, p in probs.items()} if total > 1.0 else probs
@@ -72,7 +71,7 @@ MAX_FINDINGS = 5
 FINDING_MASS, FINDING_FLOOR = 0.99, 0.01
 
 
-def corroboration(response: StageResponse, stage: int, answer: str) -> tuple[bool, str | None]:
+def header_backs(response: StageResponse, stage: int, answer: str) -> tuple[bool, str | None]:
     """Whether the header source backs ``answer`` with agreeing statements, and if not, why (in words).
 
     The header source's ``corroboration`` evidence: stage 1, two independent statements of anatomy
@@ -221,7 +220,7 @@ class HybridBackend:
             header = complete(response.distribution or {c.text: c.p for c in response.candidates}, answers) \
                 if response.informative else flat(answers)
             headers.append(header)
-            corroborated, why = corroboration(response, stage, top(header)[0])
+            corroborated, why = header_backs(response, stage, top(header)[0])
             alone = fusion.header_alone(header, answers, corroborated)
             backed.append(corroborated)
             reason = self._why_not(item, request)

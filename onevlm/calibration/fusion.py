@@ -131,12 +131,6 @@ def top(probs: Mapping[str, float]) -> tuple[str, float]:
     return best, best_p
 
 
-def second(probs: Mapping[str, float]) -> float:
-    """The runner-up's probability (0 for a single answer)."""
-    ranked = sorted(probs.values(), reverse=True)
-    return ranked[1] if len(ranked) > 1 else 0.0
-
-
 @dataclass(frozen=True)
 class Disagreement:
     """The header says one answer, the image looks like another.

@@ -37,7 +37,7 @@ from onevlm.calibration.fusion import (
     complete,
     fit_stage_fusion,
 )
-from onevlm.calibration.scores import STAGES, StageScores
+from onevlm.calibration.scores import STAGES, StageScores, read_json_lines
 from onevlm.calibration.site import RoutingSettings, SiteCalibration, StageCalibration
 
 OUTCOME_REVIEW = "review"
@@ -85,17 +85,7 @@ def read_hybrid_scores(path: str | Path) -> list[HybridLine]:
     ValueError
         ``"<path>: line <n>: <reason>"`` for the first malformed line.
     """
-    path = Path(path)
-    lines: list[HybridLine] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                lines.append(_parse(json.loads(text), number))
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"{path}: line {number}: {exc}") from exc
-    return lines
+    return read_json_lines(path, _parse)
 
 
 def is_hybrid_scores(path: str | Path) -> bool:

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
 from types import MappingProxyType
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
+T = TypeVar("T")
 #: Pseudo-answer naming the mass a backend did not attribute to any listed answer.
 REST = "<unlisted>"
 #: What a decoded (free-text) answer's probability is: its own token sequence's, not its first
@@ -138,17 +139,28 @@ def read_scores(path: str | Path) -> list[StageScores]:
     ValueError
         On any malformed line, as ``"<path>: line <n>: <reason>"``.
     """
+    return read_json_lines(path, lambda record, number: _parse(record))
+
+
+def read_json_lines(path: str | Path, parse: Callable[[Any, int], T]) -> list[T]:
+    """``parse(record, line_number)`` of every non-blank line of a JSON Lines file, in order.
+
+    Raises
+    ------
+    ValueError
+        ``"<path>: line <n>: <reason>"`` for the first line that is not JSON or that ``parse`` refuses.
+    """
     path = Path(path)
-    rows: list[StageScores] = []
+    out: list[T] = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(_parse(json.loads(line)))
+                out.append(parse(json.loads(line), number))
             except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
                 raise ValueError(f"{path}: line {number}: {exc}") from exc
-    return rows
+    return out
 
 
 def write_scores(rows: Iterable[StageScores], path: str | Path) -> Path:

@@ -46,6 +46,14 @@ class Candidate:
             raise ValueError(f"candidate probability must lie in [0, 1], got {self.p!r}")
 
 
+def answer_probability(p: float, sequence_logprob: float | None) -> float:
+    """What a decoded answer's probability is: its own token sequence's, never more than its first token's ``p``.
+
+    (A subword first token may also begin other answers: "brain" begins "brain CT scan" and "brain MRI scan".)
+    """
+    return p if sequence_logprob is None else min(p, math.exp(sequence_logprob))
+
+
 @dataclass(frozen=True)
 class StageRequest:
     """What the router asks of a backend for one stage of one input.

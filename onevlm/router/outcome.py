@@ -23,14 +23,13 @@ The three stages (Algorithm 1) give the paper's answer. This module decides what
 
 from __future__ import annotations
 
-import math
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from onevlm.calibration.scores import StageScores
 from onevlm.calibration.site import RoutingSettings, SiteCalibration
-from onevlm.router.backend import NONE, OTHER
+from onevlm.router.backend import NONE, OTHER, answer_probability
 from onevlm.router.stage_decision import StageDecision
 
 ROUTED = "routed"
@@ -61,9 +60,7 @@ def stage_scores(stage: StageDecision) -> StageScores:
     probs: dict[str, float] = {}
     for candidate in stage.candidates:
         answer = candidate.answer.strip() or EMPTY_ANSWER
-        p = candidate.p
-        if candidate.sequence_logprob is not None:
-            p = min(p, math.exp(candidate.sequence_logprob))
+        p = answer_probability(candidate.p, candidate.sequence_logprob)
         probs[answer] = min(probs.get(answer, 0.0) + p, 1.0)
     return StageScores(stage=stage.stage, probs=_at_most_one(probs))
 

