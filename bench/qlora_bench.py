@@ -36,7 +36,8 @@ import torch  # noqa: E402
 from onevlm.specialty.datasets.medmnist import read_medmnist  # noqa: E402
 from onevlm.specialty.datasets.synthetic import shapes_info, write_shapes_medmnist  # noqa: E402
 from onevlm.specialty.tasks import build_examples  # noqa: E402
-from onevlm.specialty.training import TrainingSettings, accuracy, finetune, predict  # noqa: E402
+from onevlm.specialty.prediction import accuracy, predict  # noqa: E402
+from onevlm.specialty.training import TrainingSettings, finetune  # noqa: E402
 from onevlm.vlm.synthetic import build_synthetic_model  # noqa: E402
 
 RECIPES = {

@@ -758,7 +758,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             specialty=config.specialty, quantize=args.quantize, device=args.device, dtype=args.dtype,
             dataset_weights=config.dataset_weights(), seed=args.seed,
             gradient_checkpointing=not args.no_gradient_checkpointing, progress=not args.no_progress,
-            **{k: v for k, v in given.items() if v is not None})
+            tensorboard=args.tensorboard, **{k: v for k, v in given.items() if v is not None})
         result = finetune(base, train, val, args.out, settings, resume=args.resume)
     except _specialty_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -854,6 +854,8 @@ def _add_specialty_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, more GPU memory")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --out")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard events under OUT/runs (needs: pip install 'onevlm[tensorboard]')")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate-specialty",

@@ -466,6 +466,41 @@ def test_route_execute_app_with_the_vlm_in_both_roles(models, tmp_path):
         assert [e["card_id"] for e in record.get("executions") or ()] == record["cards"]
 
 
+@pytest.mark.slow
+def test_route_execute_app_on_gemma3s_real_vocabulary(tmp_path):
+    """The specialty role on the tiny model with Gemma 3's real vocabulary and processor: a QLoRA adapter trained
+    here (breast ultrasound, every training image malignant) executes through the app, where the same base also
+    routes (the hybrid router, pixels read where the header does not settle the route)."""
+    from conftest import gemma3_vocabulary
+
+    base = build_synthetic_model("tiny", tmp_path / "models" / "base", tokenizer="gemma3",
+                                 vocabulary_cache=gemma3_vocabulary())
+    data = tmp_path / "data"
+    data.mkdir()
+    write_medmnist_npz(data / "breastmnist.npz", "breastmnist", per_split=(32, 4, 4), fixed_labels=(0,))
+    radiology = tmp_path / "radiology.yaml"
+    radiology.write_text("specialty: radiology\ndescription: test adapter\noption_markers: numbers\ndatasets:\n"
+                         "  - {dataset: breastmnist, reader: medmnist, task: classification}\n")
+    adapter = _finetune(radiology, data, base, tmp_path / "models" / "adapters" / "radiology", 40)
+    assert json.loads((adapter / MANIFEST_NAME).read_text())["results"]["val_accuracy"] == 1.0
+
+    inputs = copy_samples(tmp_path / "in", (CHEST, BREAST_US))
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "apps.route_execute_app", "-i", str(inputs), "-o", str(out),
+                          "-m", str(tmp_path / "models")], capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env=_app_env(ONEVLM_SPECIALTY_QUANTIZE="nf4", ONEVLM_DEVICE="cpu"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    records = {Path(r["input"]).name: r for r in map(json.loads, (out / "decisions.jsonl").read_text().splitlines())}
+    assert all(r["error"] is None for r in records.values())
+    pixels = records[BREAST_US]["backend"]["pixels"]
+    assert pixels["synthetic"]["tokenizer"] == "gemma3" and pixels["shared_with_specialty_adapters"] == ["radiology"]
+    assert sum(r["vlm_calls"] for r in records.values()) >= 1  # the real-vocabulary VLM was asked
+    entries = {e["input"]: e for e in json.loads((out / "series.json").read_text())["entries"]}
+    breast = entries[BREAST_US]["executions"]
+    assert breast and breast[0]["status"] == EXECUTED and breast[0]["labels"] == ["malignant"]
+    assert len(list((out / "sr").glob("*.dcm"))) == 2
+
+
 def test_route_execute_app_refuses_a_missing_adapter_folder(models, tmp_path):
     run = subprocess.run([sys.executable, "-m", "apps.route_execute_app", "-i", str(SAMPLES), "-o", str(tmp_path),
                           "-m", str(models["models"])], capture_output=True, text=True, timeout=300, cwd=REPO,

@@ -40,18 +40,9 @@ from onevlm.specialty.tasks import (
     prompt_id,
     prompt_ids,
 )
-from onevlm.specialty.training import (
-    IGNORE_INDEX,
-    ExampleEncoder,
-    TrainingSettings,
-    _DataStream,
-    accuracy,
-    finetune,
-    latest_checkpoint,
-    load_finetuned,
-    predict,
-    unrepresentable_answers,
-)
+from onevlm.specialty.encoding import IGNORE_INDEX, ExampleEncoder, unrepresentable_answers
+from onevlm.specialty.prediction import accuracy, load_finetuned, predict
+from onevlm.specialty.training import TrainingSettings, _DataStream, finetune, latest_checkpoint
 from onevlm.vlm.loading import LoadOptions, fingerprint, load_model
 from onevlm.vlm.synthetic import build_synthetic_model
 
@@ -437,7 +428,7 @@ def test_nf4_qlora_trains_and_checkpoints(nf4_run):
 
     _, _, out, result = nf4_run
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
-    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-0000002", "step-0000004"]
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["checkpoint-2", "checkpoint-4"]
     assert latest_checkpoint(out)[0] == 4
     base = result.model.get_base_model()
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())  # really 4-bit
@@ -482,7 +473,7 @@ def test_resume_continues_from_the_last_checkpoint(nf4_run, tiny_dir, tmp_path):
     train, val, out, result = nf4_run
     run = tmp_path / "resumed"
     (run / "checkpoints").mkdir(parents=True)
-    shutil.copytree(out / "checkpoints" / "step-0000002", run / "checkpoints" / "step-0000002")  # "crashed" after 2
+    shutil.copytree(out / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-2")  # "crashed" after 2
     resumed = finetune(tiny_dir, train, val, run, _fast_settings(), resume=True)
     assert resumed.manifest.results["resumed_from"] == 2 and resumed.manifest.results["steps"] == 4
     assert latest_checkpoint(run)[0] == 4
@@ -497,6 +488,48 @@ def test_resume_continues_from_the_last_checkpoint(nf4_run, tiny_dir, tmp_path):
     assert [v for _, v in again_history] == pytest.approx([v for _, v in history], rel=1e-5)
     with pytest.raises(ValueError, match="learning_rate"):
         finetune(tiny_dir, train, val, run, _fast_settings(learning_rate=5e-4), resume=True)
+    # a checkpoint cut off before its checkpoint.json (written last) is not one to resume from
+    (run / "checkpoints" / "checkpoint-4" / "checkpoint.json").unlink()
+    assert latest_checkpoint(run)[0] == 2
+
+
+def test_the_loss_weighs_every_answer_token_of_the_accumulated_step_alike(tiny_dir, tmp_path):
+    """One step accumulating a one-token classification answer and a long multilabel answer: its loss is the mean
+    over all their answer tokens (as transformers' Trainer since 4.46), not the mean of the two micro-batch means
+    (the old loop's), and TensorBoard events are written when asked."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from onevlm.specialty.answer_loss import answer_loss_sum
+
+    short = build_examples(COLOUR_INFO, colour_samples("train", 1, 0), markers="numbers")[0]
+    long = build_example(INFOS["multilabel"], sample_for("multilabel"))
+    settings = _fast_settings(quantize="none", batch_size=1, gradient_accumulation_steps=2, max_steps=1,
+                              lora_dropout=0.0, checkpoint_every=0, tensorboard=True)
+    result = finetune(tiny_dir, [short, long], [], tmp_path / "adapter", settings)
+    logged = result.manifest.results["loss_history"][0][1]
+
+    # step 1 runs the base model's function (LoRA's B starts at zero): the reference is the base model
+    base = load_model(tiny_dir, LoadOptions(device="cpu", dtype="fp32"))
+    encoder = ExampleEncoder(base.processor, base.model.config.image_token_id)
+    sums, counts = [], []
+    for example in (short, long):
+        batch = encoder.training_batch([example])
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            summed, count = answer_loss_sum(base.model, batch, labels)
+            # the logits kept at the answer positions only give transformers' own loss over the whole sequence
+            assert float(summed) / count == pytest.approx(float(base.model(**batch, labels=labels).loss), rel=1e-5)
+        sums.append(float(summed))
+        counts.append(count)
+    assert counts[1] >= 3 * counts[0]
+    token_mean = sum(sums) / sum(counts)
+    mean_of_means = (sums[0] / counts[0] + sums[1] / counts[1]) / 2
+    assert logged == pytest.approx(token_mean, rel=1e-4)
+    assert logged != pytest.approx(mean_of_means, rel=1e-3)  # what the old loop reported (and trained on)
+
+    events = EventAccumulator(str(tmp_path / "adapter" / "runs"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([logged], rel=1e-5)
 
 
 # -- the learning proof -----------------------------------------------------------------------

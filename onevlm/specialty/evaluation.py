@@ -181,7 +181,7 @@ def _answer(model, processor, groups: Sequence[tuple[Any, list[TaskExample]]], t
             max_new_tokens: int | None, progress: bool) -> list[list[tuple[str, Prediction]]]:
     from tqdm.auto import tqdm
 
-    from onevlm.specialty.training import DEFAULT_MAX_NEW_TOKENS, generate_answers
+    from onevlm.specialty.prediction import DEFAULT_MAX_NEW_TOKENS, generate_answers
 
     total = sum(len(examples) for _, examples in groups)
     out: list[list[tuple[str, Prediction]]] = []
@@ -320,7 +320,7 @@ def evaluate_specialty(data: SpecialtyData, base_dir: str | Path, out_dir: str |
     """
     from onevlm.specialty.manifest import read_manifest
     from onevlm.specialty.metrics import plot_confusion
-    from onevlm.specialty.training import load_finetuned
+    from onevlm.specialty.prediction import load_finetuned
     from onevlm.vlm.loading import LoadOptions, check_model_dir, fingerprint, load_model
 
     started = time.monotonic()

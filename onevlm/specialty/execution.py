@@ -365,7 +365,7 @@ class SpecialtyModel:
         return [r for r in results if r is not None]
 
     def _run(self, task: AdapterTask, requests: Sequence[tuple[ModelCard, Image.Image]]) -> list[SpecialtyResult]:
-        from onevlm.specialty.training import DEFAULT_MAX_NEW_TOKENS, generate_answers
+        from onevlm.specialty.prediction import DEFAULT_MAX_NEW_TOKENS, generate_answers
 
         adapter = self._adapter_identity(task.specialty)
         common = dict(specialty=task.specialty, task=task.name, task_kind=task.kind, prompt_id=task.prompt_id,
