@@ -321,7 +321,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     try:
         status = read_status(load_config(args.config))
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=None if args.json else 2))

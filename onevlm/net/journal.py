@@ -18,62 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from onevlm.net.journal_schema import bring_up_to_date, check_version
 from onevlm.net.review_answers import ReviewAnswer
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    group_key TEXT NOT NULL,
-    path TEXT NOT NULL,
-    sop_class_uid TEXT,
-    calling_ae TEXT,
-    received_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS groups (
-    group_key TEXT PRIMARY KEY,
-    status TEXT NOT NULL,            -- receiving | queued | processing | done | failed
-    last_received REAL NOT NULL,
-    received INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    group_key TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    sop_instance_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    status TEXT NOT NULL,            -- pending | sent | failed | superseded (amended before it was sent)
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_error TEXT,
-    sent_at REAL,
-    UNIQUE (sop_instance_uid, destination)
-);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL);  -- e.g. Orthanc's changes
-CREATE TABLE IF NOT EXISTS results (  -- the latest version of each result object (SR, SEG, annotations)
-    result_key TEXT PRIMARY KEY,     -- group | kind | result series UID
-    version INTEGER NOT NULL,
-    sop_instance_uid TEXT NOT NULL,
-    content_digest TEXT NOT NULL,
-    previous TEXT NOT NULL,          -- JSON: earlier versions [[study, series, class, instance], ...]
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS reviews (  -- reviewers' answers (labels); append-only, the latest per series counts
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    group_key TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    kind TEXT NOT NULL,              -- card | none-of-these | not-routable
-    card TEXT,
-    reviewer TEXT NOT NULL,
-    comment TEXT NOT NULL,
-    recorded_at REAL NOT NULL
-);
-"""
 
 COUNTERS = ("received", "duplicates", "quarantined", "refused", "processed", "exported", "export_failures", "failed")
 
@@ -126,14 +73,35 @@ class OutboxItem:
 class Journal:
     """Thread-safe access to the service's SQLite journal."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, migrate: bool = True) -> None:
+        """Open (or create) the journal at ``path``.
+
+        Parameters
+        ----------
+        path:
+            The SQLite file.
+        migrate:
+            Bring an older journal's schema up to this release's (:mod:`onevlm.net.journal_schema`);
+            False (readers such as ``onevlm status``) refuses one instead.
+
+        Raises
+        ------
+        JournalSchemaError
+            A journal written by a newer release (left untouched), or an older one with
+            ``migrate=False``.
+        """
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        try:
+            check_version(self._db, self.path, migrate)  # before WAL mode, which would change the file
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            bring_up_to_date(self._db, self.path)
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         with self._lock:

@@ -197,10 +197,12 @@ def open_journal(config: ServiceConfig) -> Journal:
     ------
     FileNotFoundError
         If the service never ran with this spool.
+    onevlm.net.journal_schema.JournalSchemaError
+        If the journal's schema is not this release's (the service migrates an older one on start).
     """
     if not config.journal_path.exists():
         raise FileNotFoundError(f"no journal at {config.journal_path}: the service has not run with this spool")
-    return Journal(config.journal_path)
+    return Journal(config.journal_path, migrate=False)  # a reader: the service migrates, not `onevlm status`
 
 
 def read_status(config: ServiceConfig) -> dict:
