@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,17 @@ def check_version(db: sqlite3.Connection, path: Path, migrate: bool) -> int:
     return version
 
 
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 def bring_up_to_date(db: sqlite3.Connection, path: Path) -> None:
     """Create a new journal at :data:`SCHEMA_VERSION`, or migrate an older one step by step.
 
@@ -161,37 +173,27 @@ def bring_up_to_date(db: sqlite3.Connection, path: Path) -> None:
     journal is copied to ``<journal>.v<N>.bak`` (SQLite's online backup).
     """
     version = check_version(db, path, migrate=True)
+    if version == SCHEMA_VERSION:
+        return
     if version == 0:
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             if schema_version(db) == 0:
                 _create_v1(db)
                 for step in range(2, SCHEMA_VERSION + 1):
                     MIGRATIONS[step](db)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return
-    if version == SCHEMA_VERSION:
-        if db.execute("PRAGMA user_version").fetchone()[0] != version:
-            db.execute(f"PRAGMA user_version = {version}")
         return
     backup = path.with_name(f"{path.name}.v{version}.bak")
-    with sqlite3.connect(backup) as copy:
+    copy = sqlite3.connect(backup)
+    try:
         db.backup(copy)
-    copy.close()
+    finally:
+        copy.close()
     logger.info("journal %s: schema version %d, migrating to %d (copy kept at %s)", path, version, SCHEMA_VERSION,
                 backup.name)
     for step in range(version + 1, SCHEMA_VERSION + 1):
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             if schema_version(db) < step:
                 MIGRATIONS[step](db)
                 db.execute(f"PRAGMA user_version = {step}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         logger.info("journal %s: migrated to schema version %d", path, step)
