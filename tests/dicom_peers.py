@@ -486,3 +486,44 @@ def storescp_node(out_dir: Path, ae_title: str) -> Iterator[dict]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+class SilentServer:
+    """A TCP server on loopback that accepts connections and never answers (a hung DICOMweb or DICOM peer).
+
+    ``accepted`` holds the time of each accepted connection; the sockets stay open until :meth:`close`.
+    """
+
+    def __init__(self) -> None:
+        import socket
+
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        self.accepted: list[float] = []
+        self._held: list[Any] = []
+        self._thread = threading.Thread(target=self._accept, name="silent-server", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return
+            self.accepted.append(time.monotonic())
+            self._held.append(connection)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/dicom-web"
+
+    def close(self) -> None:
+        self._socket.close()
+        for connection in self._held:
+            connection.close()
+
+    def __enter__(self) -> "SilentServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

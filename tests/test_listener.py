@@ -563,7 +563,13 @@ def test_dicomweb_destinations_are_validated(tmp_path, monkeypatch):
                     "token_env": "ONEVLM_TEST_TOKEN"}).destinations[0]
     assert parsed.dicomweb == "https://vna.example/dicom-web" and parsed.auth.kind == "bearer"
     assert parse({"name": "open", "dicomweb": "http://127.0.0.1:8042/dicom-web"}).destinations[0].auth.kind == "none"
+    assert parsed.timeout_seconds == 30.0
+    assert parse({"name": "v", "dicomweb": "http://x/dicom-web", "timeout_seconds": 5}).destinations[0].timeout_seconds == 5
     cases = [
+        ({"name": "v", "dicomweb": "http://x/dicom-web", "timeout_seconds": 0},
+         r"destinations\[0\].timeout_seconds.*must be a positive number"),
+        ({"name": "v", "ae_title": "PACS", "host": "127.0.0.1", "port": 104, "timeout_seconds": "slow"},
+         r"destinations\[0\].timeout_seconds.*must be a positive number"),
         ({"name": "v", "dicomweb": "ftp://x/dicom-web"}, r"destinations\[0\].dicomweb.*http:// or https://"),
         ({"name": "v", "dicomweb": "http://x/dicom-web", "auth": "digest"}, r"destinations\[0\].auth.*'digest'"),
         ({"name": "v", "dicomweb": "http://x/dicom-web", "auth": "basic", "username": "u"},

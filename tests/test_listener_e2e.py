@@ -23,6 +23,7 @@ from dicom_peers import (
     REPO,
     Pacs,
     ServeProcess,
+    SilentServer,
     journal_query,
     journal_status,
     listener_port,
@@ -394,6 +395,41 @@ def test_results_go_to_a_dicomweb_destination_by_stow_rs(tmp_path, monkeypatch):
     rows = journal_query(spool, "SELECT destination, status, attempts, last_error FROM outbox ORDER BY destination")
     assert [(r[0], r[1]) for r in rows] == [("vna", "sent"), ("wrong", "failed")]
     assert "HTTP 401" in rows[1][3] and root in rows[1][3]
+
+
+def test_a_stow_rs_request_to_a_server_that_never_answers_ends_at_the_timeout_without_retries(tmp_path):
+    from onevlm.net.config import Destination
+    from onevlm.net.stow import stow_files
+
+    with SilentServer() as server:
+        destination = Destination(name="dead", dicomweb=server.url, timeout_seconds=1.0)
+        started = time.monotonic()
+        with pytest.raises(OSError, match=f"{server.url}: STOW-RS request failed: .*Timeout"):
+            stow_files([pydicom_file("CT_small.dcm")], destination)
+        assert time.monotonic() - started < 5
+        assert len(server.accepted) == 1  # one attempt: the outbox, not the client, retries
+
+
+def test_a_dead_stow_rs_destination_does_not_hold_back_the_pacs(tmp_path):
+    """One exporter per destination: while every STOW-RS request to a hung server waits out its 8 s timeout,
+    the C-STORE PACS gets each study's SR within seconds of its processing."""
+    spool = tmp_path / "spool"
+    studies = make_copies(pydicom_file("CT_small.dcm"), tmp_path / "data", studies=2, per_study=2)
+    with SilentServer() as dead, Pacs(tmp_path / "pacs") as pacs:
+        config = service_config(spool, destinations=[
+            {"name": "dead-vna", "dicomweb": dead.url, "timeout_seconds": 8}, pacs.destination()],
+            retry={"base_seconds": 0.2, "max_seconds": 0.5, "max_attempts": 100})
+        with running_service(config) as service:
+            for files in studies.values():
+                assert storescu(files, service.listener.port).returncode == 0
+            wait_until(lambda: all_routing_srs_arrived(pacs, {uid: 1 for uid in studies}), 60, 0.2,
+                       "both SRs in the PACS")
+            arrived = time.monotonic()
+            wait_until(lambda: dead.accepted, 30, 0.1, "a STOW-RS attempt on the hung server")
+            rows = journal_query(spool, "SELECT destination, status FROM outbox ORDER BY destination")
+        # both SRs reached the PACS before the first request to the hung server could have timed out
+        assert arrived - dead.accepted[0] < 8
+        assert sorted(rows) == [("dead-vna", "pending")] * 2 + [("pacs", "sent")] * 2
 
 
 # --------------------------------------------------------------------------- 13. DICOMweb source

@@ -78,6 +78,8 @@ class Destination:
     role: str = "results"
     dicomweb: str | None = None
     auth: DicomWebAuth = field(default_factory=DicomWebAuth)
+    #: One send's limit (C-STORE association or STOW-RS request), seconds; then the outbox retries later.
+    timeout_seconds: float = 30.0
 
     def wants(self, sop_class_uid: str, needs_review: bool) -> bool:
         """Whether this destination receives a result object (a review destination: review SRs only)."""
@@ -331,14 +333,16 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
         where = f"destinations[{i}]"
         d = _mapping(d, source, where)
         _check_keys(d, {"name", "ae_title", "host", "port", "tls", "role", "dicomweb", "auth", "username",
-                        "password_env", "token_env"}, source, where)
+                        "password_env", "token_env", "timeout_seconds"}, source, where)
         if "name" not in d:
             raise _err(source, f"{where}.name", "is required")
         role = d.get("role", "results")
         if role not in DESTINATION_ROLES:
             raise _err(source, f"{where}.role", f"{role!r} must be one of {', '.join(DESTINATION_ROLES)}")
+        timeout = float(_positive(d.get("timeout_seconds", Destination.timeout_seconds), source,
+                                  f"{where}.timeout_seconds"))
         if "dicomweb" in d:
-            destinations.append(_dicomweb_destination(d, source, where, role))
+            destinations.append(_dicomweb_destination(d, source, where, role, timeout))
             continue
         for key in ("ae_title", "host", "port"):
             if key not in d:
@@ -346,7 +350,7 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
         destinations.append(Destination(
             name=str(d["name"]), ae_title=_ae(d["ae_title"], source, f"{where}.ae_title"), host=str(d["host"]),
             port=_port(d["port"], source, f"{where}.port"), tls=_tls(d.get("tls"), source, f"{where}.tls", base),
-            role=role,
+            role=role, timeout_seconds=timeout,
         ))
     if len({d.name for d in destinations}) != len(destinations):
         raise _err(source, "destinations", "names must be unique")
@@ -434,7 +438,7 @@ def _intake(data: Any, source: str) -> OrthancSource | None:
     return OrthancSource(url, data.get("username"), data.get("password_env"), poll)
 
 
-def _dicomweb_destination(d: Mapping[str, Any], source: str, where: str, role: str) -> Destination:
+def _dicomweb_destination(d: Mapping[str, Any], source: str, where: str, role: str, timeout: float) -> Destination:
     """A STOW-RS destination: ``dicomweb: http(s)://host/path`` (the DICOMweb root), optional ``auth``."""
     url = str(d["dicomweb"]).rstrip("/")
     if not url.startswith(("http://", "https://")) or len(url) < 10:
@@ -453,7 +457,7 @@ def _dicomweb_destination(d: Mapping[str, Any], source: str, where: str, role: s
         if d.get(key) and not os.environ.get(str(d[key])):
             raise _err(source, f"{where}.{key}", f"the environment variable {d[key]} is not set")
     auth = DicomWebAuth(kind, d.get("username"), d.get("password_env"), d.get("token_env"))
-    return Destination(name=str(d["name"]), role=role, dicomweb=url, auth=auth)
+    return Destination(name=str(d["name"]), role=role, dicomweb=url, auth=auth, timeout_seconds=timeout)
 
 
 def load_config(path: str | Path) -> ServiceConfig:

@@ -2,7 +2,9 @@
 
 One association per destination and round; TCP_NODELAY on the socket; a failed send is retried
 with exponential backoff (capped), the outbox surviving restarts; after ``max_attempts`` the
-item is marked failed and shows in the status counts.
+item is marked failed and shows in the status counts. The service drains each destination in a
+thread of its own (:meth:`Exporter.run_once` with ``destination``), so a slow or dead destination
+holds back only its own items; each send is bounded by the destination's ``timeout_seconds``.
 """
 
 from __future__ import annotations
@@ -24,23 +26,21 @@ class Exporter:
     """Drains the outbox to the destinations."""
 
     def __init__(self, journal: Journal, destinations: Sequence[Destination], ae_title: str,
-                 base_seconds: float = 2.0, max_seconds: float = 300.0, max_attempts: int = 20,
-                 timeout_seconds: float = 30.0) -> None:
+                 base_seconds: float = 2.0, max_seconds: float = 300.0, max_attempts: int = 20) -> None:
         self.journal = journal
         self.destinations = {d.name: d for d in destinations}
         self.ae_title = ae_title
         self.base_seconds = base_seconds
         self.max_seconds = max_seconds
         self.max_attempts = max_attempts
-        self.timeout_seconds = timeout_seconds
 
     def backoff(self, attempts: int) -> float:
         """Seconds to wait after the ``attempts``-th failure."""
         return min(self.max_seconds, self.base_seconds * (2 ** max(attempts - 1, 0)))
 
-    def run_once(self, now: float | None = None) -> int:
-        """Send every due item once; returns how many were sent."""
-        due = self.journal.due_exports(now)
+    def run_once(self, now: float | None = None, destination: str | None = None) -> int:
+        """Send every due item (of one ``destination``, or all) once; returns how many were sent."""
+        due = self.journal.due_exports(now, destination=destination)
         by_destination: dict[str, list[OutboxItem]] = defaultdict(list)
         for item in due:
             by_destination[item.destination].append(item)
@@ -66,10 +66,10 @@ class Exporter:
             if destination.dicomweb:
                 from onevlm.net.stow import stow_files
 
-                results = stow_files([i.path for i in items], destination, self.timeout_seconds)
+                results = stow_files([i.path for i in items], destination)
             else:
                 results = send_files([i.path for i in items], destination.host, destination.port,
-                                     destination.ae_title, self.ae_title, self.timeout_seconds,
+                                     destination.ae_title, self.ae_title, destination.timeout_seconds,
                                      client_context(destination.tls))
         except (AssociationError, OSError, ValueError) as exc:
             for item in items:
@@ -84,3 +84,10 @@ class Exporter:
             else:
                 self._fail(item, result.error or f"C-STORE status {getattr(result, 'status', None)!r}")
         return sent
+
+    def fail_unconfigured(self) -> int:
+        """Give up on pending items of destinations no longer configured (run once at start); returns how many."""
+        due = [i for i in self.journal.due_exports(float("inf"), limit=10**9) if i.destination not in self.destinations]
+        for item in due:
+            self.journal.mark_failed_attempt(item.id, f"destination {item.destination!r} is not configured", None)
+        return len(due)

@@ -269,12 +269,15 @@ class Journal:
                 return True
             return False
 
-    def due_exports(self, now: float | None = None, limit: int = 200) -> list[OutboxItem]:
+    def due_exports(self, now: float | None = None, limit: int = 200, destination: str | None = None) -> list[OutboxItem]:
+        """Pending items whose next attempt is due, oldest first (of one ``destination``, or all)."""
         now = time.time() if now is None else now
+        where, args = ("AND destination = ? ", (destination,)) if destination is not None else ("", ())
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, group_key, destination, sop_instance_uid, sop_class_uid, path, attempts FROM outbox "
-                "WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?", (now, limit)).fetchall()
+                f"WHERE status = 'pending' AND next_attempt_at <= ? {where}ORDER BY id LIMIT ?",
+                (now, *args, limit)).fetchall()
         return [OutboxItem(r[0], r[1], r[2], r[3], r[4], Path(r[5]), r[6]) for r in rows]
 
     def mark_sent(self, item_id: int) -> None:

@@ -1,7 +1,7 @@
 """``onevlm serve``: the listener, study assembly, the pipeline workers and the exporter together.
 
 Threads: the pynetdicom server (one per association), an assembler that queues groups idle for
-``idle_seconds``, ``workers`` pipeline workers, one exporter, and an optional HTTP server on
+``idle_seconds``, ``workers`` pipeline workers, one exporter thread per destination, and an optional HTTP server on
 ``status_port``: ``GET /status`` (JSON counts) and the operator's page (:mod:`onevlm.dashboard`).
 On start, partial writes are cleared and the journal is reconciled with the spool, so every
 acknowledged instance is processed after a crash.
@@ -111,8 +111,9 @@ class Service:
         self._spawn("assembler", self._assemble)
         for n in range(self.config.workers):
             self._spawn(f"worker-{n}", self._work)
-        if self.config.destinations:
-            self._spawn("exporter", self._export)
+        self.exporter.fail_unconfigured()
+        for destination in self.config.destinations:  # one each: a dead destination holds back only its own
+            self._spawn(f"exporter-{destination.name}", lambda name=destination.name: self._export(name))
         if self.config.status_port is not None:
             self._start_status()
 
@@ -138,12 +139,12 @@ class Service:
             with self._pipeline_lock:
                 self.processor.process(key)
 
-    def _export(self) -> None:
+    def _export(self, destination: str) -> None:
         while not self._stop.wait(POLL_SECONDS):
             try:
-                self.exporter.run_once()
+                self.exporter.run_once(destination=destination)
             except Exception:
-                logger.exception("event=exporter_error")
+                logger.exception("event=exporter_error destination=%s", destination)
 
     def status(self) -> dict:
         return {**spool_status(self.journal, self.spool),

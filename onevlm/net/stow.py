@@ -4,6 +4,11 @@ The same outbox, retry and exactly-once rules as C-STORE apply (the exporter cal
 a C-STORE association). The service's answer is read per instance: a referenced instance is sent,
 a failed one (Failed SOP Sequence, with its reason) is retried, and an HTTP or connection error
 fails the whole request.
+
+The outbox's durable retry (with backoff, surviving restarts) is the only retry: the client's own
+retries are switched off, and the configured timeout replaces whatever timeout the client passes
+(dicomweb-client 0.61 and later set their own 20 s), so one request to a dead server ends within
+the destination's ``timeout_seconds``.
 """
 
 from __future__ import annotations
@@ -45,8 +50,11 @@ def _session(destination: Destination):
     return session
 
 
-def stow_files(paths: Sequence[Path], destination: Destination, timeout: float = 30.0) -> list[StowResult]:
+def stow_files(paths: Sequence[Path], destination: Destination, timeout: float | None = None) -> list[StowResult]:
     """Store ``paths`` at ``destination.dicomweb`` in one STOW-RS request; one result per file, in order.
+
+    ``timeout`` (seconds, default the destination's ``timeout_seconds``) bounds connecting and each
+    read of the answer.
 
     Raises
     ------
@@ -59,8 +67,9 @@ def stow_files(paths: Sequence[Path], destination: Destination, timeout: float =
 
     datasets = [pydicom.dcmread(path) for path in paths]
     session = _session(destination)
-    session.request = _with_timeout(session.request, timeout)
+    session.request = _with_timeout(session.request, destination.timeout_seconds if timeout is None else timeout)
     client = DICOMwebClient(url=destination.dicomweb, session=session)
+    client.set_http_retry_params(retry=False)  # the outbox retries, durably
     try:
         answer = client.store_instances(datasets=datasets)
     except requests.HTTPError as exc:
@@ -87,7 +96,7 @@ def stow_files(paths: Sequence[Path], destination: Destination, timeout: float =
 
 def _with_timeout(request, timeout: float):
     def call(method, url, **kwargs):
-        kwargs.setdefault("timeout", timeout)
+        kwargs["timeout"] = timeout  # ours, not the client's default
         return request(method, url, **kwargs)
 
     return call
