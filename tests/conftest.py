@@ -99,6 +99,23 @@ def encoder():
 
 
 @pytest.fixture(scope="session")
+def gemma3_tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Gemma 3 VLM on Gemma 3's real vocabulary, processor and chat template (built once per session)."""
+    from onevlm.vlm.synthetic import build_synthetic_model
+
+    return build_synthetic_model("tiny", tmp_path_factory.mktemp("gemma3-tiny") / "model", tokenizer="gemma3",
+                                 vocabulary_cache=gemma3_vocabulary())
+
+
+@pytest.fixture(scope="session")
+def gemma3_tiny(gemma3_tiny_dir):
+    """``gemma3_tiny_dir`` loaded once per session on the CPU (float32); a test that scripts its answers removes the script."""
+    from onevlm.vlm.loading import LoadOptions, load_model
+
+    return load_model(gemma3_tiny_dir, LoadOptions(device="cpu", dtype="fp32"))
+
+
+@pytest.fixture(scope="session")
 def shipped_cards():
     from onevlm.cards import CardRepository
 

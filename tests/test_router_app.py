@@ -78,12 +78,14 @@ def _write_cards(folder: Path) -> Path:
     return folder
 
 
-def _run_app(input_dir: Path, output_dir: Path, cards_dir: Path, **extra_env: str) -> subprocess.CompletedProcess:
+def _run_app(input_dir: Path, output_dir: Path, cards_dir: Path, model: Path | None = None,
+             **extra_env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ONEVLM_CARDS": str(cards_dir)}
     env.pop("ONEVLM_CUTOFFS", None)
     env.update(extra_env)
     return subprocess.run(
-        [sys.executable, "-m", "apps.router_app", "-i", str(input_dir), "-o", str(output_dir)],
+        [sys.executable, "-m", "apps.router_app", "-i", str(input_dir), "-o", str(output_dir),
+         *(["-m", str(model)] if model is not None else [])],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -205,6 +207,56 @@ def test_router_app_takes_a_model_folder_with_dash_m(workspace, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "pixels-only" / "decisions.jsonl").read_text().splitlines()]
     assert records and all(r["backend"]["backend"] == "transformers" for r in records)
     assert all(r["stages"][0]["evidence"]["pixels_read"] for r in records)
+
+
+@pytest.mark.slow
+def test_router_app_on_gemma3s_real_vocabulary(gemma3_tiny_dir, tmp_path):
+    """``-m`` a model with Gemma 3's real tokenizer, processor and 262,208-row output layer: the default
+    (hybrid) router asks it where the header cannot decide (a CT head whose only anatomy is
+    BodyPartExamined), and the decision log and the SR name that model and its VLM call."""
+    import highdicom as hd
+
+    from conftest import SAMPLES
+
+    cards = _write_cards(tmp_path / "cards")
+    inputs, output = tmp_path / "input", tmp_path / "output"
+    inputs.mkdir()
+    shutil.copyfile(SAMPLES / "ct_head_512_j2k.dcm", inputs / "ct_head.dcm")
+    result = _run_app(inputs, output, cards, model=gemma3_tiny_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    [record] = [json.loads(line) for line in (output / "decisions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert record["error"] is None and record["not_for_clinical_use"] is True
+    assert record["backend"]["backend"] == "hybrid"
+    pixels = record["backend"]["pixels"]
+    assert (pixels["backend"], pixels["model_type"], pixels["synthetic"]["tokenizer"]) == ("transformers", "gemma3", "gemma3")
+    asked = [stage for stage in record["stages"] if "pixels" in stage["consulted"]]
+    assert asked and record["vlm_calls"] == len(asked)
+    for stage in asked:  # the VLM was shown the image, in a prompt from Gemma 3's own chat template and tokenizer
+        vlm = stage["evidence"]["pixels"]
+        assert vlm["pixels_read"] and vlm["engine"] == "fast" and vlm["prompt_tokens"] > 100
+    metadata = json.loads((output / "metadata.json").read_text(encoding="utf-8"))
+    assert metadata["vlm_calls"] == record["vlm_calls"] and metadata["errors"] == 0
+
+    [entry] = json.loads((output / "series.json").read_text(encoding="utf-8"))["entries"]
+    sr_path = output / entry["sr_file"]
+    assert _dciodvfy_errors(sr_path) == []
+    sr = hd.sr.srread(sr_path)
+    evaluations = {e.name.meaning: e.value.meaning for g in sr.content.get_image_measurement_groups()
+                   for e in g.get_qualitative_evaluations()}
+    for stage in asked:
+        assert evaluations[f"Evidence consulted, stage {stage['stage']}"] == "Header and image pixels"
+    texts = [str(item.TextValue) for item in _walk(sr.ContentSequence) if "TextValue" in item]
+    backend_text = next(t for t in texts if t.startswith("backend: "))  # the SR's algorithm parameters
+    assert json.loads(backend_text.removeprefix("backend: "))["pixels"]["synthetic"]["tokenizer"] == "gemma3"
+
+
+def _walk(sequence):
+    """Every content item of an SR content sequence, depth first."""
+    for item in sequence:
+        yield item
+        if "ContentSequence" in item:
+            yield from _walk(item.ContentSequence)
 
 
 @pytest.mark.slow

@@ -242,16 +242,14 @@ def test_predictions_round_trip_and_the_table_formats_the_reference(tmp_path: Pa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tokenizer", ["word", "gemma3"])
-def test_finetune_then_evaluate_specialty_end_to_end(tmp_path: Path, capsys, tokenizer) -> None:
+def test_finetune_then_evaluate_specialty_end_to_end(tmp_path: Path, capsys, tokenizer, request) -> None:
     """CLI fine-tuning takes the tiny model from chance to >= 90 % on shapes; the report shows both. On our
     word-level tokenizer and on Gemma 3's real vocabulary (262,208 output rows)."""
-    from conftest import gemma3_vocabulary
-
     from onevlm.vlm.synthetic import build_synthetic_model
 
     started = time.monotonic()
-    tiny = build_synthetic_model("tiny", tmp_path / "tiny", tokenizer=tokenizer,
-                                 vocabulary_cache=gemma3_vocabulary() if tokenizer == "gemma3" else None)
+    tiny = (request.getfixturevalue("gemma3_tiny_dir") if tokenizer == "gemma3"
+            else build_synthetic_model("tiny", tmp_path / "tiny"))
     data = tmp_path / "data"
     data.mkdir()
     classes = synthetic.write_shapes_medmnist(data / "shapesmnist.npz", per_split=(256, 24, 40), seed=0)

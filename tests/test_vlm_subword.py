@@ -1,11 +1,18 @@
-"""The transformers backend on a subword (BPE, Gemma 3-shaped) synthetic model, with messy answers.
+"""The transformers backend on subword vocabularies (a synthetic BPE and Gemma 3's real one), with messy answers.
 
 A real MedGemma never answers in one token: answers span several pieces, start alike ("brain CT
-scan" / "brain MRI scan" share "brain"), card IDs split ("MODEL_", "0", "7"), and come capitalised,
-with punctuation, markdown or a lead-in. These tests drive Algorithm 1, the options scorer and the
-normaliser through exactly those shapes, on every engine, with answers scripted by
-``tests/scripted_vlm.ScriptedAnswers`` (a known distribution, so expected values are computed,
-not copied).
+scan" / "brain MRI scan" share "brain"), card IDs split into pieces with every digit its own
+("MODEL", "_", "0", "7" on Gemma 3's vocabulary; "MODEL_", "0", "7" on the synthetic BPE), and
+come capitalised, with punctuation, markdown or a lead-in. These tests drive Algorithm 1, the
+options scorer and the normaliser through exactly those shapes, on every engine, with answers
+scripted by ``tests/scripted_vlm.ScriptedAnswers`` (a known distribution, so expected values are
+computed from the tokenizer, not copied).
+
+Both tokenizers are covered: the tokenizer-independent tests run on the tiny random model with
+the synthetic subword (BPE, Gemma 3-shaped) tokenizer and on the tiny random model with Gemma 3's
+real tokenizer (262,144 pieces, byte fallback, the real ``Gemma3Processor`` and chat template,
+262,208-row output layer; ``conftest.gemma3_tiny``). The tests of the synthetic tokenizer's
+shape and of the graph engine's own machinery run on the subword model only.
 
 Tolerances: engines must agree on every answer's text exactly, on first-token probabilities
 within 1e-5 and on sequence log-probabilities within 1e-3 (float32 on the CPU; the engines sum
@@ -39,6 +46,8 @@ from test_vlm import requests_for
 
 IMAGES = ["ct_head_512_j2k.dcm", "cr_chest_j2k.dcm", "us_obstetric_rle.dcm"]
 ENGINES = ["naive", "fast", "graph"]
+#: The tokenizers the tokenizer-independent tests run on (the synthetic BPE; Gemma 3's real vocabulary).
+TOKENIZERS = ["subword", "gemma3"]
 P_TOL, LOGP_TOL = 1e-5, 1e-3
 
 
@@ -48,10 +57,36 @@ def subword_dir(tmp_path_factory, shipped_cards) -> Path:
                                  tokenizer="subword")
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def loaded(subword_dir):
-    # A fresh load per test: scripted tests patch the model in place.
+    """The subword model (the synthetic tokenizer's and the graph engine's own tests)."""
     return load_model(subword_dir, LoadOptions(device="cpu"))
+
+
+@pytest.fixture(scope="module", params=TOKENIZERS)
+def vlm(request):
+    """The tiny model on each tokenizer, loaded once (scripts are removed after each test)."""
+    if request.param == "subword":
+        return request.getfixturevalue("loaded")
+    return request.getfixturevalue("gemma3_tiny")
+
+
+@pytest.fixture()
+def script(vlm):
+    """``script(answers)`` makes ``vlm`` answer from ``answers`` for this test; the patch is removed after it."""
+    installed: list[ScriptedAnswers] = []
+
+    def install(answers) -> ScriptedAnswers:
+        installed.append(ScriptedAnswers(vlm, answers))
+        return installed[-1]
+
+    yield install
+    for scripted in reversed(installed):
+        scripted.remove()
+
+
+def pieces(loaded, text: str) -> list[int]:
+    return loaded.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def backend(loaded, engine="fast", answer_mode="free") -> TransformersBackend:
@@ -63,27 +98,24 @@ def test_subword_tokenizer_is_shaped_like_a_real_one(loaded, subword_dir, shippe
     assert loaded.identity["synthetic"]["tokenizer"] == "subword"
     assert 1000 <= len(tok) <= 8000
 
-    def pieces(text):
-        return tok(text, add_special_tokens=False)["input_ids"]
-
     for phrase in answer_phrases(shipped_cards):
-        ids = pieces(phrase)
+        ids = pieces(loaded, phrase)
         assert tok.decode(ids) == phrase  # lossless, no <unk>
         assert tok.unk_token_id not in ids
-    assert pieces("brain CT scan")[0] == pieces("brain MRI scan")[0]
-    assert len(pieces("brain CT scan")) >= 3 and len(pieces("MODEL_19")) >= 3
-    assert pieces("MODEL_19")[:-2] == pieces("MODEL_07")[:-2]  # the ID's digits are pieces of their own
-    multi = [p for p in shipped_cards.modalities if len(pieces(p)) > 1]
+    assert pieces(loaded, "brain CT scan")[0] == pieces(loaded, "brain MRI scan")[0]
+    assert len(pieces(loaded, "brain CT scan")) >= 3 and len(pieces(loaded, "MODEL_19")) >= 3
+    assert pieces(loaded, "MODEL_19")[:-2] == pieces(loaded, "MODEL_07")[:-2]  # the ID's digits are pieces of their own
+    multi = [p for p in shipped_cards.modalities if len(pieces(loaded, p)) > 1]
     assert len(multi) == len(shipped_cards.modalities)
     # the chat template's special tokens stay whole
-    assert len(pieces("<start_of_turn>model\n")) == 3
+    assert len(pieces(loaded, "<start_of_turn>model\n")) == 3
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_engines_agree_on_the_random_subword_model(loaded, shipped_cards, stage):
+def test_engines_agree_on_the_random_model(vlm, shipped_cards, stage):
     items = [load_input(SAMPLES / name) for name in IMAGES]
     requests = requests_for(stage, shipped_cards, len(items))
-    answers = {engine: backend(loaded, engine).answer(items, requests) for engine in ENGINES}
+    answers = {engine: backend(vlm, engine).answer(items, requests) for engine in ENGINES}
     for engine in ("fast", "graph"):
         for got, ref in zip(answers[engine], answers["naive"]):
             assert [c.text for c in got.candidates] == [c.text for c in ref.candidates]
@@ -93,58 +125,67 @@ def test_engines_agree_on_the_random_subword_model(loaded, shipped_cards, stage)
 
 
 @pytest.mark.parametrize("stage", [1, 3])
-def test_options_scores_are_sums_of_token_logprobs(loaded, shipped_cards, stage):
-    """Batched option scoring (one shared prefill, right padding) = one pass per option, and
-    the scripted options' scores equal their known log-probabilities."""
+def test_options_scores_are_sums_of_token_logprobs(vlm, script, shipped_cards, stage):
+    """Batched option scoring (one shared prefill, right padding) gives the scripted options their
+    known log-probabilities, and the reference engine (one pass per option) the same distribution."""
     request = requests_for(stage, shipped_cards, 1)[0]
     scripted = ({"brain CT scan": 0.5, "brain MRI scan": 0.2, "chest X-ray scan": 0.1} if stage == 1
                 else {"MODEL_02": 0.4, "MODEL_03": 0.3, "None": 0.1})
-    script = ScriptedAnswers(loaded, scripted)
+    answers = script(scripted)
     item = load_input(SAMPLES / "ct_head_512_j2k.dcm")
-    fast, naive = backend(loaded, "fast", "options"), backend(loaded, "naive", "options")
+    fast, naive = backend(vlm, "fast", "options"), backend(vlm, "naive", "options")
     prompt = fast.prompts.tokens(request.prompt)
     options = [fast.prompts.option_tokens(o) for o in request.allowed]
     assert len({len(o) for o in options}) > 1  # candidates of different lengths
-    image = request.prompt.uses_image
-    batched = fast.engine.score_options(prompt, fast._image_features([item])[0] if image else None, options)
-    alone = naive.engine.score_options(prompt, naive._pixel_values([item])[0] if image else None, options)
-    for b, a in zip(batched, alone):
-        assert b.sequence_logprob == pytest.approx(a.sequence_logprob, abs=LOGP_TOL)
-        assert b.p == pytest.approx(a.p, abs=P_TOL)
+    for text in scripted:  # the options are tokenised as the model writes them after the prompt
+        assert options[list(request.allowed).index(text)] == answers.tokens[text]
+    features = fast._image_features([item])[0] if request.prompt.uses_image else None
+    batched = fast.engine.score_options(prompt, features, options)
     for text in scripted:
         index = list(request.allowed).index(text)
-        assert batched[index].sequence_logprob == pytest.approx(script.answer_logprob(text), abs=LOGP_TOL)
-    # the response's candidates are the two best options, whatever the engine
-    for b in (fast, naive):
-        response = b.answer([item], [request])[0]
-        best = sorted(scripted, key=scripted.get, reverse=True)[:2]
+        assert batched[index].sequence_logprob == pytest.approx(answers.answer_logprob(text), abs=LOGP_TOL)
+    # through the backend, either engine: the two best options as candidates, one distribution over all
+    best = sorted(scripted, key=scripted.get, reverse=True)[:2]
+    got, ref = (b.answer([item], [request])[0] for b in (fast, naive))
+    for response in (got, ref):
         assert [c.text for c in response.candidates] == best
         assert response.distribution[best[0]] > response.distribution[best[1]]
+    assert got.distribution.keys() == ref.distribution.keys() == set(request.allowed)
+    for option, p in ref.distribution.items():
+        assert got.distribution[option] == pytest.approx(p, abs=P_TOL)
+    for cg, cr in zip(got.candidates, ref.candidates):
+        assert cg.p == pytest.approx(cr.p, abs=P_TOL)
+        assert cg.sequence_logprob == pytest.approx(cr.sequence_logprob, abs=LOGP_TOL)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_shared_first_token_the_continuation_decides(loaded, shipped_cards, engine):
+def test_shared_first_token_the_continuation_decides(vlm, script, shipped_cards, engine):
     # "brain" starts two admissible answers; its continuation picks the more likely one
-    script = ScriptedAnswers(loaded, {"brain MRI scan": 0.4, "brain CT scan": 0.2, "chest X-ray scan": 0.3})
+    weights = {"brain MRI scan": 0.4, "brain CT scan": 0.2, "chest X-ray scan": 0.3}
+    answers = script(weights)
+    assert answers.tokens["brain MRI scan"][0] == answers.tokens["brain CT scan"][0]  # one first piece, "brain"
+    assert answers.tokens["brain MRI scan"][0] != answers.tokens["chest X-ray scan"][0]
     request = requests_for(1, shipped_cards, 1)[0]
-    b = backend(loaded, engine)
+    b = backend(vlm, engine)
     response = b.answer([load_input(SAMPLES / "ct_head_512_j2k.dcm")], [request])[0]
     first, second = response.candidates
+    brain = weights["brain MRI scan"] + weights["brain CT scan"]
     assert (first.text, second.text) == ("brain MRI scan", "chest X-ray scan")
-    assert first.p == pytest.approx(0.6, abs=P_TOL)  # the first token's probability: "brain"
-    assert second.p == pytest.approx(0.3, abs=P_TOL)
-    assert first.sequence_logprob == pytest.approx(script.answer_logprob("brain MRI scan"), abs=LOGP_TOL)
-    assert second.sequence_logprob == pytest.approx(script.answer_logprob("chest X-ray scan"), abs=LOGP_TOL)
+    assert first.p == pytest.approx(brain, abs=P_TOL)  # the first token's probability: "brain"
+    assert second.p == pytest.approx(weights["chest X-ray scan"], abs=P_TOL)
+    assert first.sequence_logprob == pytest.approx(answers.answer_logprob("brain MRI scan"), abs=LOGP_TOL)
+    assert second.sequence_logprob == pytest.approx(answers.answer_logprob("chest X-ray scan"), abs=LOGP_TOL)
     # the answer's own probability is below its first token's: the decision log keeps both, and
     # what a person is shown as this answer's probability is the answer's own, not its first token's
     assert math.exp(first.sequence_logprob) < first.p
-    decision = Router(shipped_cards, backend(loaded, engine)).route_many([load_input(SAMPLES / "ct_head_512_j2k.dcm")])[0]
+    decision = Router(shipped_cards, backend(vlm, engine)).route_many([load_input(SAMPLES / "ct_head_512_j2k.dcm")])[0]
     shown = stage_scores(decision.stages[0]).probs
-    assert shown["brain MRI scan"] == pytest.approx(math.exp(script.answer_logprob("brain MRI scan")), abs=1e-4)
-    assert shown["brain MRI scan"] < 0.6 * 0.7  # 0.6 × (0.4 / 0.6) × 0.99³: the "MRI" continuation's share
-    assert decision.stages[0].candidates[0].p == pytest.approx(0.6, abs=P_TOL)  # Algorithm 1 keeps p_i
+    assert shown["brain MRI scan"] == pytest.approx(math.exp(answers.answer_logprob("brain MRI scan")), abs=1e-4)
+    # P(brain) × P(MRI | brain) is the scripted 0.4 less the leak, and each later piece leaks again
+    assert shown["brain MRI scan"] < weights["brain MRI scan"]
+    assert decision.stages[0].candidates[0].p == pytest.approx(brain, abs=P_TOL)  # Algorithm 1 keeps p_i
     if engine != "naive":  # early exit: no decode step after both branches ended
-        longest = max(len(script.tokens["brain MRI scan"]), len(script.tokens["chest X-ray scan"]))
+        longest = max(len(answers.tokens["brain MRI scan"]), len(answers.tokens["chest X-ray scan"]))
         assert b.engine.stats.decode_steps == longest - 1
 
 
@@ -153,9 +194,9 @@ MESSY = ["The modality is brain CT scan.", "**brain CT scan**", "Brain CT Scan",
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("messy", MESSY)
-def test_messy_answers_normalise(loaded, shipped_cards, engine, messy):
-    ScriptedAnswers(loaded, {messy: 0.55, "chest X-ray scan": 0.35})
-    router = Router(shipped_cards, backend(loaded, engine))
+def test_messy_answers_normalise(vlm, script, shipped_cards, engine, messy):
+    script({messy: 0.55, "chest X-ray scan": 0.35})
+    router = Router(shipped_cards, backend(vlm, engine))
     stage1 = router.route_many([load_input(SAMPLES / "ct_head_512_j2k.dcm")])[0].stages[0]
     first, second = stage1.candidates
     assert first.raw == messy and first.answer == "brain CT scan" and first.in_allowed_set
@@ -164,9 +205,9 @@ def test_messy_answers_normalise(loaded, shipped_cards, engine, messy):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_two_branches_with_the_same_normalised_answer_do_not_switch(loaded, shipped_cards, engine):
-    ScriptedAnswers(loaded, {"The modality is brain CT scan.": 0.5, "brain CT scan": 0.3})
-    router = Router(shipped_cards, backend(loaded, engine), cutoffs=Cutoffs(stage1=0.1))
+def test_two_branches_with_the_same_normalised_answer_do_not_switch(vlm, script, shipped_cards, engine):
+    script({"The modality is brain CT scan.": 0.5, "brain CT scan": 0.3})
+    router = Router(shipped_cards, backend(vlm, engine), cutoffs=Cutoffs(stage1=0.1))
     stage1 = router.route_many([load_input(SAMPLES / "ct_head_512_j2k.dcm")])[0].stages[0]
     first, second = stage1.candidates
     assert second.p >= 0.1  # the runner-up clears the cutoff...
@@ -176,10 +217,15 @@ def test_two_branches_with_the_same_normalised_answer_do_not_switch(loaded, ship
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_stage3_card_ids_in_pieces(loaded, shipped_cards, engine):
-    ScriptedAnswers(loaded, {"**MODEL_03**: the scan shows the head": 0.5, "MODEL_2 - fits": 0.3})
+def test_stage3_card_ids_in_pieces(vlm, script, shipped_cards, engine):
+    script({"**MODEL_03**: the scan shows the head": 0.5, "MODEL_2 - fits": 0.3})
+    # the ID spans pieces, every digit one of its own: IDs differ only in their last pieces
+    ids = {card: pieces(vlm, card) for card in ("MODEL_03", "MODEL_02", "MODEL_19")}
+    assert len(ids["MODEL_03"]) >= 3 and ids["MODEL_03"][:-1] == ids["MODEL_02"][:-1]
+    assert ids["MODEL_03"][:-2] == ids["MODEL_19"][:-2]
+    assert [vlm.processor.tokenizer.decode([i]) for i in ids["MODEL_19"][-2:]] == ["1", "9"]
     request = requests_for(3, shipped_cards, 1)[0]
-    router = Router(shipped_cards, backend(loaded, engine))
+    router = Router(shipped_cards, backend(vlm, engine))
     response = router.backend.answer([load_input(SAMPLES / "ct_head_512_j2k.dcm")], [request])[0]
     decision = router._decide(request, response, 0.0)
     first, second = decision.candidates
@@ -188,10 +234,26 @@ def test_stage3_card_ids_in_pieces(loaded, shipped_cards, engine):
     assert decision.chosen == "MODEL_03"
 
 
+def test_card_ids_share_their_first_piece_so_the_free_runner_up_is_not_a_card(vlm, script, shipped_cards):
+    """Every card ID starts with the same piece ("MODEL"): Algorithm 1's top-2 first tokens hold one
+    branch for all IDs together (decoded greedily to the likeliest), and the runner-up is whatever
+    else comes second. The options mode scores every ID on its own."""
+    weights = {"MODEL_03": 0.5, "MODEL_02": 0.3, "None": 0.1}
+    answers = script(weights)
+    assert answers.tokens["MODEL_03"][0] == answers.tokens["MODEL_02"][0]
+    request = requests_for(3, shipped_cards, 1)[0]
+    item = load_input(SAMPLES / "ct_head_512_j2k.dcm")
+    first, second = backend(vlm, "fast").answer([item], [request])[0].candidates
+    assert (first.text, second.text) == ("MODEL_03", "None")
+    assert first.p == pytest.approx(weights["MODEL_03"] + weights["MODEL_02"], abs=P_TOL)
+    options = backend(vlm, "fast", "options").answer([item], [request])[0]
+    assert [c.text for c in options.candidates] == ["MODEL_03", "MODEL_02"]
+
+
 @pytest.mark.parametrize("engine", ENGINES)
-def test_an_answer_outside_the_set_is_logged_as_such(loaded, shipped_cards, engine, caplog):
-    ScriptedAnswers(loaded, {"dental panoramic radiograph": 0.7, "Other.": 0.2})
-    router = Router(shipped_cards, backend(loaded, engine))
+def test_an_answer_outside_the_set_is_logged_as_such(vlm, script, shipped_cards, engine, caplog):
+    script({"dental panoramic radiograph": 0.7, "Other.": 0.2})
+    router = Router(shipped_cards, backend(vlm, engine))
     with caplog.at_level(logging.INFO, logger="onevlm.router.pipeline"):
         decision = router.route_many([load_input(SAMPLES / "ct_head_512_j2k.dcm")])[0]
     stage1 = decision.stages[0]

@@ -147,6 +147,18 @@ class ModelAdapter:
         return list(zip(cache.key_cache, cache.value_cache))
 
 
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the last dimension (the vocabulary), in float32: ``logits - logsumexp(logits)``.
+
+    Not ``torch.log_softmax``: on the CPU its float32 sum of the exponentials drops much of the tail
+    of a 262,208-entry vocabulary (Gemma 3's): a token of probability 0.99 whose remaining 0.01 is
+    spread thin reads as 0.9912, and every decoded answer's sequence probability comes out high by
+    up to about 1e-3 per token. ``torch.logsumexp`` sums within float32 rounding.
+    """
+    logits = logits.float()
+    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
 def _left_pad(prompts: Sequence[PromptTokens], pad_id: int, device) -> tuple[torch.Tensor, ...]:
     width = max(len(p.input_ids) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -194,7 +206,7 @@ class FastEngine:
         extra = {"token_type_ids": image_mask.long()} if image_mask.any() else {}
         logits, cache = a.forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                   logits_to_keep=1, **extra)
-        logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        logprobs = log_probs(logits[:, -1])
         top = torch.topk(logprobs, 2, dim=-1)  # (B, 2)
 
         batch = len(prompts)
@@ -241,7 +253,7 @@ class FastEngine:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             logits, cache = a.forward(input_ids=current.unsqueeze(-1), attention_mask=mask, position_ids=next_pos,
                                       cache=cache)
-            step = torch.log_softmax(logits[:, -1].float(), dim=-1)
+            step = log_probs(logits[:, -1])
             nxt = step.argmax(dim=-1)
             live = ~done
             scores = scores + torch.where(live, step.gather(1, nxt.unsqueeze(-1)).squeeze(-1), torch.zeros_like(scores))
@@ -266,7 +278,7 @@ class FastEngine:
         extra = {"token_type_ids": image_mask.long()} if image_mask.any() else {}
         logits, cache = a.forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                   logits_to_keep=1, **extra)
-        first = torch.log_softmax(logits[:, -1].float(), dim=-1)[0]
+        first = log_probs(logits[:, -1])[0]
         count = len(options)
         width = max(len(o) for o in options)
         cand = torch.full((count, width), a.pad_token_id, dtype=torch.long, device=a.device)
@@ -281,7 +293,7 @@ class FastEngine:
             pos = positions[:, -1:] + 1 + torch.arange(width - 1, device=a.device).unsqueeze(0)
             logits, _ = a.forward(input_ids=cand[:, :-1], attention_mask=full_mask, position_ids=pos.repeat(count, 1),
                                   cache=cache)
-            step = torch.log_softmax(logits.float(), dim=-1)  # (K, W-1, V): predicts tokens 1..W-1
+            step = log_probs(logits)  # (K, W-1, V): predicts tokens 1..W-1
             token_lp = step.gather(2, cand[:, 1:].unsqueeze(-1)).squeeze(-1)
             totals = totals + (token_lp * cand_mask[:, 1:]).sum(dim=1)
         probs = torch.softmax(totals, dim=0)
@@ -324,10 +336,12 @@ class NaiveEngine:
             vision = {}
             if pixel_values is not None:
                 vision = {"pixel_values": pixel_values.to(a.device, a.dtype), "token_type_ids": types}
-            logits, _ = a.forward(input_ids=ids, attention_mask=torch.ones_like(ids), **vision)
-            logprobs = torch.log_softmax(logits[0].float(), dim=-1)
-            start = len(prompt.input_ids)
-            totals.append(sum(float(logprobs[start - 1 + j, token]) for j, token in enumerate(option)))
+            # Only the positions that predict the option's tokens: the whole prompt's logits would be
+            # prompt length x vocabulary floats per option (about 400 MB on Gemma 3's 262,208 rows).
+            logits, _ = a.forward(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=len(option) + 1,
+                                  **vision)
+            logprobs = log_probs(logits[0])  # row j predicts the option's token j (the last row: past its end)
+            totals.append(sum(float(logprobs[j, token]) for j, token in enumerate(option)))
         probs = torch.softmax(torch.tensor(totals, dtype=torch.float64), dim=0)
         return [ScoredOption(i, float(probs[i]), totals[i]) for i in range(len(options))]
 
@@ -339,7 +353,7 @@ class NaiveEngine:
         if pixel_values is not None:
             vision = {"pixel_values": pixel_values.to(a.device, a.dtype), "token_type_ids": types}
         logits, _ = a.forward(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, **vision)
-        logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)[0]
+        logprobs = log_probs(logits[:, -1])[0]
         top = torch.topk(logprobs, 2)
         branches = []
         for k in range(2):
@@ -359,7 +373,7 @@ class NaiveEngine:
                 )
                 new = out.sequences[0, ext.shape[1]:].tolist()
                 for step_logits, token in zip(out.logits, new):
-                    score += float(torch.log_softmax(step_logits[0].float(), dim=-1)[token])
+                    score += float(log_probs(step_logits[0])[token])
                     tokens.append(token)
                     if token in a.eos_token_ids:
                         break

@@ -43,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from onevlm.vlm.engine import FastEngine, ModelAdapter
+from onevlm.vlm.engine import FastEngine, ModelAdapter, log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class GraphEngine(FastEngine):
         def step() -> tuple[torch.Tensor, torch.Tensor]:
             logits, _ = a.forward(input_ids=tokens, attention_mask=masks, position_ids=positions, cache=cache,
                                   logits_to_keep=1)
-            logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)
+            logprobs = log_probs(logits[:, -1])
             nxt = logprobs.argmax(dim=-1)
             return nxt, logprobs.gather(1, nxt.unsqueeze(-1)).squeeze(-1)
 
