@@ -439,3 +439,29 @@ def test_sr_of_a_finding_that_belongs_to_another_modality(tmp_path):
     assert evaluations["Image's answer, stage 1"] == coding.modality_answer_code("colonoscopy scan")
     assert "Header and image, stage 2" not in evaluations
     assert any("the image's finding adenomatous polyp (p 0.90) belongs to colonoscopy scan" in c for c in _comments(sr))
+
+
+def test_an_answer_outside_the_set_keeps_every_character_in_the_sr(tmp_path):
+    """A VLM's free text can hold any character (a random model on Gemma 3's vocabulary writes emoji and scripts
+    beyond Latin-1): the SR is UTF-8, so the quoted answer reads back exactly, whatever the source's character set."""
+    from onevlm.cards import CardRepository, default_cards_dir
+    from onevlm.router.backend import Candidate, StageResponse
+    from onevlm.router.pipeline import Router
+
+    class OneAnswer:
+        def identity(self):
+            return {"backend": "scripted"}
+
+        def answer(self, items, requests):
+            return [StageResponse((Candidate("échographie 🔘 સંપ", 0.7), Candidate("Other", 0.2)))] * len(items)
+
+    source = SAMPLES / "ct_head_512_j2k.dcm"
+    router = Router(CardRepository.load(default_cards_dir()), OneAnswer())
+    decision, path = _sr(router, source, tmp_path=tmp_path)
+    assert decision.outcome_name == "stopped"
+    assert dciodvfy_errors(path) == []
+    written = pydicom.dcmread(path)
+    assert written.SpecificCharacterSet == "ISO_IR 192"
+    assert written.PatientName == pydicom.dcmread(source, stop_before_pixels=True).PatientName
+    meanings = [str(element.value) for element in written.iterall() if element.keyword == "CodeMeaning"]
+    assert "outside the admissible set: échographie 🔘 સંપ" in meanings, meanings

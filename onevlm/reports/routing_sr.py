@@ -522,6 +522,9 @@ def _comprehensive_sr(evidence: Sequence[pydicom.Dataset], report, series_uid: s
         series_description=SERIES_DESCRIPTION,
         coding_schemes=[coding.scheme_item()],
         previous_versions=list(previous_versions) or None,
+        # UTF-8, whatever the source's character set: a VLM's free text (quoted when it is outside the
+        # admissible set) can hold any character, and the copied patient fields are re-encoded exactly.
+        specific_character_set="ISO_IR 192",
     )
     if retired:  # the evidence references must name the classes the instances really have
         restore_referenced_sop_classes(sr.get("CurrentRequestedProcedureEvidenceSequence"), retired)
