@@ -102,11 +102,17 @@ class DashboardApp:
         The calibration in force, or ``None`` (uncalibrated).
     status:
         Returns the status counts (``GET /status``).
+    metrics, health:
+        The running service's :class:`~onevlm.net.metrics.ServiceMetrics` (``GET /metrics``, under
+        the page's token rule) and :class:`~onevlm.net.health.ServiceHealth` (``GET /healthz`` and
+        ``/readyz``, open: they reveal nothing); ``None`` (the standalone page): those paths are 404.
     """
 
     def __init__(self, config: ServiceConfig, journal: Journal, cards: CardRepository,
-                 calibration: SiteCalibration | None, status: Callable[[], dict]) -> None:
+                 calibration: SiteCalibration | None, status: Callable[[], dict], metrics=None, health=None) -> None:
         self.config = config
+        self.metrics = metrics  # onevlm.net.metrics.ServiceMetrics, when served by the service
+        self.health = health  # onevlm.net.health.ServiceHealth, likewise
         self.settings = config.dashboard
         self.journal = journal
         self.cards = cards
@@ -148,10 +154,13 @@ class DashboardApp:
         path = url.path.rstrip("/") or "/"
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         try:
+            if path in ("/healthz", "/readyz") and method == "GET" and self.health is not None:
+                verdict = self.health.alive() if path == "/healthz" else self.health.ready()
+                return Response(200 if verdict.ok else 503, json.dumps(verdict.as_dict()).encode(), "application/json")
             if path == "/login":
                 return self._login(method, query, body)
             if not self.settings.loopback and not self._authorised(headers):
-                if path == "/status" or method != "GET":
+                if path in ("/status", "/metrics") or method != "GET":
                     raise HttpError(401, "an access token is required (Authorization: Bearer TOKEN)")
                 return _redirect("/login?" + pages.query_string(next=target))
             if method == "POST" and path == "/review":
@@ -160,6 +169,9 @@ class DashboardApp:
                 raise HttpError(405, f"{method} is not allowed here")
             if path == "/status":
                 return Response(200, json.dumps(self._status()).encode(), "application/json")
+            if path == "/metrics" and self.metrics is not None:
+                body, content_type = self.metrics.exposition()
+                return Response(200, body, content_type)
             if path == "/":
                 return _html(self._overview())
             if path == "/studies":

@@ -202,6 +202,10 @@ class StudyIndex:
         return sorted(p.name for p in self.results.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if self.results.is_dir() else []
 
+    def series_cases(self) -> list[SeriesCase]:
+        """Every series of every results folder (the current version of each)."""
+        return [case for key in self.group_keys() for case in (getattr(self.group(key), "series", None) or ())]
+
     def routing_counts(self) -> dict[str, int]:
         """Over every results folder: VLM calls, decided series, those that needed no VLM call, disagreements.
 

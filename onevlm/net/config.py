@@ -161,6 +161,14 @@ class DashboardConfig:
 
 
 @dataclass(frozen=True)
+class DiskConfig:
+    """Free space the spool's disk must keep: below either bound the service is not ready (``/readyz``)."""
+
+    min_free_bytes: int = 2 * 1024**3
+    min_free_percent: float = 5.0
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """Everything ``onevlm serve`` needs."""
 
@@ -178,6 +186,7 @@ class ServiceConfig:
     source: str = "<memory>"
     intake: OrthancSource | None = None
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
 
     @property
     def journal_path(self) -> Path:
@@ -279,7 +288,7 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
     base = base or Path.cwd()
     data = _mapping(data, source, "<document>")
     _check_keys(data, {"spool_dir", "listener", "grouping", "destinations", "retry", "workers", "status_port",
-                       "pipeline", "intake", "dashboard"}, source, "")
+                       "pipeline", "intake", "dashboard", "disk"}, source, "")
     if "spool_dir" not in data:
         raise _err(source, "spool_dir", "is required")
     spool = _path(data["spool_dir"], source, "spool_dir", base)
@@ -392,7 +401,21 @@ def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) 
         source=source,
         intake=intake,
         dashboard=dashboard,
+        disk=_disk(data.get("disk"), source),
     )
+
+
+def _disk(data: Any, source: str) -> DiskConfig:
+    """``disk: {min_free_bytes, min_free_percent}`` (either may be 0: no bound)."""
+    data = _mapping(data, source, "disk")
+    _check_keys(data, {"min_free_bytes", "min_free_percent"}, source, "disk")
+    free_bytes = data.get("min_free_bytes", DiskConfig.min_free_bytes)
+    if isinstance(free_bytes, bool) or not isinstance(free_bytes, int) or free_bytes < 0:
+        raise _err(source, "disk.min_free_bytes", f"{free_bytes!r} must be a whole number of bytes >= 0")
+    percent = data.get("min_free_percent", DiskConfig.min_free_percent)
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent < 100:
+        raise _err(source, "disk.min_free_percent", f"{percent!r} must be a number in [0, 100)")
+    return DiskConfig(int(free_bytes), float(percent))
 
 
 def _dashboard(data: Any, source: str) -> DashboardConfig:

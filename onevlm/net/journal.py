@@ -126,6 +126,12 @@ class Journal:
         with self._tx() as db:
             self._bump(db, name, by)
 
+    def heartbeat(self) -> None:
+        """A real write (the time, into ``cursors``): raises if the journal cannot be written."""
+        with self._tx() as db:
+            db.execute("INSERT INTO cursors(name, value) VALUES ('heartbeat', ?) "
+                       "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (int(time.time()),))
+
     # -- receiving ------------------------------------------------------------------------------
 
     def has_instance(self, sop_uid: str) -> bool:

@@ -209,6 +209,11 @@ class Listener:
     def port(self) -> int:
         return self._server.server_address[1] if self._server is not None else self.config.port
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The thread serving associations (``None`` before :meth:`start`)."""
+        return self._thread
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()

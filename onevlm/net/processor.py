@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pydicom
 
@@ -41,6 +41,8 @@ class GroupProcessor:
 
     def __init__(self, router: Router, cards: CardRepository, spool: Spool, journal: Journal,
                  destinations: Sequence[Destination], specialty=None) -> None:
+        #: Called with each processed group's seconds (the service's metrics), if set.
+        self.on_processed: Callable[[float], None] | None = None
         self.router = router
         self.specialty = specialty
         self.cards = cards
@@ -85,6 +87,8 @@ class GroupProcessor:
                         "skipped=%d errors=%d queued_exports=%d seconds=%.2f", group_key, meta["series"],
                         meta["outcome"], meta["routed"], meta["routed_sets"], meta["reviews"], meta["executed"],
                         meta["skipped"], meta["errors"], queued, time.time() - started)
+            if self.on_processed is not None:
+                self.on_processed(time.time() - started)
         except Exception as exc:
             logger.exception("event=processing_failed group=%s", group_key)
             self.journal.set_group(group_key, "failed", f"{type(exc).__name__}: {exc}")

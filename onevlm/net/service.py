@@ -20,6 +20,7 @@ from onevlm.calibration.site import SiteCalibration
 from onevlm.cards.repository import CardRepository, default_cards_dir
 from onevlm.net.config import ServiceConfig
 from onevlm.net.exporter import Exporter
+from onevlm.net.health import ServiceHealth
 from onevlm.net.journal import Journal
 from onevlm.net.listener import Listener
 from onevlm.net.processor import GroupProcessor
@@ -90,6 +91,9 @@ class Service:
         self._threads: list[threading.Thread] = []
         self._status_server: ThreadingHTTPServer | None = None
         self._pipeline_lock = threading.Lock()  # one model in memory: pipeline runs take turns
+        self._started = threading.Event()
+        self.health = ServiceHealth(self._service_threads, lambda: self.journal.heartbeat(), config.spool_dir, config.disk,
+                                    self._started)
 
     def start(self) -> None:
         cleared = self.spool.clear_partial_writes()
@@ -116,6 +120,14 @@ class Service:
             self._spawn(f"exporter-{destination.name}", lambda name=destination.name: self._export(name))
         if self.config.status_port is not None:
             self._start_status()
+        self._started.set()
+
+    def _service_threads(self) -> list[threading.Thread]:
+        """The threads that must stay alive (the listener's, the assembler, workers, exporters, intake)."""
+        threads = list(self._threads)
+        if self.listener is not None and self.listener.thread is not None:
+            threads.append(self.listener.thread)
+        return threads
 
     def _spawn(self, name: str, target) -> None:
         thread = threading.Thread(target=target, name=f"onevlm-{name}", daemon=True)
@@ -155,7 +167,14 @@ class Service:
         """``GET /status`` (JSON) and the operator's page, on ``dashboard.host`` (loopback by default)."""
         from onevlm.dashboard.server import DashboardApp, make_server
 
-        app = DashboardApp(self.config, self.journal, self.cards, self.router.calibration, self.status)
+        from onevlm.dashboard.study_index import StudyIndex
+        from onevlm.net.metrics import ServiceMetrics
+
+        metrics = ServiceMetrics(self.journal, self.config.spool_dir, StudyIndex(self.config.spool_dir).series_cases,
+                                 [d.name for d in self.config.destinations])
+        self.processor.on_processed = metrics.observe_processing
+        app = DashboardApp(self.config, self.journal, self.cards, self.router.calibration, self.status,
+                           metrics=metrics, health=self.health)
         self._status_server = make_server(app, self.config.dashboard.host, self.config.status_port)
         self._spawn("status", self._status_server.serve_forever)
         logger.info("event=dashboard_listening url=%s", self.dashboard_url)

@@ -1,0 +1,157 @@
+"""Prometheus metrics of the service (``GET /metrics``), with ``prometheus-client``.
+
+Most figures are read at scrape time from what the service keeps durably — the journal's counters
+and outbox, the results folders' decision records, the spool's disk — so they survive restarts and
+agree with ``/status`` and the operator's page. One figure is observed as work happens: how long
+each study took to process (a histogram since the process started, as Prometheus expects of a
+histogram).
+
+Names (all prefixed ``onevlm_``):
+
+- ``instances_total{state}`` received, duplicates, quarantined, refused (counters);
+- ``groups{status}`` receiving, queued, processing, done, failed (now);
+- ``series_outcomes{outcome}`` routed, routed-set, review, stopped (current results);
+- ``route_confidence`` the routed series' confidence over current results (a gauge histogram);
+- ``group_processing_seconds`` study processing time (histogram);
+- ``exports{destination,status}`` pending, sent, failed, superseded (now);
+  ``export_failures_total`` failed attempts;
+- ``vlm_calls`` the router's VLM calls over current results; ``disagreements`` series whose header
+  and image disagree;
+- ``spool_bytes`` the spool's size (recounted at most every 30 s), ``spool_disk_free_bytes`` and
+  ``spool_disk_total_bytes``.
+
+Research use only.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from onevlm.net.health import disk_space
+from onevlm.net.journal import Journal
+
+#: Upper bounds of the confidence buckets (the last, +Inf, is added by Prometheus).
+CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+#: Upper bounds of the processing-time buckets, seconds.
+PROCESSING_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+#: How long a counted spool size is reused.
+SPOOL_RECOUNT_SECONDS = 30.0
+OUTCOMES = ("routed", "routed-set", "review", "stopped")
+INSTANCE_STATES = ("received", "duplicates", "quarantined", "refused")
+GROUP_STATES = ("receiving", "queued", "processing", "done", "failed")
+EXPORT_STATES = ("pending", "sent", "failed", "superseded")
+
+
+class ServiceMetrics:
+    """The service's metrics registry.
+
+    Parameters
+    ----------
+    journal:
+        The service's journal.
+    spool_dir:
+        The spool (its size and its disk).
+    series:
+        Returns the current results' series cases (:class:`onevlm.dashboard.study_index.SeriesCase`:
+        ``outcome``, ``confidence``, ``vlm_calls``, ``disagreement``).
+    destinations:
+        The configured destination names (each gets its export figures, zero or not).
+    """
+
+    def __init__(self, journal: Journal, spool_dir: Path, series: Callable[[], list], destinations: list[str]) -> None:
+        from prometheus_client import CollectorRegistry, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.processing = Histogram("onevlm_group_processing_seconds", "Seconds to process one study (group)",
+                                    buckets=PROCESSING_BUCKETS, registry=self.registry)
+        self.registry.register(_DurableFigures(journal, spool_dir, series, destinations))
+
+    def observe_processing(self, seconds: float) -> None:
+        """Record one study's processing time."""
+        self.processing.observe(seconds)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text exposition format and its content type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _DurableFigures:
+    """A collector reading the journal, the results and the disk at each scrape."""
+
+    def __init__(self, journal: Journal, spool_dir: Path, series: Callable[[], list], destinations: list[str]) -> None:
+        self.journal, self.spool_dir, self.series, self.destinations = journal, spool_dir, series, destinations
+        self._spool_bytes: tuple[float, int] | None = None
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterator:
+        from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily
+
+        status = self.journal.status()
+        instances = CounterMetricFamily("onevlm_instances", "DICOM instances by what became of them", labels=["state"])
+        for state in INSTANCE_STATES:
+            instances.add_metric([state], status.get(state, 0))
+        yield instances
+        groups = GaugeMetricFamily("onevlm_groups", "Studies (groups) by status now", labels=["status"])
+        for state in GROUP_STATES:
+            groups.add_metric([state], status["groups"].get(state, 0))
+        yield groups
+
+        exports = GaugeMetricFamily("onevlm_exports", "Result objects in the outbox by destination and status",
+                                    labels=["destination", "status"])
+        by_destination = {d.name: d.by_status for d in self.journal.destination_health()}
+        for name in sorted(set(self.destinations) | set(by_destination)):
+            for state in EXPORT_STATES:
+                exports.add_metric([name, state], by_destination.get(name, {}).get(state, 0))
+        yield exports
+        failures = CounterMetricFamily("onevlm_export_failures", "Failed export attempts")
+        failures.add_metric([], status.get("export_failures", 0))
+        yield failures
+
+        cases = self.series()
+        outcomes = GaugeMetricFamily("onevlm_series_outcomes", "Series by routing outcome (current results)",
+                                     labels=["outcome"])
+        for outcome in OUTCOMES:
+            outcomes.add_metric([outcome], sum(1 for c in cases if c.outcome == outcome))
+        yield outcomes
+        confidences = [c.confidence for c in cases if c.outcome in ("routed", "routed-set") and c.confidence is not None]
+        buckets = [(f"{bound:g}", sum(1 for v in confidences if v <= bound)) for bound in CONFIDENCE_BUCKETS]
+        buckets.append(("+Inf", len(confidences)))
+        histogram = GaugeHistogramMetricFamily("onevlm_route_confidence",
+                                               "Confidence of the routed series (current results)",
+                                               buckets=buckets, gsum_value=sum(confidences))
+        yield histogram
+        calls = GaugeMetricFamily("onevlm_vlm_calls", "The router's VLM calls over the current results")
+        calls.add_metric([], sum(c.vlm_calls or 0 for c in cases))
+        yield calls
+        disagreements = GaugeMetricFamily("onevlm_disagreements", "Series whose header and image disagree")
+        disagreements.add_metric([], sum(1 for c in cases if c.disagreement))
+        yield disagreements
+
+        space = disk_space(self.spool_dir)
+        yield GaugeMetricFamily("onevlm_spool_bytes", "Bytes under the spool folder", value=self._spool_size())
+        yield GaugeMetricFamily("onevlm_spool_disk_free_bytes", "Free bytes on the spool's disk", value=space.free)
+        yield GaugeMetricFamily("onevlm_spool_disk_total_bytes", "Size of the spool's disk", value=space.total)
+
+    def _spool_size(self) -> int:
+        with self._lock:
+            now = time.monotonic()
+            if self._spool_bytes is None or now - self._spool_bytes[0] > SPOOL_RECOUNT_SECONDS:
+                self._spool_bytes = (now, _folder_bytes(self.spool_dir))
+            return self._spool_bytes[1]
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:  # removed while counting
+                pass
+    return total
