@@ -328,6 +328,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Validate a service configuration file: one OK line, or ``error: <file>: <key>: <problem>`` (exit 2)."""
+    from onevlm.net.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    intake = f"Orthanc at {config.intake.url}" if config.intake else (
+        f"listener {config.listener.ae_title}@{config.listener.host}:{config.listener.port}")
+    print(f"OK {args.file}: {intake}, {len(config.destinations)} destination(s), "
+          f"backend {config.pipeline.backend}, spool {config.spool_dir}")
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    """Print the JSON Schema of the service configuration file."""
+    from onevlm.net.config import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -954,6 +978,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.set_defaults(func=cmd_status)
+
+    conf = sub.add_parser("config", help="the service configuration file").add_subparsers(dest="config_command",
+                                                                                        required=True)
+    p = conf.add_parser("check", help="validate a service configuration (YAML); starts nothing")
+    p.add_argument("file", help="the service configuration, e.g. config/onevlm-service.example.yaml")
+    p.set_defaults(func=cmd_config_check)
+    p = conf.add_parser("schema", help="print the configuration file's JSON Schema (for editors)")
+    p.set_defaults(func=cmd_config_schema)
 
     p = sub.add_parser("dashboard", help="the operator's page against a service's spool (running or stopped)")
     p.add_argument("--config", required=True, help="the service configuration (YAML)")

@@ -1,4 +1,4 @@
-"""Service configuration (YAML), validated: every error names the field."""
+"""Service configuration (YAML), validated by pydantic: every error is one line naming the file and the key."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # 1-16 printable characters, no backslash
 
@@ -193,294 +194,495 @@ class ServiceConfig:
         return self.spool_dir / "journal.sqlite"
 
 
-def _err(source: str, where: str, problem: str) -> ConfigError:
-    return ConfigError(f"{source}: {where}: {problem}")
+# --------------------------------------------------------------------------- the file's schema (pydantic)
+#
+# The models below describe the YAML file: their JSON Schema is ``onevlm config schema``. Each value is checked by a
+# before-validator that keeps the type strict (no ``bool("false")``, no ``str(None)``) and words the problem the way
+# the service's errors always have; the models then build the frozen dataclasses above, which the service reads.
 
 
-def _mapping(value: Any, source: str, where: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _err(source, where, "must be a mapping")
-    return value
+class _KeyProblem(ValueError):
+    """A rule on a whole section that blames one of its keys (``key`` joins the error's path)."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(problem)
+        self.key = key
 
 
-def _check_keys(data: Mapping[str, Any], allowed: set[str], source: str, where: str) -> None:
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise _err(source, f"{where}.{unknown[0]}" if where else unknown[0], "is not a known setting")
+def _base(info: ValidationInfo) -> Path:
+    return (info.context or {}).get("base") or Path.cwd()
 
 
-def _ae(value: Any, source: str, where: str) -> str:
+def _ae(value: Any) -> str:
     if not isinstance(value, str) or not AE_TITLE.match(value) or not value.strip():
-        raise _err(source, where, f"{value!r} is not an AE title (1-16 printable characters, no backslash)")
+        raise ValueError(f"{value!r} is not an AE title (1-16 printable characters, no backslash)")
     return value.strip()
 
 
-def _port(value: Any, source: str, where: str) -> int:
+def _ae_list(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise ValueError("must be a list of AE titles")
+    titles = []
+    for i, title in enumerate(value):
+        try:
+            titles.append(_ae(title))
+        except ValueError as exc:
+            raise ValueError(f"entry {i}: {exc}") from None
+    return titles
+
+
+def _port(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise _err(source, where, f"{value!r} is not a TCP port (1-65535)")
+        raise ValueError(f"{value!r} is not a TCP port (1-65535)")
     return value
 
 
-def _positive(value: Any, source: str, where: str, integer: bool = False) -> float | int:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-        raise _err(source, where, f"{value!r} must be a positive {'integer' if integer else 'number'}")
+def _optional_port(value: Any) -> int | None:
+    return None if value is None else _port(value)
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{value!r} must be a positive number")
+    return float(value)
+
+
+def _positive_integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{value!r} must be a positive integer")
     return value
 
 
-def _path(value: Any, source: str, where: str, base: Path, must_exist: bool = False) -> Path | None:
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} must be true or false")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{value!r} must be a non-empty string")
+    return value.strip()
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _address(value: Any) -> str:
+    try:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        ipaddress.ip_network(value, strict=False)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not an IP address or network (like 10.0.0.5 or 10.0.0.0/24)") from None
+    return value
+
+
+def _one_of(*choices: str):
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} must be one of {', '.join(choices)}")
+        return value
+    return check
+
+
+def _resolve(value: Any, info: ValidationInfo) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a path")
+    path = Path(value)
+    return path if path.is_absolute() else _base(info) / path
+
+
+def _existing(value: Any, info: ValidationInfo) -> Path | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not value.strip():
-        raise _err(source, where, "must be a path")
-    path = Path(value)
-    path = path if path.is_absolute() else base / path
-    if must_exist and not path.exists():
-        raise _err(source, where, f"{path} does not exist")
+    path = _resolve(value, info)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist")
     return path
 
 
-def _tls(data: Any, source: str, where: str, base: Path) -> TlsConfig:
-    data = _mapping(data, source, where)
-    _check_keys(data, {"certificate", "private_key", "ca_certificates", "require"}, source, where)
-    tls = TlsConfig(
-        certificate=_path(data.get("certificate"), source, f"{where}.certificate", base, True),
-        private_key=_path(data.get("private_key"), source, f"{where}.private_key", base, True),
-        ca_certificates=_path(data.get("ca_certificates"), source, f"{where}.ca_certificates", base, True),
-        require=bool(data.get("require", False)),
-    )
-    if (tls.certificate is None) != (tls.private_key is None):
-        raise _err(source, where, "certificate and private_key go together")
-    return tls
+def _http_url(what: str, shortest: int = 0):
+    def check(value: Any) -> str:
+        url = value.rstrip("/") if isinstance(value, str) else value
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")) or len(url) < shortest:
+            raise ValueError(f"{url!r} must be {what}")
+        return url
+    return check
 
 
-def _specialty(data: Any, source: str, base: Path) -> SpecialtyConfig | None:
-    if data is None:
-        return None
-    where = "pipeline.specialty"
-    data = _mapping(data, source, where)
-    _check_keys(data, {"base_model_dir", "adapters", "quantize", "device"}, source, where)
-    if "base_model_dir" not in data:
-        raise _err(source, f"{where}.base_model_dir", "is required")
-    model = _path(data["base_model_dir"], source, f"{where}.base_model_dir", base, True)
+def _set_variable(key: str, name: str | None) -> None:
+    if name and not os.environ.get(name):
+        raise _KeyProblem(key, f"the environment variable {name} is not set")
+
+
+AeTitle = Annotated[str, BeforeValidator(_ae)]
+Port = Annotated[int, Field(ge=1, le=65535), BeforeValidator(_port)]
+PositiveNumber = Annotated[float, Field(gt=0), BeforeValidator(_positive_number)]
+PositiveInteger = Annotated[int, Field(gt=0), BeforeValidator(_positive_integer)]
+Flag = Annotated[bool, BeforeValidator(_flag)]
+Text = Annotated[str, Field(min_length=1), BeforeValidator(_text)]
+OptionalText = Annotated[Optional[str], BeforeValidator(_optional_text)]
+ExistingPath = Annotated[Optional[Path], BeforeValidator(_existing)]
+
+
+class _Section(BaseModel):
+    """A mapping of the file: unknown keys refused, an empty section (``listener:``) means its defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, data: Any) -> Any:
+        return {} if data is None else data
+
+
+class _Tls(_Section):
+    """TLS: our certificate and key (together), the CA certificates that verify the peer."""
+
+    certificate: ExistingPath = None
+    private_key: ExistingPath = None
+    ca_certificates: ExistingPath = None
+    require: Flag = TlsConfig.require
+
+    @model_validator(mode="after")
+    def _pair(self) -> "_Tls":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+    def build(self) -> TlsConfig:
+        return TlsConfig(self.certificate, self.private_key, self.ca_certificates, self.require)
+
+
+_LISTENER = ListenerConfig()
+
+
+class _Listener(_Section):
+    """The Storage SCP: who may connect, where it binds, its limits."""
+
+    ae_title: AeTitle = _LISTENER.ae_title
+    host: Text = _LISTENER.host
+    port: Port = _LISTENER.port
+    allowed_calling_ae_titles: Annotated[list[str], BeforeValidator(_ae_list)] = []
+    allowed_addresses: list[Annotated[str, BeforeValidator(_address)]] = []
+    max_associations: PositiveInteger = _LISTENER.max_associations
+    max_pdu_bytes: PositiveInteger = _LISTENER.max_pdu_bytes
+    max_instance_bytes: PositiveInteger = _LISTENER.max_instance_bytes
+    network_timeout_seconds: PositiveNumber = _LISTENER.network_timeout_seconds
+    processes: PositiveInteger = _LISTENER.processes
+    tls: _Tls = _Tls()
+
+    @model_validator(mode="after")
+    def _tls_required(self) -> "_Listener":
+        if self.tls.require and self.tls.certificate is None:
+            raise _KeyProblem("tls", "require: true needs a certificate and private_key")
+        return self
+
+    def build(self) -> ListenerConfig:
+        return ListenerConfig(
+            ae_title=self.ae_title, host=self.host, port=self.port,
+            allowed_calling_ae_titles=tuple(self.allowed_calling_ae_titles),
+            allowed_addresses=tuple(self.allowed_addresses), max_associations=self.max_associations,
+            max_pdu_bytes=self.max_pdu_bytes, max_instance_bytes=self.max_instance_bytes,
+            network_timeout_seconds=self.network_timeout_seconds, processes=self.processes, tls=self.tls.build(),
+        )
+
+
+class _Grouping(_Section):
+    """When a study (or series) is complete: ``idle_seconds`` without a new instance."""
+
+    by: Annotated[Literal["study", "series"], BeforeValidator(_one_of("study", "series"))] = "study"
+    idle_seconds: PositiveNumber = 5.0
+
+
+class _Destination(_Section):
+    """A DICOM node (``ae_title``, ``host``, ``port``, ``tls``) or a DICOMweb root (``dicomweb``, ``auth``)."""
+
+    name: Text
+    ae_title: Optional[AeTitle] = None
+    host: Optional[Text] = None
+    port: Optional[Port] = None
+    tls: _Tls = _Tls()
+    role: Annotated[Literal[DESTINATION_ROLES], BeforeValidator(_one_of(*DESTINATION_ROLES))] = "results"
+    dicomweb: Annotated[Optional[str], BeforeValidator(_http_url("an http:// or https:// DICOMweb root URL", 10))] = None
+    auth: Annotated[Literal[DICOMWEB_AUTH], BeforeValidator(_one_of(*DICOMWEB_AUTH))] = "none"
+    username: OptionalText = None
+    password_env: OptionalText = None
+    token_env: OptionalText = None
+    timeout_seconds: PositiveNumber = Destination.timeout_seconds
+
+    @model_validator(mode="after")
+    def _kind(self) -> "_Destination":
+        given = self.model_fields_set
+        if self.dicomweb is None:
+            for key in ("ae_title", "host", "port"):
+                if getattr(self, key) is None:
+                    raise _KeyProblem(key, "is required (or dicomweb: URL for a STOW-RS destination)")
+            return self
+        for key in ("ae_title", "host", "port", "tls"):
+            if key in given:
+                raise _KeyProblem(key, "does not apply to a dicomweb destination (its URL says where)")
+        needs = {"none": (), "basic": ("username", "password_env"), "bearer": ("token_env",)}[self.auth]
+        for key in needs:
+            if not getattr(self, key):
+                raise _KeyProblem(key, f"is required with auth: {self.auth}")
+        _set_variable("password_env", self.password_env)
+        _set_variable("token_env", self.token_env)
+        return self
+
+    def build(self) -> Destination:
+        if self.dicomweb is None:
+            return Destination(name=self.name, ae_title=self.ae_title, host=self.host, port=self.port,
+                               tls=self.tls.build(), role=self.role, timeout_seconds=self.timeout_seconds)
+        auth = DicomWebAuth(self.auth, self.username, self.password_env, self.token_env)
+        return Destination(name=self.name, role=self.role, dicomweb=self.dicomweb, auth=auth,
+                           timeout_seconds=self.timeout_seconds)
+
+
+class _Retry(_Section):
+    """The outbox's retries: exponential from ``base_seconds`` up to ``max_seconds``, ``max_attempts`` in all."""
+
+    base_seconds: PositiveNumber = 2.0
+    max_seconds: PositiveNumber = 300.0
+    max_attempts: PositiveInteger = 20
+
+
+def _device(value: Any) -> str:
+    if not isinstance(value, str) or not (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")):
+        raise ValueError(f"{value!r} must be auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _model_folder(value: Any, info: ValidationInfo) -> Path:
+    model = _existing(value, info)
+    if model is None:
+        raise ValueError("must be a path")
     if not (model / "config.json").is_file():
-        raise _err(source, f"{where}.base_model_dir", f"{model} is not a model folder (no config.json)")
-    adapters = data.get("adapters")
-    if not isinstance(adapters, list) or not adapters:
-        raise _err(source, f"{where}.adapters", "must list adapter folders (each an adapter or a folder of adapters)")
-    folders = tuple(_path(a, source, f"{where}.adapters[{i}]", base, True) for i, a in enumerate(adapters))
-    quantize = data.get("quantize")
-    if quantize is not None and quantize not in ("nf4", "none"):
-        raise _err(source, f"{where}.quantize", f"{quantize!r} must be 'nf4' or 'none'")
-    device = str(data.get("device", "auto"))
-    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
-        raise _err(source, f"{where}.device", f"{device!r} must be auto, cpu, cuda or cuda:N")
-    return SpecialtyConfig(base_model_dir=model, adapters=folders, quantize=quantize, device=device)
+        raise ValueError(f"{model} is not a model folder (no config.json)")
+    return model
+
+
+def _adapter_list(value: Any) -> Any:
+    if not isinstance(value, list) or not value:
+        raise ValueError("must list adapter folders (each an adapter or a folder of adapters)")
+    return value
+
+
+class _Specialty(_Section):
+    """The specialty model: the base VLM folder and its adapters, loaded once."""
+
+    base_model_dir: Annotated[Path, BeforeValidator(_model_folder)]
+    adapters: Annotated[list[Annotated[Path, BeforeValidator(_existing)]], BeforeValidator(_adapter_list)]
+    quantize: Annotated[Optional[Literal["nf4", "none"]], BeforeValidator(
+        lambda v: v if v is None else _one_of("nf4", "none")(v))] = None
+    device: Annotated[str, BeforeValidator(_device)] = "auto"
+
+    def build(self) -> SpecialtyConfig:
+        return SpecialtyConfig(self.base_model_dir, tuple(self.adapters), self.quantize, self.device)
+
+
+_BACKENDS = ("embedded", "transformers", "hybrid")
+
+
+class _Pipeline(_Section):
+    """What runs on a complete study; ``backend`` defaults to ``hybrid`` with a VLM, else ``embedded``."""
+
+    backend: Annotated[Optional[Literal[_BACKENDS]], BeforeValidator(
+        lambda v: v if v is None else _one_of(*_BACKENDS)(v))] = None
+    model_dir: ExistingPath = None
+    cards_dir: ExistingPath = None
+    cutoffs: ExistingPath = None
+    calibration: ExistingPath = None
+    specialty: Optional[_Specialty] = None
+
+    @model_validator(mode="after")
+    def _vlm(self) -> "_Pipeline":
+        if self.backend in ("transformers", "hybrid") and self.model_dir is None and self.specialty is None:
+            raise _KeyProblem("model_dir", f"is required for the {self.backend} backend (without it the router "
+                                           "shares the base model of pipeline.specialty)")
+        return self
+
+    def build(self) -> PipelineConfig:
+        vlm = self.model_dir is not None or self.specialty is not None
+        return PipelineConfig(
+            backend=self.backend or ("hybrid" if vlm else "embedded"), model_dir=self.model_dir,
+            cards_dir=self.cards_dir, cutoffs=self.cutoffs, calibration=self.calibration,
+            specialty=self.specialty.build() if self.specialty else None,
+        )
+
+
+class _Intake(_Section):
+    """Orthanc as the intake: its REST URL; the password comes from the environment variable named."""
+
+    orthanc: Annotated[str, BeforeValidator(_http_url("Orthanc's http:// or https:// REST URL"))]
+    username: OptionalText = None
+    password_env: OptionalText = None
+    poll_seconds: PositiveNumber = 1.0
+
+    @model_validator(mode="after")
+    def _password(self) -> "_Intake":
+        _set_variable("password_env", self.password_env)
+        return self
+
+    def build(self) -> OrthancSource:
+        return OrthancSource(self.orthanc, self.username, self.password_env, self.poll_seconds)
+
+
+def _viewer_url(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith(("http://", "https://", "/")) or "{study}" not in value:
+        raise ValueError(f"{value!r} must be an http(s) URL holding {{study}}")
+    try:
+        value.format(study="1.2.3")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"only {{study}} may be a placeholder ({exc})") from None
+    return value
+
+
+def _variable_name(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError("must name an environment variable")
+    return value
+
+
+class _Dashboard(_Section):
+    """The operator's page: loopback by default; another ``host`` needs ``token_env``."""
+
+    host: Text = DashboardConfig.host
+    token_env: Annotated[Optional[str], BeforeValidator(_variable_name)] = None
+    viewer_url: Annotated[Optional[str], BeforeValidator(_viewer_url)] = None
+    show_patient_ids: Flag = DashboardConfig.show_patient_ids
+
+    @model_validator(mode="after")
+    def _token(self) -> "_Dashboard":
+        _set_variable("token_env", self.token_env)
+        if not is_loopback(self.host) and not self.token_env:
+            raise _KeyProblem("host", f"{self.host!r} is not loopback: set dashboard.token_env (the environment "
+                                      "variable holding the page's access token) to bind there")
+        return self
+
+
+def _free_bytes(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} must be a whole number of bytes >= 0")
+    return value
+
+
+def _free_percent(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 100:
+        raise ValueError(f"{value!r} must be a number in [0, 100)")
+    return float(value)
+
+
+class _Disk(_Section):
+    """Free space the spool's disk must keep (0: no bound)."""
+
+    min_free_bytes: Annotated[int, Field(ge=0), BeforeValidator(_free_bytes)] = DiskConfig.min_free_bytes
+    min_free_percent: Annotated[float, Field(ge=0, lt=100), BeforeValidator(_free_percent)] = \
+        DiskConfig.min_free_percent
+
+
+class ServiceConfigFile(_Section):
+    """The listener service's configuration file (``onevlm serve --config FILE``).
+
+    Relative paths are resolved against the file's folder.
+    """
+
+    model_config = ConfigDict(title="onevlm service configuration")
+
+    spool_dir: Annotated[Path, BeforeValidator(_resolve)]
+    listener: _Listener = _Listener()
+    grouping: _Grouping = _Grouping()
+    destinations: list[_Destination] = []
+    retry: _Retry = _Retry()
+    workers: PositiveInteger = 1
+    status_port: Annotated[Optional[int], Field(ge=1, le=65535), BeforeValidator(_optional_port)] = None
+    pipeline: _Pipeline = _Pipeline()
+    intake: Optional[_Intake] = None
+    dashboard: _Dashboard = _Dashboard()
+    disk: _Disk = _Disk()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ServiceConfigFile":
+        if len({d.name for d in self.destinations}) != len(self.destinations):
+            raise _KeyProblem("destinations", "names must be unique")
+        return self
+
+    def build(self, source: str) -> ServiceConfig:
+        """The frozen :class:`ServiceConfig` the service reads."""
+        return ServiceConfig(
+            spool_dir=self.spool_dir, listener=self.listener.build(), group_by=self.grouping.by,
+            idle_seconds=self.grouping.idle_seconds, destinations=tuple(d.build() for d in self.destinations),
+            retry_base_seconds=self.retry.base_seconds, retry_max_seconds=self.retry.max_seconds,
+            max_export_attempts=self.retry.max_attempts, workers=self.workers, status_port=self.status_port,
+            pipeline=self.pipeline.build(), source=source, intake=self.intake.build() if self.intake else None,
+            dashboard=DashboardConfig(**self.dashboard.model_dump()), disk=DiskConfig(**self.disk.model_dump()),
+        )
+
+
+#: pydantic's error types that need other words than pydantic's own.
+_WORDING = {
+    "missing": "is required",
+    "extra_forbidden": "is not a known setting",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "list_type": "must be a list",
+}
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    where = ""
+    for part in loc:
+        where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+    return where or "<document>"
+
+
+def _one_line(exc: ValidationError, source: str) -> ConfigError:
+    """pydantic's first error as ``source: key.path: problem`` (and how many more there are).
+
+    An unknown key comes first: it is usually a misspelt one, which explains the errors after it.
+    """
+    errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+    first = errors[0]
+    loc, cause = tuple(first["loc"]), (first.get("ctx") or {}).get("error")
+    if isinstance(cause, _KeyProblem):
+        loc += (cause.key,)
+    if isinstance(cause, ValueError):
+        problem = str(cause)
+    else:
+        problem = _WORDING.get(first["type"], first["msg"])
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return ConfigError(f"{source}: {_where(loc)}: {problem}{more}")
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of the configuration file (for an editor to complete and check the YAML)."""
+    return ServiceConfigFile.model_json_schema()
 
 
 def parse_config(data: Any, source: str = "<memory>", base: Path | None = None) -> ServiceConfig:
     """Validate a parsed YAML document into a :class:`ServiceConfig`.
 
-    Relative paths are resolved against ``base`` (the config file's folder).
+    Args:
+        data: The document (a mapping; ``None``, an empty file, is one without ``spool_dir``).
+        source: The file's name, for the error message.
+        base: The folder relative paths are resolved against (the config file's folder; default: the current one).
+
+    Returns:
+        The frozen configuration.
+
+    Raises:
+        ConfigError: One line, ``source: key.path: problem``, for the first problem found.
     """
-    base = base or Path.cwd()
-    data = _mapping(data, source, "<document>")
-    _check_keys(data, {"spool_dir", "listener", "grouping", "destinations", "retry", "workers", "status_port",
-                       "pipeline", "intake", "dashboard", "disk"}, source, "")
-    if "spool_dir" not in data:
-        raise _err(source, "spool_dir", "is required")
-    spool = _path(data["spool_dir"], source, "spool_dir", base)
-
-    lst = _mapping(data.get("listener"), source, "listener")
-    _check_keys(lst, {"ae_title", "host", "port", "allowed_calling_ae_titles", "allowed_addresses",
-                      "max_associations", "max_pdu_bytes", "max_instance_bytes", "network_timeout_seconds", "processes",
-                      "tls"},
-                source, "listener")
-    allowed = lst.get("allowed_calling_ae_titles", [])
-    if not isinstance(allowed, list):
-        raise _err(source, "listener.allowed_calling_ae_titles", "must be a list of AE titles")
-    addresses = lst.get("allowed_addresses", [])
-    if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
-        raise _err(source, "listener.allowed_addresses", "must be a list of IP addresses")
-    defaults = ListenerConfig()
-    listener = ListenerConfig(
-        ae_title=_ae(lst.get("ae_title", defaults.ae_title), source, "listener.ae_title"),
-        host=str(lst.get("host", defaults.host)),
-        port=_port(lst.get("port", defaults.port), source, "listener.port"),
-        allowed_calling_ae_titles=tuple(_ae(a, source, "listener.allowed_calling_ae_titles") for a in allowed),
-        allowed_addresses=tuple(addresses),
-        max_associations=int(_positive(lst.get("max_associations", defaults.max_associations), source,
-                                       "listener.max_associations", integer=True)),
-        max_pdu_bytes=int(_positive(lst.get("max_pdu_bytes", defaults.max_pdu_bytes), source,
-                                    "listener.max_pdu_bytes", integer=True)),
-        max_instance_bytes=int(_positive(lst.get("max_instance_bytes", defaults.max_instance_bytes), source,
-                                         "listener.max_instance_bytes", integer=True)),
-        network_timeout_seconds=float(_positive(lst.get("network_timeout_seconds", defaults.network_timeout_seconds),
-                                                source, "listener.network_timeout_seconds")),
-        processes=int(_positive(lst.get("processes", 1), source, "listener.processes", integer=True)),
-        tls=_tls(lst.get("tls"), source, "listener.tls", base),
-    )
-    if listener.processes > 1 and lst.get("port", defaults.port) == 0:
-        raise _err(source, "listener.port", "several listener processes need a fixed port (not 0)")
-    if listener.tls.require and listener.tls.certificate is None:
-        raise _err(source, "listener.tls", "require: true needs a certificate and private_key")
-
-    grouping = _mapping(data.get("grouping"), source, "grouping")
-    _check_keys(grouping, {"by", "idle_seconds"}, source, "grouping")
-    group_by = grouping.get("by", "study")
-    if group_by not in ("study", "series"):
-        raise _err(source, "grouping.by", f"{group_by!r} must be 'study' or 'series'")
-    idle = float(_positive(grouping.get("idle_seconds", 5.0), source, "grouping.idle_seconds"))
-
-    destinations = []
-    raw_destinations = data.get("destinations", [])
-    if not isinstance(raw_destinations, list):
-        raise _err(source, "destinations", "must be a list")
-    for i, d in enumerate(raw_destinations):
-        where = f"destinations[{i}]"
-        d = _mapping(d, source, where)
-        _check_keys(d, {"name", "ae_title", "host", "port", "tls", "role", "dicomweb", "auth", "username",
-                        "password_env", "token_env", "timeout_seconds"}, source, where)
-        if "name" not in d:
-            raise _err(source, f"{where}.name", "is required")
-        role = d.get("role", "results")
-        if role not in DESTINATION_ROLES:
-            raise _err(source, f"{where}.role", f"{role!r} must be one of {', '.join(DESTINATION_ROLES)}")
-        timeout = float(_positive(d.get("timeout_seconds", Destination.timeout_seconds), source,
-                                  f"{where}.timeout_seconds"))
-        if "dicomweb" in d:
-            destinations.append(_dicomweb_destination(d, source, where, role, timeout))
-            continue
-        for key in ("ae_title", "host", "port"):
-            if key not in d:
-                raise _err(source, f"{where}.{key}", "is required (or dicomweb: URL for a STOW-RS destination)")
-        destinations.append(Destination(
-            name=str(d["name"]), ae_title=_ae(d["ae_title"], source, f"{where}.ae_title"), host=str(d["host"]),
-            port=_port(d["port"], source, f"{where}.port"), tls=_tls(d.get("tls"), source, f"{where}.tls", base),
-            role=role, timeout_seconds=timeout,
-        ))
-    if len({d.name for d in destinations}) != len(destinations):
-        raise _err(source, "destinations", "names must be unique")
-
-    retry = _mapping(data.get("retry"), source, "retry")
-    _check_keys(retry, {"base_seconds", "max_seconds", "max_attempts"}, source, "retry")
-    pipe = _mapping(data.get("pipeline"), source, "pipeline")
-    _check_keys(pipe, {"backend", "model_dir", "cards_dir", "cutoffs", "calibration", "specialty"}, source, "pipeline")
-    vlm_configured = pipe.get("model_dir") is not None or pipe.get("specialty") is not None
-    backend = pipe.get("backend", "hybrid" if vlm_configured else "embedded")
-    if backend not in ("embedded", "transformers", "hybrid"):
-        raise _err(source, "pipeline.backend", f"{backend!r} must be 'embedded', 'transformers' or 'hybrid'")
-    pipeline = PipelineConfig(
-        backend=backend,
-        model_dir=_path(pipe.get("model_dir"), source, "pipeline.model_dir", base, True),
-        cards_dir=_path(pipe.get("cards_dir"), source, "pipeline.cards_dir", base, True),
-        cutoffs=_path(pipe.get("cutoffs"), source, "pipeline.cutoffs", base, True),
-        calibration=_path(pipe.get("calibration"), source, "pipeline.calibration", base, True),
-        specialty=_specialty(pipe.get("specialty"), source, base),
-    )
-    if backend in ("transformers", "hybrid") and pipeline.model_dir is None and pipeline.specialty is None:
-        raise _err(source, "pipeline.model_dir", f"is required for the {backend} backend (without it the router "
-                                                 "shares the base model of pipeline.specialty)")
-    status_port = data.get("status_port")
-    intake = _intake(data.get("intake"), source)
-    dashboard = _dashboard(data.get("dashboard"), source)
-    return ServiceConfig(
-        spool_dir=spool,
-        listener=listener,
-        group_by=group_by,
-        idle_seconds=idle,
-        destinations=tuple(destinations),
-        retry_base_seconds=float(_positive(retry.get("base_seconds", 2.0), source, "retry.base_seconds")),
-        retry_max_seconds=float(_positive(retry.get("max_seconds", 300.0), source, "retry.max_seconds")),
-        max_export_attempts=int(_positive(retry.get("max_attempts", 20), source, "retry.max_attempts", integer=True)),
-        workers=int(_positive(data.get("workers", 1), source, "workers", integer=True)),
-        status_port=None if status_port is None else _port(status_port, source, "status_port"),
-        pipeline=pipeline,
-        source=source,
-        intake=intake,
-        dashboard=dashboard,
-        disk=_disk(data.get("disk"), source),
-    )
-
-
-def _disk(data: Any, source: str) -> DiskConfig:
-    """``disk: {min_free_bytes, min_free_percent}`` (either may be 0: no bound)."""
-    data = _mapping(data, source, "disk")
-    _check_keys(data, {"min_free_bytes", "min_free_percent"}, source, "disk")
-    free_bytes = data.get("min_free_bytes", DiskConfig.min_free_bytes)
-    if isinstance(free_bytes, bool) or not isinstance(free_bytes, int) or free_bytes < 0:
-        raise _err(source, "disk.min_free_bytes", f"{free_bytes!r} must be a whole number of bytes >= 0")
-    percent = data.get("min_free_percent", DiskConfig.min_free_percent)
-    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent < 100:
-        raise _err(source, "disk.min_free_percent", f"{percent!r} must be a number in [0, 100)")
-    return DiskConfig(int(free_bytes), float(percent))
-
-
-def _dashboard(data: Any, source: str) -> DashboardConfig:
-    """``dashboard: {host, token_env, viewer_url, show_patient_ids}``: off loopback, a token is required."""
-    data = _mapping(data, source, "dashboard")
-    _check_keys(data, {"host", "token_env", "viewer_url", "show_patient_ids"}, source, "dashboard")
-    host = str(data.get("host", "127.0.0.1")).strip()
-    token_env = data.get("token_env")
-    if token_env is not None and (not isinstance(token_env, str) or not token_env.strip()):
-        raise _err(source, "dashboard.token_env", "must name an environment variable")
-    if token_env and not os.environ.get(token_env):
-        raise _err(source, "dashboard.token_env", f"the environment variable {token_env} is not set")
-    if not is_loopback(host) and not token_env:
-        raise _err(source, "dashboard.host", f"{host!r} is not loopback: set dashboard.token_env (the environment "
-                                             "variable holding the page's access token) to bind there")
-    viewer = data.get("viewer_url")
-    if viewer is not None:
-        viewer = str(viewer)
-        if not viewer.startswith(("http://", "https://", "/")) or "{study}" not in viewer:
-            raise _err(source, "dashboard.viewer_url", f"{viewer!r} must be an http(s) URL holding {{study}}")
-        try:
-            viewer.format(study="1.2.3")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise _err(source, "dashboard.viewer_url", f"only {{study}} may be a placeholder ({exc})") from exc
-    show = data.get("show_patient_ids", False)
-    if not isinstance(show, bool):
-        raise _err(source, "dashboard.show_patient_ids", f"{show!r} must be true or false")
-    return DashboardConfig(host=host, token_env=token_env, viewer_url=viewer, show_patient_ids=show)
-
-
-def _intake(data: Any, source: str) -> OrthancSource | None:
-    """``intake: {orthanc: URL, username, password_env, poll_seconds}``; absent: the embedded listener."""
-    if data is None:
-        return None
-    data = _mapping(data, source, "intake")
-    _check_keys(data, {"orthanc", "username", "password_env", "poll_seconds"}, source, "intake")
-    url = str(data.get("orthanc", "")).rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise _err(source, "intake.orthanc", f"{url!r} must be Orthanc's http:// or https:// REST URL")
-    if data.get("password_env") and not os.environ.get(str(data["password_env"])):
-        raise _err(source, "intake.password_env", f"the environment variable {data['password_env']} is not set")
-    poll = float(_positive(data.get("poll_seconds", 1.0), source, "intake.poll_seconds"))
-    return OrthancSource(url, data.get("username"), data.get("password_env"), poll)
-
-
-def _dicomweb_destination(d: Mapping[str, Any], source: str, where: str, role: str, timeout: float) -> Destination:
-    """A STOW-RS destination: ``dicomweb: http(s)://host/path`` (the DICOMweb root), optional ``auth``."""
-    url = str(d["dicomweb"]).rstrip("/")
-    if not url.startswith(("http://", "https://")) or len(url) < 10:
-        raise _err(source, f"{where}.dicomweb", f"{url!r} must be an http:// or https:// DICOMweb root URL")
-    for key in ("ae_title", "host", "port", "tls"):
-        if key in d:
-            raise _err(source, f"{where}.{key}", "does not apply to a dicomweb destination (its URL says where)")
-    kind = d.get("auth", "none")
-    if kind not in DICOMWEB_AUTH:
-        raise _err(source, f"{where}.auth", f"{kind!r} must be one of {', '.join(DICOMWEB_AUTH)}")
-    needs = {"none": (), "basic": ("username", "password_env"), "bearer": ("token_env",)}[kind]
-    for key in needs:
-        if not d.get(key):
-            raise _err(source, f"{where}.{key}", f"is required with auth: {kind}")
-    for key in ("password_env", "token_env"):
-        if d.get(key) and not os.environ.get(str(d[key])):
-            raise _err(source, f"{where}.{key}", f"the environment variable {d[key]} is not set")
-    auth = DicomWebAuth(kind, d.get("username"), d.get("password_env"), d.get("token_env"))
-    return Destination(name=str(d["name"]), role=role, dicomweb=url, auth=auth, timeout_seconds=timeout)
+    try:
+        document = ServiceConfigFile.model_validate(data, context={"base": base or Path.cwd()})
+    except ValidationError as exc:
+        raise _one_line(exc, source) from None
+    return document.build(source)
 
 
 def load_config(path: str | Path) -> ServiceConfig:
