@@ -88,10 +88,15 @@ bench: install
 	$(RUN) $(BIN)/python bench/ingest_bench.py --files 200 --repeat 3
 	$(RUN) $(BIN)/python bench/latency_bench.py --studies 10
 
-## device-wheels: wheels the GPU machine lacks, for bench/gpu_check.sh (carried as .device/)
-device-wheels: install
+## device-wheels: what the GPU machine lacks and cannot download, for bench/gpu_check.sh (carried as .device/,
+## git-ignored): the wheels, and Gemma 3's verified vocabulary (fetched by `vocabulary`) packed as
+## .device/vocabulary.tgz in the cache folder's layout (gzip: 34.5 MB -> 5.6 MB, to stay under the 64 MiB carried)
+device-wheels: install vocabulary
 	mkdir -p .device/wheels
 	$(PIP) download --no-deps -d .device/wheels bitsandbytes==0.50.2 pydicom==3.0.2
+	$(BIN)/python -c 'import tarfile; from onevlm.vlm.gemma3_vocabulary import FOLDER, require_vocabulary; \
+	    t = tarfile.open(".device/vocabulary.tgz", "w:gz"); t.add(require_vocabulary(), arcname=FOLDER); t.close()'
+	ls -l .device/vocabulary.tgz
 
 clean:
 	rm -rf out .pytest_cache

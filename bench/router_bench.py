@@ -12,9 +12,19 @@ CPU (the goal: fast >= 3x naive with the ``small`` model, word-level and subword
     .venv/bin/python bench/router_bench.py --size small --images 16 --repeat 3
     .venv/bin/python bench/router_bench.py --size small --tokenizer subword --images 16 --repeat 3
 
-GPU (device tool; medgemma-4b-shape, bf16; see bench/RESULTS.md)::
+On Gemma 3's real vocabulary (``--tokenizer gemma3``: fetched once by ``onevlm fetch-vocabulary`` into the cache
+folder, ``ONEVLM_CACHE_DIR`` or ``--vocabulary-cache``; the output layer then has Gemma 3's 262,208 rows)::
 
-    python bench/router_bench.py --size medgemma-4b-shape --tokenizer subword --device cuda --images 32 --batch 32 --repeat 2
+    .venv/bin/python bench/router_bench.py --size small --tokenizer gemma3 --images 8 --batch 4 --repeat 2
+
+GPU (device tool; medgemma-4b-shape, bf16; bench/gpu_check.sh runs it; see bench/RESULTS.md)::
+
+    python bench/router_bench.py --size medgemma-4b-shape --tokenizer gemma3 --device cuda --images 32 --batch 32 --repeat 2
+
+The JSON also holds what one decode step reads (``decode_step_bytes``: every text weight once, the tied
+262,208-row output layer included; bench/decode_step.py), the lower bound gpu_check.sh divides by the GPU's
+bandwidth, and ``max_p_difference_<engine>``: the largest gap between an engine's shown probabilities and the
+naive reference's where their answers agree.
 """
 
 from __future__ import annotations
@@ -30,9 +40,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/decode_step.py
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from onevlm.cards import CardRepository, default_cards_dir  # noqa: E402
@@ -42,7 +54,9 @@ from onevlm.router.prompts import stage1_prompt, stage2_prompt, stage3_prompt  #
 from onevlm.vlm.backend import EngineSettings, TransformersBackend  # noqa: E402
 from onevlm.vlm.graph_engine import COMPILE_MODES  # noqa: E402
 from onevlm.vlm.loading import LoadOptions, load_model  # noqa: E402
-from onevlm.vlm.synthetic import build_synthetic_model  # noqa: E402
+from onevlm.vlm.synthetic import TOKENIZERS, build_synthetic_model  # noqa: E402
+
+from decode_step import decode_step_reads  # noqa: E402  (bench/decode_step.py)
 
 
 def synthetic_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
@@ -88,8 +102,12 @@ def route_all(backend: TransformersBackend, paths: list[Path], requests: list[St
 def main() -> None:
     parser = argparse.ArgumentParser(description="router engines side by side (naive, fast, graph), images/s")
     parser.add_argument("--size", default="small", help="synthetic size when --model is not given")
-    parser.add_argument("--tokenizer", choices=("word", "subword"), default="word",
-                        help="tokenizer of the synthetic model (subword: answers in several pieces, as MedGemma's)")
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="word",
+                        help="tokenizer of the synthetic model (subword: answers in several pieces, as MedGemma's; "
+                             "gemma3: Gemma 3's real vocabulary and chat template, fetched once)")
+    parser.add_argument("--vocabulary-cache",
+                        help="--tokenizer gemma3: the cache folder holding the fetched vocabulary "
+                             "(default ONEVLM_CACHE_DIR, else ~/.cache/onevlm)")
     parser.add_argument("--model", help="an existing model folder (default: build the synthetic size)")
     parser.add_argument("--engines", default="naive,fast,graph", help="comma-separated engines; naive is the reference")
     parser.add_argument("--graph-compile", default="auto", choices=COMPILE_MODES,
@@ -112,11 +130,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         model_dir = (Path(args.model) if args.model
-                     else build_synthetic_model(args.size, tmp_path / "model", cards, tokenizer=args.tokenizer))
+                     else build_synthetic_model(args.size, tmp_path / "model", cards, tokenizer=args.tokenizer,
+                                                vocabulary_cache=args.vocabulary_cache))
         t0 = time.perf_counter()
         loaded = load_model(model_dir, LoadOptions(device=args.device, dtype=args.dtype, quantize=args.quantize))
         load_s = time.perf_counter() - t0
         params = sum(p.numel() for p in loaded.model.parameters())
+        reads = decode_step_reads(loaded.model)
         engines = {name: TransformersBackend(loaded, EngineSettings(engine=name, graph_compile=args.graph_compile))
                    for name in names}
         paths = synthetic_images(tmp_path, args.images)
@@ -125,8 +145,8 @@ def main() -> None:
         warm: dict[str, float] = {}
         for name, backend in engines.items():
             started = time.perf_counter()
-            route_all(backend, paths[:2], requests, args.batch)
-            if name != "naive":
+            route_all(backend, paths[:1 if name == "naive" else 2], requests, args.batch)  # naive: always batch 1
+            if name != "naive" and min(args.batch, args.images) > 2:  # else that batch size just ran
                 route_all(backend, paths[: min(args.batch, args.images)], requests, args.batch)
             warm[name] = time.perf_counter() - started
         rates: dict[str, list[float]] = {name: [] for name in names}
@@ -147,11 +167,27 @@ def main() -> None:
     def texts(name):
         return [[[t for t, _ in s] for s in item] for item in outputs[name][:common]]
 
+    def max_p_difference(name):
+        """The largest gap between shown probabilities where the answers agree (None when none agree)."""
+        gaps = [abs(p - q) for mine, ref in zip(outputs[name][:common], outputs["naive"][:common])
+                for stage, ref_stage in zip(mine, ref) for (t, p), (u, q) in zip(stage, ref_stage) if t == u]
+        return round(max(gaps), 4) if gaps else None
+
+    synthetic = loaded.identity.get("synthetic") or {}
+    tokenizer = synthetic.get("tokenizer", "?" if args.model else args.tokenizer)
     median = {name: statistics.median(rates[name]) for name in names}
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "model": args.model or f"synthetic {args.size} ({args.tokenizer} tokenizer)",
+        "model": (f"{args.model} ({tokenizer} tokenizer)" if args.model
+                  else f"synthetic {args.size} ({args.tokenizer} tokenizer)"),
+        "tokenizer": tokenizer,
         "parameters": params,
+        "vocabulary_rows": reads["vocabulary_rows"],
+        "output_layer_parameters": reads["output_layer_parameters"],
+        "tied_output_layer": reads["tied_output_layer"],
+        "decode_step_parameters": reads["decoded_parameters"],
+        "decode_step_bytes": reads["decode_step_bytes"],
+        "output_layer_share_of_decode_step": round(reads["output_layer_share_of_decode_step"], 4),
         "device": loaded.identity["device"],
         "dtype": loaded.identity["dtype"],
         "quantize": args.quantize,
@@ -162,6 +198,7 @@ def main() -> None:
         "naive_images": counts["naive"],
         "warm_up_seconds": {name: round(v, 2) for name, v in warm.items()},
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
     }
     for name in names:
@@ -170,6 +207,7 @@ def main() -> None:
             result[f"ratio_{name}_over_naive"] = round(median[name] / median["naive"], 2)
             result[f"{name}_engine_stats"] = stats[name]
             result[f"same_answers_{name}"] = texts(name) == texts("naive")
+            result[f"max_p_difference_{name}"] = max_p_difference(name)
     if "fast" in names:  # the names earlier results used
         result["same_answers"] = result["same_answers_fast"]
     if "graph" in names:
@@ -178,12 +216,16 @@ def main() -> None:
         result["graph_capture_failures"] = engines["graph"].engine.capture_failures
         if "fast" in names:
             result["ratio_graph_over_fast"] = round(median["graph"] / median["fast"], 2)
-    print(f"model {result['model']} ({params / 1e6:.1f} M parameters) on {result['device']} {result['dtype']}, "
+    print(f"model {result['model']} ({params / 1e6:.1f} M parameters, output layer {reads['vocabulary_rows']:,} rows) "
+          f"on {result['device']} {result['dtype']}, transformers {transformers.__version__}, "
           f"{args.images} images x 3 stages, {args.repeat} alternating runs")
+    print(f"  a decode step reads {reads['decode_step_bytes'] / 1e6:,.1f} MB of weights, "
+          f"{reads['output_layer_share_of_decode_step']:.1%} of them the output layer")
     for name in names:
         batch = "" if name == "naive" else f", batch {args.batch}"
         extra = "" if name == "naive" else (f"  x{result[f'ratio_{name}_over_naive']} naive, "
-                                            f"same answers as naive: {result[f'same_answers_{name}']}")
+                                            f"same answers as naive: {result[f'same_answers_{name}']}, "
+                                            f"max p gap {result[f'max_p_difference_{name}']}")
         print(f"  {name:5s}: {median[name]:8.3f} images/s   (runs: {', '.join(f'{r:.3f}' for r in rates[name])}{batch})"
               f"{extra}")
     for name, st in stats.items():

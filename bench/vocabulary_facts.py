@@ -28,12 +28,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from onevlm.cards import CardRepository, default_cards_dir  # noqa: E402
 from onevlm.router import prompts  # noqa: E402
 from onevlm.vlm.backend import MODEL_TURN_OPENING  # noqa: E402
 from onevlm.vlm.gemma3_vocabulary import chat_template, load_tokenizer, require_vocabulary  # noqa: E402
 from onevlm.vlm.synthetic import GEMMA3_VOCAB_SIZE, SIZES, synthetic_config  # noqa: E402
+
+from decode_step import decode_step_reads  # noqa: E402  (bench/decode_step.py)
 
 IMAGE_TOKENS = 256
 
@@ -76,23 +79,17 @@ def output_layer_facts(tokenizer) -> dict:
     config = synthetic_config(SIZES["medgemma-4b-shape"], tokenizer, GEMMA3_VOCAB_SIZE)
     with torch.device("meta"):
         model = Gemma3ForConditionalGeneration(config)
-    embedding = model.get_input_embeddings().weight.numel()
-    output = model.get_output_embeddings().weight
-    tied = output.data_ptr() == model.get_input_embeddings().weight.data_ptr() or config.text_config.tie_word_embeddings
-    unique = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in unique.values())
-    vision = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
-    projector = sum(p.numel() for n, p in model.named_parameters() if "multi_modal_projector" in n)
-    text = total - vision - projector
-    hidden = config.text_config.hidden_size
-    # one decode step reads every text weight once; of the embedding matrix, the lookup reads one row and the
-    # (tied) output layer reads it all
-    step = (text - embedding) + embedding + hidden
-    return {"parameters": total, "text_parameters": text, "vision_parameters": vision + projector,
-            "output_layer_parameters": output.numel(), "tied_to_input_embedding": bool(tied),
-            "output_layer_share_of_parameters": output.numel() / total,
-            "output_layer_share_of_decode_step_bytes": output.numel() / step,
-            "decode_step_bytes_bf16": 2 * step}
+    # one definition of what a decode step reads (bench/decode_step.py, also behind router_bench's and
+    # gpu_check.sh's bandwidth floor): every text weight once; of the embedding matrix, the lookup reads one
+    # row and the (tied) output layer reads it all
+    reads = decode_step_reads(model)
+    total, text = reads["parameters"], reads["text_parameters"]
+    return {"parameters": total, "text_parameters": text, "vision_parameters": total - text,
+            "output_layer_parameters": reads["output_layer_parameters"],
+            "tied_to_input_embedding": reads["tied_output_layer"],
+            "output_layer_share_of_parameters": reads["output_layer_parameters"] / total,
+            "output_layer_share_of_decode_step_bytes": reads["output_layer_share_of_decode_step"],
+            "decode_step_bytes_bf16": 2 * reads["decoded_parameters"]}
 
 
 def run() -> dict:

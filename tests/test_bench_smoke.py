@@ -147,3 +147,29 @@ def test_vocabulary_facts_on_gemma3s_real_vocabulary(tmp_path):
     assert ids["n"] == ids["share_first_token"] and ids["min"] >= 4  # MODEL, _, digits: every ID starts alike
     layer = facts["output_layer_4b"]
     assert 4.2e9 < layer["parameters"] < 4.4e9 and layer["output_layer_parameters"] == 262_208 * 2560
+    # a decode step (bench/decode_step.py, gpu_check.sh's floor): the text weights with the tied output layer in full,
+    # one embedding row, no vision tower
+    assert layer["decode_step_bytes_bf16"] == 2 * (layer["text_parameters"] + 2560) == 7_760_531_456
+    assert round(layer["output_layer_share_of_decode_step_bytes"], 3) == 0.173
+
+
+def test_router_bench_engines_agree_on_gemma3s_real_vocabulary(tmp_path):
+    from conftest import gemma3_vocabulary
+
+    out = tmp_path / "router.json"
+    run_bench("router_bench.py", "--size", "tiny", "--tokenizer", "gemma3", "--vocabulary-cache", str(gemma3_vocabulary()),
+              "--images", "2", "--repeat", "1", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["tokenizer"] == "gemma3" and result["vocabulary_rows"] == 262_208 and result["tied_output_layer"]
+    assert result["same_answers_fast"] is True and result["same_answers_graph"] is True
+    assert result["max_p_difference_fast"] <= 2e-3 and result["max_p_difference_graph"] <= 2e-3
+    for engine in ("naive", "fast", "graph"):
+        assert positive(result[f"{engine}_images_per_s"])
+    assert result["fast_engine_stats"]["decode_steps"] > 0 and result["graph_engine_stats"]["decode_steps"] > 0
+    # what a decode step reads (the GPU floor's numerator): every text weight once, the tied output layer included
+    tiny_hidden = 64
+    assert result["output_layer_parameters"] == 262_208 * tiny_hidden
+    assert result["output_layer_parameters"] < result["decode_step_parameters"] < result["parameters"]
+    bytes_per_weight = {"float32": 4, "bfloat16": 2}[result["dtype"]]
+    assert result["decode_step_bytes"] == bytes_per_weight * result["decode_step_parameters"]
+    assert result["transformers"]
