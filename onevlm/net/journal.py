@@ -95,10 +95,10 @@ class Journal:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         try:
-            check_version(self._db, self.path, migrate)  # before WAL mode, which would change the file
+            version = check_version(self._db, self.path, migrate)  # before WAL mode, which would change the file
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            bring_up_to_date(self._db, self.path)
+            bring_up_to_date(self._db, self.path, version)
         except BaseException:
             self._db.close()
             raise

@@ -164,15 +164,15 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def bring_up_to_date(db: sqlite3.Connection, path: Path) -> None:
+def bring_up_to_date(db: sqlite3.Connection, path: Path, version: int) -> None:
     """Create a new journal at :data:`SCHEMA_VERSION`, or migrate an older one step by step.
 
     Each step runs in one ``BEGIN IMMEDIATE`` transaction that also sets ``user_version``, so a
     crash leaves the journal at the last completed version; the version is read again inside the
     transaction, so two processes opening one spool migrate it once. Before the first step the
-    journal is copied to ``<journal>.v<N>.bak`` (SQLite's online backup).
+    journal is copied to ``<journal>.v<N>.bak`` (SQLite's online backup). ``version`` is what
+    :func:`check_version` found (0: a new journal).
     """
-    version = check_version(db, path, migrate=True)
     if version == SCHEMA_VERSION:
         return
     if version == 0:

@@ -167,14 +167,14 @@ class Service:
         """``GET /status`` (JSON) and the operator's page, on ``dashboard.host`` (loopback by default)."""
         from onevlm.dashboard.server import DashboardApp, make_server
 
-        from onevlm.dashboard.study_index import StudyIndex
         from onevlm.net.metrics import ServiceMetrics
 
-        metrics = ServiceMetrics(self.journal, self.config.spool_dir, StudyIndex(self.config.spool_dir).series_cases,
-                                 [d.name for d in self.config.destinations])
-        self.processor.on_processed = metrics.observe_processing
         app = DashboardApp(self.config, self.journal, self.cards, self.router.calibration, self.status,
-                           metrics=metrics, health=self.health)
+                           health=self.health)
+        # the page's study index: the results folders are parsed once for the pages and the metrics
+        app.metrics = ServiceMetrics(self.journal, self.config.spool_dir, app.index.series_cases,
+                                     [d.name for d in self.config.destinations])
+        self.processor.on_processed = app.metrics.observe_processing
         self._status_server = make_server(app, self.config.dashboard.host, self.config.status_port)
         self._spawn("status", self._status_server.serve_forever)
         logger.info("event=dashboard_listening url=%s", self.dashboard_url)

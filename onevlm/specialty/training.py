@@ -552,7 +552,7 @@ def _training_arguments(settings: TrainingSettings, out: Path, cpu: bool):
         learning_rate=settings.learning_rate,
         weight_decay=settings.weight_decay,
         lr_scheduler_type=_HF_SCHEDULERS[settings.lr_scheduler],
-        warmup_steps=settings.warmup_ratio if settings.warmup_ratio > 0 else 0,
+        warmup_steps=settings.warmup_ratio,  # below 1: a share of the steps (rounded up)
         max_grad_norm=settings.max_grad_norm,
         optim="adamw_torch",
         bf16=mixed,
