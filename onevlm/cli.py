@@ -352,6 +352,14 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cards_schema(args: argparse.Namespace) -> int:
+    """Print the JSON Schema of a model-card file (as `config schema` does for the configuration)."""
+    from onevlm.cards.schema import card_schema
+
+    print(json.dumps(card_schema(), indent=2))
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -367,14 +375,15 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    thread = threading.Thread(target=server.serve_forever, name="onevlm-dashboard", daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    print(f"operator's page: open http://{f'[{host}]' if ':' in host else host}:{port}/ "
-          "(research use only, not for clinical use)", flush=True)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        journal.close()
+        return 2
+    print(f"operator's page: open {server.url} (research use only, not for clinical use)", flush=True)
     stop.wait()
     server.shutdown()
-    server.server_close()
     journal.close()
     return 0
 
@@ -1038,6 +1047,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--cards", help="card folder (default: model_cards/)")
     p.set_defaults(func=cmd_cards_list)
+
+    p = cards.add_parser("schema", help="print the card file's JSON Schema (for editors)")
+    p.set_defaults(func=cmd_cards_schema)
 
     cut = sub.add_parser("cutoffs", help="stage cutoffs (Algorithm 2)").add_subparsers(dest="cutoffs_command", required=True)
     p = cut.add_parser("fit", help="fit per-stage cutoffs from stage,p2,label rows")

@@ -113,7 +113,16 @@ def test_dashboard_configuration_rules(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="show_patient_ids"):
         parse_config({**base, "dashboard": {"show_patient_ids": "yes"}})
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
-    config = parse_config({**base, "dashboard": {"host": "0.0.0.0", "token_env": TOKEN_ENV}})
+    # off loopback without TLS the token would cross the network in clear text: refused unless said so
+    with pytest.raises(ConfigError, match="dashboard.host.*not loopback.*dashboard.tls.*insecure_http"):
+        parse_config({**base, "dashboard": {"host": "0.0.0.0", "token_env": TOKEN_ENV}})
+    with pytest.raises(ConfigError, match="dashboard.insecure_http"):
+        parse_config({**base, "dashboard": {"host": "0.0.0.0", "token_env": TOKEN_ENV, "insecure_http": "true"}})
+    with pytest.raises(ConfigError, match="dashboard.tls.private_key: is required"):
+        parse_config({**base, "dashboard": {"tls": {"certificate": str(tmp_path)}}})
+    with pytest.raises(ConfigError, match="dashboard.tls.certificate: .*does not exist"):
+        parse_config({**base, "dashboard": {"tls": {"certificate": "nowhere.pem", "private_key": "nowhere.key"}}})
+    config = parse_config({**base, "dashboard": {"host": "0.0.0.0", "token_env": TOKEN_ENV, "insecure_http": True}})
     assert not config.dashboard.loopback and config.dashboard.token() == TOKEN
     assert parse_config({**base, "dashboard": {"host": "::1"}}).dashboard.loopback
 
@@ -157,19 +166,17 @@ class Page:
 
     def __init__(self, spool: Path, dashboard: dict) -> None:
         from onevlm.cards.repository import CardRepository, default_cards_dir
-        from onevlm.dashboard.server import DashboardApp, make_server
+        from onevlm.dashboard.server import DashboardApp
+        from onevlm.dashboard.web import make_page_server
         from onevlm.net.journal import Journal
 
         self.config = parse_config({"spool_dir": str(spool), "dashboard": dashboard})
         self.journal = Journal(self.config.journal_path)
         self.app = DashboardApp(self.config, self.journal, CardRepository.load(default_cards_dir()), None,
                                 self.journal.status)
-        self.server = make_server(self.app, "127.0.0.1", 0)  # bound to loopback whatever the config says
-        import threading
-
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.port = self.server.server_address[1]
+        self.server = make_page_server(self.app, "127.0.0.1", 0)  # bound to loopback whatever the config says
+        self.server.start()
+        self.port = self.server.port
 
     def request(self, method: str, path: str, form: dict | None = None, headers: dict | None = None):
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -179,11 +186,10 @@ class Page:
         response = connection.getresponse()
         data = response.read().decode()
         connection.close()
-        return response.status, dict(response.getheaders()), data
+        return response.status, response.headers, data  # names case-insensitive
 
     def close(self) -> None:
         self.server.shutdown()
-        self.server.server_close()
         self.journal.close()
 
 
@@ -203,7 +209,7 @@ def page_factory():
 def test_token_required_off_loopback(processed_spool, page_factory, monkeypatch):
     spool, groups = processed_spool
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
-    page = page_factory(spool, {"host": "0.0.0.0", "token_env": TOKEN_ENV})
+    page = page_factory(spool, {"host": "0.0.0.0", "token_env": TOKEN_ENV, "insecure_http": True})
     status, headers, _ = page.request("GET", "/studies")
     assert status == 303 and headers["Location"].startswith("/login")
     assert page.request("GET", "/status")[0] == 401

@@ -124,7 +124,8 @@ def test_probes_say_why_a_service_is_not_alive_or_not_ready(tmp_path):
 def test_metrics_follow_the_pages_token_rule_and_probes_need_none(tmp_path, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     port = free_port()
-    config = service_config(tmp_path / "spool", status_port=port, dashboard={"host": "0.0.0.0", "token_env": TOKEN_ENV})
+    config = service_config(tmp_path / "spool", status_port=port, dashboard={"host": "0.0.0.0", "token_env": TOKEN_ENV,
+                                                                                  "insecure_http": True})
     with running_service(config):
         assert _get(port, "/metrics")[0] == 401
         assert _get(port, "/metrics", "wrong")[0] == 401

@@ -1,5 +1,11 @@
 """The operator's pages as server-rendered HTML (no script, no build step): every value is escaped.
 
+The markup lives in Jinja2 templates next to this module (``templates/``: ``layout.html``, one
+template per page, the shared pieces as macros in ``macros.html``), rendered with autoescaping on
+and ``StrictUndefined``; this module only prepares the values (sorting, number and time formats,
+which flags apply). The two SVG charts (drawn by :mod:`onevlm.dashboard.charts`) and the style
+sheet are the only markup passed in as trusted.
+
 No patient data by default: UIDs, modality, times and the router's own words. Header text the
 router quoted as evidence (it may hold free text about the patient) and patient ID / accession
 number appear only with ``dashboard.show_patient_ids``. Every probability says whether it is
@@ -8,16 +14,22 @@ calibrated and links to its definition. Research use only: not for clinical use.
 
 from __future__ import annotations
 
+import html
+import threading
 import time
 from dataclasses import dataclass
-from html import escape
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 from urllib.parse import urlencode
+
+from markupsafe import Markup
 
 from onevlm.dashboard.calibration_health import CalibrationHealth, PromiseCheck
 from onevlm.dashboard.study_index import GroupResult, SeriesCase
 from onevlm.net.journal import DestinationHealth, GroupRow
 from onevlm.net.review_answers import CARD, NONE_OF_THESE, NOT_ROUTABLE, ReviewAnswer
+
+if TYPE_CHECKING:
+    from jinja2 import Environment
 
 NAV = (("/", "Overview"), ("/studies", "Studies"), ("/review", "Review queue"), ("/calibration", "Calibration health"))
 #: Evidence fields shown by default: the router's own words, never quoted header text.
@@ -54,58 +66,101 @@ footer{padding:12px 16px;color:#6b7785;font-size:12px}svg{max-width:100%;height:
 """
 
 
-def esc(value: Any) -> str:
-    return escape("" if value is None else str(value), quote=True)
+# --------------------------------------------------------------------------- the template environment
+
+#: The folder of the templates, inside the package (``onevlm.dashboard``).
+TEMPLATES = "templates"
+_ENVIRONMENT: Environment | None = None
+_ENVIRONMENT_LOCK = threading.Lock()
+
+
+def _finalize(value: Any) -> Any:
+    """Every printed value, escaped as these pages always escaped it (``html.escape``, quotes included).
+
+    Autoescaping alone would escape it too, but spells quotes ``&#34;``/``&#39;`` where
+    ``html.escape`` writes ``&quot;``/``&#x27;``, which what reads the pages (tests, text matchers)
+    expects. The result is wrapped as ``Markup`` only because it is escaped already (autoescape
+    must not escape it twice); nothing unescaped is let through here. ``None`` prints as nothing.
+    Values that are markup already (macro output, the trusted SVG and CSS) pass unchanged.
+    """
+    if value is None:
+        return ""
+    if hasattr(value, "__html__"):
+        return value
+    return Markup(html.escape(str(value), quote=True))
+
+
+def environment() -> Environment:
+    """The pages' Jinja2 environment (autoescape, strict undefined), created on the first render.
+
+    Jinja2 is imported here rather than at module import, so that importing this module stays cheap.
+    """
+    global _ENVIRONMENT
+    if _ENVIRONMENT is None:
+        with _ENVIRONMENT_LOCK:  # the page answers on several threads
+            if _ENVIRONMENT is None:
+                from jinja2 import Environment, PackageLoader, StrictUndefined
+
+                env = Environment(loader=PackageLoader("onevlm.dashboard", TEMPLATES), autoescape=True,
+                                  undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                                  finalize=_finalize, auto_reload=False)
+                env.globals.update(
+                    NAV=NAV, ROUTE_CONFIDENCE=ROUTE_CONFIDENCE, STAGE_PROBABILITY=STAGE_PROBABILITY,
+                    CONSULTATION=CONSULTATION, DISAGREEMENT=DISAGREEMENT, NONE_OF_THESE=NONE_OF_THESE,
+                    NOT_ROUTABLE=NOT_ROUTABLE, stage_rows=_stage_rows, executions=_executions,
+                    # our own constant style sheet: the one piece of markup besides the charts taken as is
+                    CSS=Markup(CSS))
+                env.filters.update(fmt=format, fmt_time=fmt_time, fmt_rate=fmt_rate, describe=describe)
+                _ENVIRONMENT = env
+    return _ENVIRONMENT
+
+
+def _render(template: str, **values: Any) -> str:
+    return environment().get_template(template).render(**values)
+
+
+def _macro(name: str, *args: Any) -> str:
+    """One macro of ``macros.html`` rendered alone (the public helpers below)."""
+    return str(getattr(environment().get_template("macros.html").module, name)(*args))
+
+
+def _trusted_svg(svg: str | None) -> Markup | None:
+    """A chart drawn by our own code (:mod:`onevlm.dashboard.charts`, matplotlib's SVG output, no
+    user text in it): the one place where generated markup enters a page unescaped."""
+    return None if svg is None else Markup(svg)
+
+
+# --------------------------------------------------------------------------- formats and shared pieces
 
 
 def fmt_time(timestamp: float | None) -> str:
+    """Local time to the second, or a dash."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "—"
 
 
 def fmt_rate(value: float | None) -> str:
+    """A rate to three decimals, or a dash."""
     return "—" if value is None else f"{value:.3f}"
 
 
 def probability(p: float | None, calibrated: bool, definition: str = ROUTE_CONFIDENCE) -> str:
     """A probability with its calibration state and its definition (tooltip and link)."""
-    if p is None:
-        return '<span class="muted">—</span>'
-    state = "calibrated" if calibrated else "uncalibrated"
-    return (f'<span class="p" title="{esc(definition)}">{p:.3f} <a href="/#definitions" '
-            f'class="{state}">({state})</a></span>')
+    return _macro("probability", p, calibrated, definition)
 
 
 def outcome_cell(outcome: str) -> str:
-    return f'<span class="outcome-{esc(outcome)}">{esc(outcome)}</span>'
-
-
-def layout(title: str, body: str, active: str = "", flash: str | None = None, drift: bool = False) -> str:
-    nav = "".join(f'<a href="{href}"{" class=active" if href == active else ""}>{esc(label)}</a>'
-                  for href, label in NAV)
-    banner = ('<p class="drift" id="drift-warning">Calibration drift: on reviewed cases the routed cards hold the '
-              'right one less often than the calibration promised, beyond chance. See '
-              '<a href="/calibration">Calibration health</a>; recalibrate on the reviewed labels.</p>') if drift else ""
-    note = f'<p class="flash" id="flash">{esc(flash)}</p>' if flash else ""
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{esc(title)} · onevlm</title>"
-            f"<meta name=viewport content='width=device-width'><style>{CSS}</style></head><body>"
-            f"<header><strong>onevlm</strong>{nav}</header><main>{banner}{note}<h1>{esc(title)}</h1>{body}</main>"
-            "<footer>Research use only: not for clinical use. No patient data is shown unless the service "
-            "configuration says so (dashboard.show_patient_ids).</footer></body></html>")
+    """An outcome, coloured by its class."""
+    return _macro("outcome_cell", outcome)
 
 
 def error_page(status: int, message: str) -> str:
-    return layout(f"{status}", f'<p class="error" id="error">{esc(message)}</p>')
+    """An error page: the status as its title, the message in words."""
+    return _render("error.html", title=f"{status}", message=message)
 
 
 def login_page(form_key: str, next_url: str, message: str | None = None) -> str:
-    error = f'<p class="error" id="error">{esc(message)}</p>' if message else ""
-    return layout("Access token", f"""{error}
-<p>This page needs the access token configured for it (the environment variable named by
-<code>dashboard.token_env</code>).</p>
-<form method=post action="/login"><input type=hidden name=form_key value="{esc(form_key)}">
-<input type=hidden name=next value="{esc(next_url)}">
-<label>Token <input type=password name=token id=token autocomplete=off required></label>
-<button type=submit id=login>Open</button></form>""")
+    """The access-token form (``message``: why the last try failed)."""
+    return _render("login.html", title="Access token", form_key=form_key, next_url=next_url, message=message)
 
 
 # --------------------------------------------------------------------------- overview
@@ -131,73 +186,42 @@ def _destination_state(health: DestinationHealth) -> str:
     return "ok"
 
 
+@dataclass(frozen=True)
+class _DestinationView:
+    name: str
+    health: DestinationHealth | None  # None: configured, nothing sent yet (idle)
+    state: str = "idle"
+
+
 def overview_page(status: Mapping[str, Any], destinations: Sequence[DestinationHealth], configured: Sequence[str],
                   hourly_svg: str, calibration: CalibrationInForce, calibrated_share: tuple[int, int],
                   drift: bool) -> str:
-    counts = "".join(f'<tr><th>{esc(label)}</th><td class=num id="count-{key}">{esc(status.get(key, 0))}</td></tr>'
-                     for key, label in (("received", "instances received"), ("processed", "studies processed"),
-                                        ("exported", "results exported"), ("failed", "failed"),
-                                        ("quarantine_files", "quarantined files"), ("duplicates", "duplicates"),
-                                        ("refused", "refused")))
+    """The overview: counts, queues, destinations, the hourly chart, the calibration in force, definitions.
+
+    ``hourly_svg`` is the chart from :func:`onevlm.dashboard.charts.hourly_chart` (trusted markup).
+    """
     groups = status.get("groups") or {}
-    queues = "".join(f'<tr><th>{esc(label)}</th><td class=num id="queue-{key}">{esc(value)}</td></tr>'
-                     for key, label, value in (
-                         ("receiving", "studies receiving", groups.get("receiving", 0)),
-                         ("queued", "studies queued", groups.get("queued", 0)),
-                         ("processing", "studies processing", groups.get("processing", 0)),
-                         ("export-pending", "exports pending", status.get("export_pending", 0))))
-    routing = "".join(f'<tr><th>{label}</th><td class=num id="count-{key}">{esc(status.get(key, 0))}</td></tr>'
-                      for key, label in (
-                          ("vlm_calls", "VLM calls (all series, all stages)"),
-                          ("series_decided", "series decided"),
-                          ("series_without_vlm", "decided series that needed no VLM call (the header alone decided)"),
-                          ("disagreements", '<a href="/studies?disagreement=1">series where header and image '
-                                            'disagree</a>')))
+    counts = [(key, label, status.get(key, 0)) for key, label in (
+        ("received", "instances received"), ("processed", "studies processed"), ("exported", "results exported"),
+        ("failed", "failed"), ("quarantine_files", "quarantined files"), ("duplicates", "duplicates"),
+        ("refused", "refused"))]
+    queues = [("receiving", "studies receiving", groups.get("receiving", 0)),
+              ("queued", "studies queued", groups.get("queued", 0)),
+              ("processing", "studies processing", groups.get("processing", 0)),
+              ("export-pending", "exports pending", status.get("export_pending", 0))]
+    # the last label is a link to the filtered study list: the template writes it
+    routing = [(key, label, status.get(key, 0)) for key, label in (
+        ("vlm_calls", "VLM calls (all series, all stages)"), ("series_decided", "series decided"),
+        ("series_without_vlm", "decided series that needed no VLM call (the header alone decided)"),
+        ("disagreements", None))]
     by_name = {d.name: d for d in destinations}
     names = list(configured) + [n for n in by_name if n not in configured]
-    rows = []
-    for name in names:
-        health = by_name.get(name)
-        if health is None:
-            rows.append(f'<tr><td>{esc(name)}</td><td>idle</td><td class=num>0</td><td class=num>0</td>'
-                        '<td class=num>0</td><td>—</td><td>—</td></tr>')
-            continue
-        rows.append(f'<tr class="destination"><td>{esc(name)}</td><td>{_destination_state(health)}</td>'
-                    f'<td class=num>{health.by_status.get("sent", 0)}</td>'
-                    f'<td class=num>{health.by_status.get("pending", 0)}</td>'
-                    f'<td class=num>{health.by_status.get("failed", 0)}</td>'
-                    f'<td>{fmt_time(health.last_sent_at)}</td><td>{esc(health.last_error or "—")}</td></tr>')
-    destination_table = ("<table id=destinations><tr><th>destination</th><th>health</th><th>sent</th>"
-                         "<th>pending</th><th>failed</th><th>last sent</th><th>last error</th></tr>"
-                         + "".join(rows) + "</table>") if names else "<p class=muted>No destination configured.</p>"
+    rows = [_DestinationView(name, by_name[name], _destination_state(by_name[name])) if name in by_name
+            else _DestinationView(name, None) for name in names]
     calibrated, decided = calibrated_share
-    if calibration.calibration_id:
-        cal = (f"<table id=calibration><tr><th>calibration</th><td class=uid>{esc(calibration.calibration_id)}</td></tr>"
-               f"<tr><th>fitted</th><td>{esc(calibration.fitted_at or '—')}</td></tr>"
-               f"<tr><th>α (risk)</th><td>{esc(calibration.alpha)}</td></tr>"
-               f"<tr><th>δ</th><td>{esc(calibration.delta)}</td></tr>"
-               f"<tr><th>policy</th><td>{esc(calibration.policy)}</td></tr>"
-               f"<tr><th>file</th><td>{esc(calibration.source or '—')}</td></tr></table>")
-    else:
-        cal = ('<p id=calibration>No site calibration: outputs are <strong>uncalibrated</strong> (the backend\'s own '
-               'scores; nothing is promised). Fit one with <code>onevlm labels export</code> then '
-               '<code>onevlm calibrate fit</code>.</p>')
-    return layout("Overview", f"""
-<h2>Counts</h2><table id=counts>{counts}</table>
-<h2>Header and pixels</h2><table id=routing>{routing}</table>
-<h2>Queues</h2><table id=queues>{queues}</table>
-<h2>Destinations</h2>{destination_table}
-<h2>Studies per hour, last 24 hours</h2><div id=hourly>{hourly_svg}</div>
-<h2>Calibration in force</h2>{cal}
-<p id=calibrated-share>Outputs calibrated: {calibrated} of {decided} recent processed studies.</p>
-<h2 id=definitions>Definitions</h2>
-<p>{esc(ROUTE_CONFIDENCE)}</p>
-<p>{esc(STAGE_PROBABILITY)}</p>
-<p>{esc(CONSULTATION)}</p>
-<p>{esc(DISAGREEMENT)}</p>
-<p>Outcomes: routed: one card; routed-set: a few cards, one of which should be right; review: the
-router abstained, a person decides; stopped: not a medical image, or no card covers it; failed: not readable.</p>
-""", "/", drift=drift)
+    return _render("overview.html", title="Overview", active="/", drift=drift, counts=counts, routing=routing,
+                   queues=queues, destinations=rows, hourly_svg=_trusted_svg(hourly_svg), calibration=calibration,
+                   calibrated=calibrated, decided=decided)
 
 
 # --------------------------------------------------------------------------- studies
@@ -224,58 +248,41 @@ def _exports(exports: Mapping[str, int]) -> str:
 
 
 def _executions(cases: Iterable[SeriesCase]) -> str:
-    parts = [f"{x.get('card_id')}: {x.get('status')}" + (f" ({x.get('summary')})" if x.get("summary") else "")
-             for case in cases for x in case.executions]
-    return esc("; ".join(parts)) if parts else '<span class="muted">—</span>'
+    """The specialty results of the series in words (empty: none ran)."""
+    return "; ".join(f"{x.get('card_id')}: {x.get('status')}" + (f" ({x.get('summary')})" if x.get("summary") else "")
+                     for case in cases for x in case.executions)
 
 
-def _disagree_mark(text: str | None, label: str = "header and image disagree") -> str:
-    """The marker of a header/image disagreement (its words in the tooltip), or a dash."""
-    if not text:
-        return '<span class="muted">—</span>'
-    return f'<span class=disagree title="{esc(text)}">{esc(label)}</span>'
+@dataclass(frozen=True)
+class _StudyView:
+    row: StudyRow
+    study: str
+    modalities: str
+    executions: str
+    exports: str
+    disagreements: str
+    viewer: str | None
 
 
-def _count(value: int | None) -> str:
-    return '<span class="muted">—</span>' if value is None else esc(value)
+def _study_view(row: StudyRow, viewer_url: str | None) -> _StudyView:
+    result = row.result
+    study = result.series[0].study_instance_uid if result and result.series else row.group.group_key
+    return _StudyView(
+        row=row, study=study,
+        modalities=", ".join(sorted({s.dicom_modality for s in result.series})) if result else "",
+        executions=_executions(result.series) if result else "", exports=_exports(row.exports),
+        disagreements="; ".join(s.disagreement for s in result.series if s.disagreement) if result else "",
+        viewer=viewer_url.format(study=study) if viewer_url else None)
 
 
 def studies_page(rows: Sequence[StudyRow], outcome: str | None, outcomes: Sequence[str], show_patient: bool,
                  viewer_url: str | None, disagree: bool = False) -> str:
-    options = "".join(f'<option value="{esc(o)}"{" selected" if o == outcome else ""}>{esc(o)}</option>'
-                      for o in outcomes)
-    head = ("<tr><th>first received</th><th>study</th>" + ("<th>patient ID</th><th>accession</th>" if show_patient else "")
-            + "<th>modality</th><th>outcome</th><th>card(s)</th><th>route confidence</th><th>specialty result</th>"
-              "<th>export</th><th>header vs image</th><th>VLM calls</th><th>viewer</th></tr>")
-    body = []
-    for row in rows:
-        result = row.result
-        study = result.series[0].study_instance_uid if result and result.series else row.group.group_key
-        modalities = sorted({s.dicom_modality for s in result.series}) if result else []
-        patient = "".join(f"<td>{esc(v)}</td>" for v in (row.patient or ("", ""))) if show_patient else ""
-        viewer = (f'<a href="{esc(viewer_url.format(study=study))}" target=_blank rel=noopener>open</a>'
-                  if viewer_url else "—")
-        disagreements = "; ".join(s.disagreement for s in result.series if s.disagreement) if result else ""
-        body.append(
-            f'<tr class="study" data-group="{esc(row.group.group_key)}" data-outcome="{esc(row.outcome)}" '
-            f'data-disagreement="{1 if disagreements else 0}">'
-            f"<td>{fmt_time(row.group.first_received)}</td>"
-            f'<td class=uid><a href="/studies/{esc(row.group.group_key)}">{esc(row.group.group_key)}</a></td>{patient}'
-            f"<td>{esc(', '.join(modalities) or '—')}</td><td>{outcome_cell(row.outcome)}</td>"
-            f"<td>{esc(', '.join(result.cards) if result and result.cards else '—')}</td>"
-            f"<td>{probability(result.confidence, result.calibrated) if result else '—'}</td>"
-            f"<td>{_executions(result.series) if result else '—'}</td><td>{esc(_exports(row.exports))}</td>"
-            f"<td>{_disagree_mark(disagreements)}</td><td class=num>{_count(result.vlm_calls if result else None)}</td>"
-            f"<td>{viewer}</td></tr>")
-    table = f"<table id=studies>{head}{''.join(body)}</table>" if body else "<p id=studies class=muted>No study.</p>"
-    return layout("Studies", f"""
-<form method=get action="/studies" id=filter><label>Outcome <select name=outcome id=outcome-filter>
-<option value="">all</option>{options}</select></label>
-<label><input type=checkbox name=disagreement value=1 id=disagreement-filter{" checked" if disagree else ""}>
-header and image disagree</label> <button type=submit>Filter</button></form>
-<p class=muted>Newest first ({len(rows)} shown). A study's outcome is its most urgent series' outcome.
-Route confidence is the lowest among its routed series. VLM calls: the study's series together, all stages
-(0: the header alone decided). {esc(DISAGREEMENT)}</p>{table}""", "/studies")
+    """The study list, newest first, with its outcome and header/image-disagreement filters.
+
+    ``viewer_url`` has a ``{study}`` placeholder (``None``: no viewer link).
+    """
+    return _render("studies.html", title="Studies", active="/studies", rows=[_study_view(r, viewer_url) for r in rows],
+                   outcome=outcome, outcomes=outcomes, show_patient=show_patient, disagree=disagree)
 
 
 # --------------------------------------------------------------------------- decision and review forms
@@ -283,228 +290,152 @@ Route confidence is the lowest among its routed series. VLM calls: the study's s
 
 def review_form(case: SeriesCase, card_ids: Sequence[str], form_key: str, next_url: str,
                 current: ReviewAnswer | None) -> str:
-    offered = "".join(f'<option value="card:{esc(c)}">{esc(c)}</option>' for c in case.candidates)
-    others = "".join(f'<option value="card:{esc(c)}">{esc(c)}</option>' for c in card_ids if c not in case.candidates)
-    answered = (f'<span class="muted answer">answered: {esc(describe(current))} by {esc(current.reviewer)} '
-                f'at {fmt_time(current.recorded_at)}</span>') if current else ""
-    return f"""<form method=post action="/review" class=review data-series="{esc(case.series_instance_uid)}">
-<input type=hidden name=form_key value="{esc(form_key)}"><input type=hidden name=next value="{esc(next_url)}">
-<input type=hidden name=group value="{esc(case.group_key)}"><input type=hidden name=series value="{esc(case.series_instance_uid)}">
-<select name=answer required><option value="">— the right card —</option>
-<optgroup label="offered by the router">{offered}</optgroup>
-<option value="{NONE_OF_THESE}">none of these</option><option value="{NOT_ROUTABLE}">not routable</option>
-<optgroup label="any other card">{others}</optgroup></select>
-<input name=reviewer placeholder="your initials" required maxlength=64 size=10>
-<input name=comment placeholder="comment (optional)" maxlength=2000 size=30>
-<button type=submit>Record</button>{answered}</form>"""
+    """The form that records a review answer for one series (``current``: its latest answer)."""
+    return _macro("review_form", case, card_ids, form_key, next_url, current)
 
 
 def describe(answer: ReviewAnswer) -> str:
+    """A review answer in words: the card, or ``none of these`` / ``not routable``."""
     return answer.card if answer.kind == CARD else answer.kind.replace("-", " ")
 
 
-def _ranked(probs: Mapping[str, float] | None) -> str:
-    if not probs:
-        return "—"
-    return "<br>".join(f"{esc(a)}: {p:.4f}" for a, p in sorted(probs.items(), key=lambda item: -item[1]))
+def _ranked(probs: Mapping[str, float] | None) -> list[tuple[str, float]]:
+    return sorted(probs.items(), key=lambda item: -item[1]) if probs else []
 
 
-def _evidence(stage: Mapping[str, Any], show_all: bool) -> str:
+def _evidence(stage: Mapping[str, Any], show_all: bool) -> list[tuple[str, Any]]:
+    """(field, value) of a stage's evidence: the safe fields only unless ``show_all``; never the logits."""
     evidence = dict(stage.get("evidence") or {})
-    keys = [k for k in evidence if show_all or k in SAFE_EVIDENCE]
-    lines = [f"<b>{esc(k)}</b>: {esc(evidence[k])}" for k in keys if k != "logits"]
+    lines = [(k, evidence[k]) for k in evidence if (show_all or k in SAFE_EVIDENCE) and k != "logits"]
     if stage.get("justification"):
-        lines.append(f"<b>justification</b>: {esc(stage['justification'])}")
-    return "<br>".join(lines) or "—"
+        lines.append(("justification", stage["justification"]))
+    return lines
 
 
-def _sources(sources: Mapping[str, Any] | None) -> str:
+def _sources(sources: Mapping[str, Any] | None) -> list[tuple[str, list[tuple[str, float]]]]:
     """Each consulted source's top answer on its own (``header: brain CT scan 0.911``)."""
-    parts = []
-    for source, probs in (sources or {}).items():
-        if isinstance(probs, Mapping) and probs:
-            top = sorted(probs.items(), key=lambda item: -item[1])[:SOURCE_ANSWERS]
-            parts.append(f"{esc(source)}: " + ", ".join(f"{esc(a)} {p:.3f}" for a, p in top))
-    return "<br>".join(parts)
+    return [(source, sorted(probs.items(), key=lambda item: -item[1])[:SOURCE_ANSWERS])
+            for source, probs in (sources or {}).items() if isinstance(probs, Mapping) and probs]
 
 
-def _consultation(stage: Mapping[str, Any], assessed: Mapping[str, Any]) -> str:
-    """Which sources a stage consulted and why, its VLM calls, each source's answer and any disagreement."""
+@dataclass(frozen=True)
+class _Consultation:
+    consulted: str
+    vlm_calls: Any
+    reason: Any
+    sources: list
+    disagreement: Mapping[str, Any] | None
+
+
+def _consultation(stage: Mapping[str, Any], assessed: Mapping[str, Any]) -> _Consultation | None:
+    """Which sources a stage consulted and why, its VLM calls, each source's answer and any disagreement
+    (``None``: a record from before consultations were recorded)."""
     record = stage.get("consultation") or {}
     consulted = stage.get("consulted", record.get("consulted", assessed.get("consulted")))
     if consulted is None:
-        return '<span class="muted">not recorded</span>'
-    reason = record.get("reason") or assessed.get("consult_reason")
-    calls = record.get("vlm_calls", assessed.get("vlm_calls"))
-    lines = [f"<b class=consulted>{esc(' + '.join(consulted) or 'none (text only)')}</b>"
-             + (f"; VLM calls {esc(calls)}" if calls is not None else "")]
-    if reason:
-        lines.append(f"<span class=reason>{esc(reason)}</span>")
-    sources = _sources(record.get("sources"))
-    if sources:
-        lines.append(sources)
+        return None
     clash = record.get("disagreement")
-    if isinstance(clash, Mapping):
-        lines.append(f"<span class=disagree>header {esc(clash.get('header_answer'))}, image "
-                     f"{esc(clash.get('pixels_answer'))}: margin {esc(clash.get('margin'))} &gt; "
-                     f"{esc(clash.get('threshold'))}, action {esc(clash.get('action'))}</span>")
-    return "<br>".join(lines)
+    return _Consultation(consulted=" + ".join(consulted) or "none (text only)",
+                         vlm_calls=record.get("vlm_calls", assessed.get("vlm_calls")),
+                         reason=record.get("reason") or assessed.get("consult_reason"),
+                         sources=_sources(record.get("sources")),
+                         disagreement=clash if isinstance(clash, Mapping) else None)
 
 
-def stage_table(case: SeriesCase, show_all: bool) -> str:
+@dataclass(frozen=True)
+class _StageView:
+    stage: Any
+    name: Any
+    chosen: Any
+    p: float | None
+    calibrated: bool
+    ranked: list
+    flags: str
+    consultation: _Consultation | None
+    evidence: list
+
+
+def _stage_rows(case: SeriesCase, show_all: bool) -> list[_StageView]:
+    """One row per stage that ran: its answer, probability, ranked candidates, flags, sources, evidence."""
     decision = case.decision or {}
     assessed = {s["stage"]: s for s in (decision.get("route") or {}).get("stages") or []}
     rows = []
     for stage in decision.get("stages") or []:
         a = assessed.get(stage["stage"], {})
-        calibrated = a.get("calibrated") is not None
         probs = a.get("calibrated") or a.get("raw") or {c["answer"]: c["p"] for c in stage.get("candidates") or []}
         flags = ", ".join(f for f in (("tie" if a.get("tie") else ""),
                                       (f"set {a['set']}" if a.get("set") is not None else ""),
                                       ("" if stage.get("informative", True) else "no evidence")) if f)
-        rows.append(f'<tr class=stage><td>{stage["stage"]} {esc(stage.get("name"))}</td><td>{esc(stage.get("chosen"))}</td>'
-                    f'<td>{probability(a.get("p", stage.get("confidence")), calibrated, STAGE_PROBABILITY)}</td>'
-                    f'<td>{_ranked(probs)}</td><td>{esc(flags) or "—"}</td><td>{_consultation(stage, a)}</td>'
-                    f'<td>{_evidence(stage, show_all)}</td></tr>')
-    if not rows:
-        return '<p class=muted>No stage ran.</p>'
-    return ("<table class=stages><tr><th>stage</th><th>chosen</th><th>probability</th>"
-            f'<th>candidates (top answers)</th><th>flags</th><th title="{esc(CONSULTATION)}">consulted (why)</th>'
-            "<th>evidence</th></tr>" + "".join(rows) + "</table>")
+        rows.append(_StageView(stage=stage["stage"], name=stage.get("name"), chosen=stage.get("chosen"),
+                               p=a.get("p", stage.get("confidence")), calibrated=a.get("calibrated") is not None,
+                               ranked=_ranked(probs), flags=flags, consultation=_consultation(stage, a),
+                               evidence=_evidence(stage, show_all)))
+    return rows
+
+
+def stage_table(case: SeriesCase, show_all: bool) -> str:
+    """The router's stages of one series as a table (``show_all``: every evidence field)."""
+    return _macro("stage_table", case, show_all)
 
 
 def disagreement_note(case: SeriesCase) -> str:
     """A series' header/image disagreement in words, prominently, with what a reviewer can do about it."""
-    if not case.disagreement:
-        return ""
-    return (f'<p class=disagreement data-series="{esc(case.series_instance_uid)}"><strong>Header and image '
-            f"disagree</strong>: {esc(case.disagreement)}. A wrong header is what a reviewer wants to fix at the "
-            "source (the modality or the PACS), so that it misleads no one else.</p>")
+    return _macro("disagreement_note", case)
 
 
 def decision_page(group: GroupRow, result: GroupResult | None, answers: Mapping[str, ReviewAnswer],
                   history: Sequence[ReviewAnswer], card_ids: Sequence[str], form_key: str, viewer_url: str | None,
                   show_all: bool, patient: tuple[str, str] | None, flash: str | None) -> str:
-    sections = [f"<p>Status <b id=group-status>{esc(group.status)}</b>; {group.received} instance(s); first received "
-                f"{fmt_time(group.first_received)}; last change {fmt_time(group.updated_at)}.</p>"]
-    if group.error:
-        sections.append(f'<p class=error>{esc(group.error)}</p>')
-    if patient:
-        sections.append(f"<p>Patient ID {esc(patient[0])}; accession {esc(patient[1])}</p>")
-    if result is None:
-        sections.append("<p class=muted>No result yet.</p>")
-    else:
-        study = result.series[0].study_instance_uid if result.series else group.group_key
-        if viewer_url:
-            sections.append(f'<p><a id=viewer-link href="{esc(viewer_url.format(study=study))}" target=_blank '
-                            f'rel=noopener>Open the study in the viewer</a></p>')
-        sections.append(f"<p>Study outcome {outcome_cell(result.outcome)}; calibration "
-                        f"{esc(result.calibration_id or 'none (uncalibrated)')}.</p>")
-        for case in result.series:
-            sections.append(
-                f'<h2 class=series>Series <span class=uid>{esc(case.series_instance_uid)}</span> '
-                f'({esc(case.dicom_modality)})</h2>'
-                f"<p>Outcome {outcome_cell(case.outcome)}; card(s) {esc(', '.join(case.cards) or '—')}; route confidence "
-                f"{probability(case.confidence, case.calibrated)}; modality {esc(case.modality or '—')}; finding "
-                f"{esc(case.finding or 'not assessed')}.</p>"
-                + disagreement_note(case)
-                + f'<p class=vlm-calls title="{esc(CONSULTATION)}">VLM calls for this series: '
-                  f"{_count(case.vlm_calls)}{' (the header alone decided)' if case.vlm_calls == 0 else ''}.</p>"
-                + (f"<p>Reasons: {esc('; '.join(case.reasons))}</p>" if case.reasons else "")
-                + (f'<p class=error>{esc(case.error)}</p>' if case.error else "")
-                + f"<p>Specialty result: {_executions([case])}</p>" + stage_table(case, show_all)
-                + "<h3>Review</h3>"
-                + review_form(case, card_ids, form_key, f"/studies/{group.group_key}",
-                              answers.get(case.series_instance_uid)))
-    if history:
-        items = "".join(f"<tr><td>{fmt_time(a.recorded_at)}</td><td class=uid>{esc(a.series_instance_uid)}</td>"
-                        f"<td>{esc(describe(a))}</td><td>{esc(a.reviewer)}</td><td>{esc(a.comment)}</td></tr>"
-                        for a in history)
-        sections.append("<h2>Review history</h2><table id=history><tr><th>when</th><th>series</th><th>answer</th>"
-                        f"<th>reviewer</th><th>comment</th></tr>{items}</table>")
-    return layout(f"Study {group.group_key}", "".join(sections), "/studies", flash)
+    """One study: status, outcome, and per series the stages, the disagreement, the review form; the history."""
+    viewer = None
+    if result is not None and viewer_url:
+        viewer = viewer_url.format(study=result.series[0].study_instance_uid if result.series else group.group_key)
+    return _render("decision.html", title=f"Study {group.group_key}", active="/studies", flash=flash, group=group,
+                   result=result, answers=answers, history=history, card_ids=card_ids, form_key=form_key,
+                   viewer=viewer, show_all=show_all, patient=patient)
 
 
 def review_page(pending: Sequence[SeriesCase], answered: Sequence[tuple[SeriesCase, ReviewAnswer]],
                 card_ids: Sequence[str], form_key: str, flash: str | None, limit: int) -> str:
-    rows = []
-    for case in pending[:limit]:
-        reasons = "; ".join(case.reasons)
-        why = esc(reasons) or "—"
-        if case.disagreement:  # the marker first; its words unless the reasons say them already
-            words = "" if case.disagreement in reasons else f": {esc(case.disagreement)}"
-            why = f"{_disagree_mark(case.disagreement)}{words}<br>{why}"
-        flag = 1 if case.disagreement else 0
-        rows.append(f'<tr class="case{" disagreement-case" if flag else ""}" '
-                    f'data-series="{esc(case.series_instance_uid)}" data-disagreement="{flag}">'
-                    f'<td class=uid><a href="/studies/{esc(case.group_key)}">{esc(case.group_key)}</a><br>'
-                    f'{esc(case.series_instance_uid)}</td><td>{esc(case.dicom_modality)}</td>'
-                    f"<td>{outcome_cell(case.outcome)}</td><td>{esc(', '.join(case.cards) or '—')}</td>"
-                    f"<td>{probability(case.confidence, case.calibrated)}</td><td>{why}</td>"
-                    f"<td>{review_form(case, card_ids, form_key, '/review', None)}</td></tr>")
-    table = ("<table id=queue><tr><th>study / series</th><th>modality</th><th>outcome</th><th>card(s)</th>"
-             "<th>route confidence</th><th>why</th><th>answer</th></tr>" + "".join(rows) + "</table>"
-             ) if rows else "<p id=queue class=muted>Nothing waits for review.</p>"
-    disagreeing = sum(1 for case in pending if case.disagreement)
-    done = "".join(f"<tr class=answered><td class=uid>{esc(c.group_key)}<br>{esc(c.series_instance_uid)}</td>"
-                   f"<td>{outcome_cell(c.outcome)}</td><td>{esc(', '.join(c.cards) or '—')}</td>"
-                   f"<td>{esc(describe(a))}</td><td>{esc(a.reviewer)}</td><td>{fmt_time(a.recorded_at)}</td></tr>"
-                   for c, a in answered[:limit])
-    done_table = ("<table id=answered><tr><th>study / series</th><th>outcome</th><th>card(s)</th><th>answer</th>"
-                  f"<th>reviewer</th><th>when</th></tr>{done}</table>") if done else "<p class=muted>None yet.</p>"
-    return layout("Review queue", f"""
-<p>The <b>review</b> and <b>routed-set</b> cases waiting for an answer ({len(pending)}; the oldest {limit} shown).
-Record the right card, or <i>none of these</i> (the right card is not among those offered), or <i>not routable</i>
-(no card should run). Answers are labels for the site's calibration (<code>onevlm labels export</code>); they are
-never written into the DICOM results.</p>
-<p id=queue-disagreements>Marked <span class=disagree>header and image disagree</span>: {disagreeing} of the cases
-waiting. A wrong header is what a reviewer wants to fix at the source (the modality or the PACS), so that it misleads
-no one else; the answer here labels the case, it does not correct the header.</p>{table}
-<h2>Answered</h2>{done_table}""", "/review", flash)
+    """The review queue (oldest first, ``limit`` shown) and the latest answers."""
+    return _render("review.html", title="Review queue", active="/review", flash=flash, pending=pending[:limit],
+                   waiting=len(pending), answered=answered[:limit], card_ids=card_ids, form_key=form_key, limit=limit,
+                   disagreeing=sum(1 for case in pending if case.disagreement))
 
 
 # --------------------------------------------------------------------------- calibration health
 
 
-def _check_row(check: PromiseCheck) -> str:
+@dataclass(frozen=True)
+class _CheckView:
+    check: PromiseCheck
+    verdict: str
+    promised: str
+    upper: str
+
+
+def _check_view(check: PromiseCheck) -> _CheckView:
     if check.promised is None:
         verdict = "no promise (uncalibrated)"
     elif check.n == 0:
         verdict = "no reviewed case"
     else:
         verdict = "BROKEN (drift)" if check.broken else "kept (within tolerance)"
-    promised = "—" if check.promised is None else f"≥ {check.promised:.3f}"
-    upper = f"{check.upper_bound:.3f}" if check.n else "—"
-    return (f'<tr class=check><td>{esc(check.name)}</td><td class=num>{check.n}</td><td class=num>{check.hits}</td>'
-            f"<td class=num>{fmt_rate(check.rate)}</td><td class=num>{promised}</td><td class=num>{upper}</td>"
-            f"<td class=num>{fmt_rate(check.lowest_consistent_rate)}</td><td>{verdict}</td></tr>")
+    return _CheckView(check, verdict, "—" if check.promised is None else f"≥ {check.promised:.3f}",
+                      f"{check.upper_bound:.3f}" if check.n else "—")
 
 
 def calibration_page(health: CalibrationHealth, reliability_svg: str | None) -> str:
-    if health.calibration_id:
-        intro = (f"<p>Calibration <span class=uid>{esc(health.calibration_id)}</span>, policy {esc(health.policy)}: "
-                 f"the right card is among the routed ones with probability at least 1 − α = {1 - health.alpha:.3f}"
-                 f" (α = {health.alpha}). Checked on reviewed cases routed under it; the promise counts as broken "
-                 f"when the one-sided {1 - health.delta:.0%} Clopper–Pearson upper bound of the observed rate is "
-                 "below it (δ = " f"{health.delta}).</p>")
-    else:
-        intro = ("<p>No site calibration is in force: outputs are uncalibrated and nothing is promised. The reviewed "
-                 "figures below are shown for information.</p>")
-    status = ('<p class=drift id=drift-verdict>Drift: the promise is broken beyond the binomial tolerance.</p>'
-              if health.drift else '<p id=drift-verdict>No drift detected.</p>')
-    table = ("<table id=checks><tr><th>check</th><th>reviewed</th><th>right</th><th>observed</th><th>promised</th>"
-             f"<th>upper bound (1 − δ)</th><th>lowest consistent rate</th><th>verdict</th></tr>"
-             f"{_check_row(health.routed_set)}{_check_row(health.routed)}{_check_row(health.combined)}</table>")
-    others = (f"<p class=muted>{health.other_calibration} reviewed case(s) were routed under another calibration "
-              "(or none) and are not counted.</p>") if health.other_calibration else ""
-    diagram = (f"<h2>Reliability of route confidence (reviewed cases)</h2><div id=reliability>{reliability_svg}</div>"
-               if reliability_svg else "<p class=muted>No reviewed routed case with a route confidence yet.</p>")
-    return layout("Calibration health", f"""{intro}{status}{table}{others}
-<p class=muted>Reviewed cases are those people chose to review: the check speaks for every routed case only when
-routed cases are reviewed at random. Review cases count as covered under the sets policy (a person decides) and are
-not part of the check; <i>none of these</i> and <i>not routable</i> answers count as misses of a routed case.</p>
-{diagram}""", "/calibration", drift=health.drift)
+    """The drift check of the calibration in force on the reviewed cases, and their reliability diagram.
+
+    ``reliability_svg`` is the chart from :func:`onevlm.dashboard.charts.reliability_chart` (trusted
+    markup; ``None``: no reviewed routed case with a route confidence).
+    """
+    return _render("calibration.html", title="Calibration health", active="/calibration", drift=health.drift,
+                   health=health, reliability_svg=_trusted_svg(reliability_svg),
+                   checks=[_check_view(c) for c in (health.routed_set, health.routed, health.combined)])
 
 
 def query_string(**params: Any) -> str:
+    """A URL query of the parameters that have a value."""
     return urlencode({k: v for k, v in params.items() if v})

@@ -1,4 +1,8 @@
-"""The operator's page over HTTP: routes, the access-token rule, review answers; JSON ``/status`` too.
+"""The operator's page: what each route answers, the access-token rule, review answers; JSON ``/status`` too.
+
+The HTTP layer (Starlette routes on uvicorn, TLS, timeouts, bounded bodies) is
+:mod:`onevlm.dashboard.web` and :mod:`onevlm.dashboard.page_server`; the HTML is Jinja2 templates
+(:mod:`onevlm.dashboard.pages`). This module is the logic between them.
 
 Served by ``onevlm serve`` on ``status_port`` (the service's own journal and calibration) or by
 ``onevlm dashboard --config FILE`` against the service's spool, running or stopped. The journal's
@@ -18,13 +22,11 @@ import json
 import logging
 import re
 import secrets
-import socket
 import time
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Mapping
-from urllib.parse import parse_qs, urlsplit
+from typing import Callable, Mapping
+from urllib.parse import parse_qs
 
 from onevlm.calibration.site import SiteCalibration
 from onevlm.cards.repository import CardRepository
@@ -88,7 +90,7 @@ def _patient_ids(path) -> tuple[str, str]:
 
 
 class DashboardApp:
-    """The pages, independent of the HTTP server (tests call :meth:`handle` directly too).
+    """The pages, independent of the HTTP server.
 
     Parameters
     ----------
@@ -145,48 +147,64 @@ class DashboardApp:
         if not hmac.compare_digest(form.get("form_key", "").encode(), self.form_key.encode()):
             raise HttpError(403, "this form is stale or came from another site: reload the page and submit again")
 
-    # -- dispatch -------------------------------------------------------------------------------
+    # -- the routes' entry points (onevlm.dashboard.web maps URLs to them) -------------------------
 
-    def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes = b"",
-               client: str = "") -> Response:
-        """Answer one request (headers with lower-case names); never raises for bad input."""
-        url = urlsplit(target)
-        path = url.path.rstrip("/") or "/"
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        try:
-            if path in ("/healthz", "/readyz") and method == "GET" and self.health is not None:
-                verdict = self.health.alive() if path == "/healthz" else self.health.ready()
-                return Response(200 if verdict.ok else 503, json.dumps(verdict.as_dict()).encode(), "application/json")
-            if path == "/login":
-                return self._login(method, query, body)
-            if not self.settings.loopback and not self._authorised(headers):
-                if path in ("/status", "/metrics") or method != "GET":
-                    raise HttpError(401, "an access token is required (Authorization: Bearer TOKEN)")
-                return _redirect("/login?" + pages.query_string(next=target))
-            if method == "POST" and path == "/review":
-                return self._record(body, headers, client)
-            if method != "GET":
-                raise HttpError(405, f"{method} is not allowed here")
-            if path == "/status":
-                return Response(200, json.dumps(self._status()).encode(), "application/json")
-            if path == "/metrics" and self.metrics is not None:
-                body, content_type = self.metrics.exposition()
-                return Response(200, body, content_type)
-            if path == "/":
-                return _html(self._overview())
-            if path == "/studies":
-                return _html(self._studies(query))
-            if path.startswith("/studies/"):
-                return _html(self._decision(path[len("/studies/"):], query))
-            if path == "/review":
-                return _html(self._review(query))
-            if path == "/calibration":
-                return _html(self._calibration_page())
-            raise HttpError(404, f"no page {path}")
-        except HttpError as exc:
-            if path == "/status":
-                return Response(exc.status, json.dumps({"error": exc.message}).encode(), "application/json")
-            return _html(pages.error_page(exc.status, exc.message), exc.status)
+    def access(self, method: str, path: str, target: str, headers: Mapping[str, str]) -> Response | None:
+        """The token rule: ``None`` when the request may go on, else the answer (a redirect to ``/login``).
+
+        Raises
+        ------
+        HttpError
+            401 for ``/status``, ``/metrics`` and any form posted without the token.
+        """
+        if self.settings.loopback or self._authorised(headers):
+            return None
+        if path in ("/status", "/metrics") or method != "GET":
+            raise HttpError(401, "an access token is required (Authorization: Bearer TOKEN)")
+        return _redirect("/login?" + pages.query_string(next=target))
+
+    def error(self, path: str, exc: HttpError) -> Response:
+        """A refused request's answer: JSON for ``/status``, else the error page."""
+        if path == "/status":
+            return Response(exc.status, json.dumps({"error": exc.message}).encode(), "application/json")
+        return _html(pages.error_page(exc.status, exc.message), exc.status)
+
+    def probe(self, which: str) -> Response:
+        """``/healthz`` (``which="alive"``) or ``/readyz`` (``"ready"``): open, they reveal nothing."""
+        if self.health is None:
+            raise HttpError(404, "no health probes on the standalone page (they belong to the service)")
+        verdict = self.health.alive() if which == "alive" else self.health.ready()
+        return Response(200 if verdict.ok else 503, json.dumps(verdict.as_dict()).encode(), "application/json")
+
+    def status_response(self) -> Response:
+        return Response(200, json.dumps(self._status()).encode(), "application/json")
+
+    def metrics_response(self) -> Response:
+        if self.metrics is None:
+            raise HttpError(404, "no metrics on the standalone page (they belong to the service)")
+        body, content_type = self.metrics.exposition()
+        return Response(200, body, content_type)
+
+    def overview(self) -> Response:
+        return _html(self._overview())
+
+    def studies(self, query: Mapping[str, str]) -> Response:
+        return _html(self._studies(query))
+
+    def decision(self, key: str, query: Mapping[str, str]) -> Response:
+        return _html(self._decision(key, query))
+
+    def review_queue(self, query: Mapping[str, str]) -> Response:
+        return _html(self._review(query))
+
+    def calibration_health(self) -> Response:
+        return _html(self._calibration_page())
+
+    def login(self, method: str, query: Mapping[str, str], body: bytes) -> Response:
+        return self._login(method, query, body)
+
+    def record(self, body: bytes, headers: Mapping[str, str], client: str) -> Response:
+        return self._record(body, headers, client)
 
     # -- pages ----------------------------------------------------------------------------------
 
@@ -325,7 +343,9 @@ class DashboardApp:
         if not hmac.compare_digest(form.get("token", "").encode(), self._token.encode()):
             logger.warning("event=dashboard_login_refused")
             return _html(pages.login_page(self.form_key, next_url, "That is not the access token."), 401)
-        cookie = f"{COOKIE}={self._token}; HttpOnly; SameSite=Strict; Path=/"
+        # Secure under TLS: the browser then never sends the token over plain HTTP
+        secure = "; Secure" if self.settings.tls is not None else ""
+        cookie = f"{COOKIE}={self._token}; HttpOnly; SameSite=Strict; Path=/{secure}"
         return _redirect(next_url, {"Set-Cookie": cookie})
 
     def _record(self, body: bytes, headers: Mapping[str, str], client: str) -> Response:
@@ -354,49 +374,3 @@ class DashboardApp:
                     time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(answer.recorded_at)))
         next_url = _safe_next(form.get("next"), "/review")
         return _redirect(next_url + ("&" if "?" in next_url else "?") + "recorded=1")
-
-
-def make_server(app: DashboardApp, host: str, port: int) -> ThreadingHTTPServer:
-    """A threading HTTP server answering with ``app`` (not started)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "onevlm"
-
-        def _answer(self, method: str) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_FORM_BYTES:
-                response = _html(pages.error_page(413, "the request is too large"), 413)
-            else:
-                body = self.rfile.read(length) if length else b""
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                try:
-                    response = app.handle(method, self.path, headers, body, self.client_address[0])
-                except Exception:  # a defect of ours: a plain 500, the traceback in the log only
-                    logger.exception("event=dashboard_error path=%s", urlsplit(self.path).path)
-                    response = _html(pages.error_page(500, "internal error (see the service log)"), 500)
-            self.send_response(response.status)
-            self.send_header("Content-Type", response.content_type)
-            self.send_header("Content-Length", str(len(response.body)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Frame-Options", "DENY")
-            self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'; "
-                                                        "img-src 'self' data:; form-action 'self'")
-            for key, value in response.headers.items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(response.body)
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            self._answer("GET")
-
-        def do_POST(self) -> None:  # noqa: N802
-            self._answer("POST")
-
-        def log_message(self, *args: Any) -> None:
-            return
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    return Server((host, port), Handler)

@@ -23,7 +23,8 @@ def _cards(config: ServiceConfig) -> CardRepository:
 
 
 def open_dashboard(config: ServiceConfig, port: int | None = None):
-    """The page's HTTP server (not started) and the journal it reads (close it after the server).
+    """The page's server (:class:`~onevlm.dashboard.page_server.PageServer`, bound, not started) and the
+    journal it reads (close it after the server).
 
     ``port`` None: the configuration's ``status_port`` (a running service holds it: pass another).
 
@@ -34,7 +35,8 @@ def open_dashboard(config: ServiceConfig, port: int | None = None):
     FileNotFoundError
         If the spool has no journal.
     """
-    from onevlm.dashboard.server import DashboardApp, make_server
+    from onevlm.dashboard.server import DashboardApp
+    from onevlm.dashboard.web import make_page_server
 
     port = config.status_port if port is None else port
     if port is None:
@@ -44,7 +46,7 @@ def open_dashboard(config: ServiceConfig, port: int | None = None):
     try:
         calibration = SiteCalibration.load(config.pipeline.calibration) if config.pipeline.calibration else None
         app = DashboardApp(config, journal, _cards(config), calibration, lambda: spool_status(journal, spool))
-        return make_server(app, config.dashboard.host, port), journal
+        return make_page_server(app, config.dashboard.host, port), journal
     except BaseException:
         journal.close()
         raise

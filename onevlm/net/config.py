@@ -136,6 +136,14 @@ def is_loopback(host: str) -> bool:
 
 
 @dataclass(frozen=True)
+class PageTls:
+    """HTTPS for the operator's page: its certificate (chain) and private key, PEM files."""
+
+    certificate: Path
+    private_key: Path
+
+
+@dataclass(frozen=True)
 class DashboardConfig:
     """The operator's page on ``status_port``.
 
@@ -144,13 +152,17 @@ class DashboardConfig:
     request must then present. With a token set, review answers need it on loopback too.
     ``viewer_url`` links a study to a viewer (``{study}`` is replaced by its Study Instance UID);
     ``show_patient_ids`` adds patient ID and accession number to the pages (off: UIDs, modality
-    and times only).
+    and times only). ``tls`` serves the page over HTTPS (certificate and private key, PEM); off
+    loopback the page needs it (the token would cross the network in clear text) unless the
+    operator says ``insecure_http`` (e.g. TLS ends at a reverse proxy on the same host).
     """
 
     host: str = "127.0.0.1"
     token_env: str | None = None
     viewer_url: str | None = None
     show_patient_ids: bool = False
+    tls: PageTls | None = None
+    insecure_http: bool = False
 
     @property
     def loopback(self) -> bool:
@@ -548,6 +560,16 @@ def _variable_name(value: Any) -> str | None:
     return value
 
 
+class _PageTls(_Section):
+    """HTTPS for the page: certificate and private key, both required."""
+
+    certificate: Annotated[Path, BeforeValidator(_existing)]
+    private_key: Annotated[Path, BeforeValidator(_existing)]
+
+    def build(self) -> PageTls:
+        return PageTls(self.certificate, self.private_key)
+
+
 class _Dashboard(_Section):
     """The operator's page: loopback by default; another ``host`` needs ``token_env``."""
 
@@ -555,6 +577,8 @@ class _Dashboard(_Section):
     token_env: Annotated[Optional[str], BeforeValidator(_variable_name)] = None
     viewer_url: Annotated[Optional[str], BeforeValidator(_viewer_url)] = None
     show_patient_ids: Flag = DashboardConfig.show_patient_ids
+    tls: Optional[_PageTls] = None
+    insecure_http: Flag = DashboardConfig.insecure_http
 
     @model_validator(mode="after")
     def _token(self) -> "_Dashboard":
@@ -562,7 +586,15 @@ class _Dashboard(_Section):
         if not is_loopback(self.host) and not self.token_env:
             raise _KeyProblem("host", f"{self.host!r} is not loopback: set dashboard.token_env (the environment "
                                       "variable holding the page's access token) to bind there")
+        if not is_loopback(self.host) and self.tls is None and not self.insecure_http:
+            raise _KeyProblem("host", f"{self.host!r} is not loopback: set dashboard.tls (certificate, private_key) "
+                                      "so that the access token does not cross the network in clear text, or "
+                                      "dashboard.insecure_http: true if TLS ends before this host (a reverse proxy)")
         return self
+
+    def build(self) -> DashboardConfig:
+        return DashboardConfig(self.host, self.token_env, self.viewer_url, self.show_patient_ids,
+                               self.tls.build() if self.tls else None, self.insecure_http)
 
 
 def _free_bytes(value: Any) -> int:
@@ -619,7 +651,7 @@ class ServiceConfigFile(_Section):
             retry_base_seconds=self.retry.base_seconds, retry_max_seconds=self.retry.max_seconds,
             max_export_attempts=self.retry.max_attempts, workers=self.workers, status_port=self.status_port,
             pipeline=self.pipeline.build(), source=source, intake=self.intake.build() if self.intake else None,
-            dashboard=DashboardConfig(**self.dashboard.model_dump()), disk=DiskConfig(**self.disk.model_dump()),
+            dashboard=self.dashboard.build(), disk=DiskConfig(**self.disk.model_dump()),
         )
 
 

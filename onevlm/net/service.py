@@ -165,7 +165,8 @@ class Service:
 
     def _start_status(self) -> None:
         """``GET /status`` (JSON) and the operator's page, on ``dashboard.host`` (loopback by default)."""
-        from onevlm.dashboard.server import DashboardApp, make_server
+        from onevlm.dashboard.server import DashboardApp
+        from onevlm.dashboard.web import make_page_server
 
         from onevlm.net.metrics import ServiceMetrics
 
@@ -175,17 +176,14 @@ class Service:
         app.metrics = ServiceMetrics(self.journal, self.config.spool_dir, app.index.series_cases,
                                      [d.name for d in self.config.destinations])
         self.processor.on_processed = app.metrics.observe_processing
-        self._status_server = make_server(app, self.config.dashboard.host, self.config.status_port)
+        self._status_server = make_page_server(app, self.config.dashboard.host, self.config.status_port)
         self._spawn("status", self._status_server.serve_forever)
         logger.info("event=dashboard_listening url=%s", self.dashboard_url)
 
     @property
     def dashboard_url(self) -> str | None:
         """Where the operator's page answers (``None`` without ``status_port``)."""
-        if self._status_server is None:
-            return None
-        host = self.config.dashboard.host
-        return f"http://{f'[{host}]' if ':' in host else host}:{self._status_server.server_address[1]}/"
+        return None if self._status_server is None else self._status_server.url
 
     def stop(self) -> None:
         self._stop.set()
@@ -199,7 +197,6 @@ class Service:
             self._queue.put(None)
         if self._status_server is not None:
             self._status_server.shutdown()
-            self._status_server.server_close()
         for thread in self._threads:
             thread.join(timeout=30)
         self.journal.close()
