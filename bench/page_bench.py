@@ -23,6 +23,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,16 +38,25 @@ BEFORE = "95a149c"
 SAMPLES = ("ct_head_routine_brain.dcm", "mr_small_no_bodypart.dcm", "mr_brain_pilot.dcm", "cr_chest_j2k.dcm",
            "us_echocardiogram.dcm", "ct_pancreas_j2k.dcm", "mr_abdomen_liver.dcm")
 
-# Serves one spool with a given onevlm tree (the editable install's finder is dropped so that the tree named
-# by ONEVLM_TREE is the one imported) and prints the port.
-SERVER = textwrap.dedent("""
+# Imports onevlm from the tree named by ONEVLM_TREE (the editable install's finder is dropped).
+TREE = textwrap.dedent("""
     import os, sys, threading
+    from pathlib import Path
     tree = os.environ["ONEVLM_TREE"]
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")
-                        and "editable" not in type(f).__module__ and "editable" not in repr(f)]
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__ and "editable" not in repr(f)]
     sys.path.insert(0, tree)
     import onevlm
     assert onevlm.__file__.startswith(tree), onevlm.__file__
+""")
+# Builds the spool with that tree's service code (the older release cannot read a newer journal; the newer
+# one migrates the older, as the service does on start).
+BUILD = TREE + textwrap.dedent("""
+    sys.path.insert(0, sys.argv[3])
+    import page_bench
+    page_bench.build_spool(Path(sys.argv[1]), int(sys.argv[2]))
+""")
+# Serves one spool with that tree and prints the port.
+SERVER = TREE + textwrap.dedent("""
     from onevlm.net.config import load_config
     from onevlm.dashboard.standalone import open_dashboard
     server, journal = open_dashboard(load_config(sys.argv[1]), 0)
@@ -71,6 +81,7 @@ def build_spool(root: Path, studies: int) -> tuple[Path, list[str]]:
     from onevlm.net.service import build_router
     from onevlm.net.spool import Spool
 
+    root.mkdir(parents=True, exist_ok=True)
     config_file = root / "service.yaml"
     config_file.write_text(f"spool_dir: {root / 'spool'}\n")
     config = parse_config({"spool_dir": str(root / "spool")})
@@ -94,6 +105,7 @@ def build_spool(root: Path, studies: int) -> tuple[Path, list[str]]:
         processor.process(stored.group_key)
         keys.append(stored.group_key)
     journal.close()
+    (root / "keys.json").write_text(json.dumps(keys))
     return config_file, keys
 
 
@@ -148,8 +160,19 @@ def main() -> None:
         archive = subprocess.run(["git", "-C", str(REPO), "archive", args.before, "onevlm", "model_cards"],
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive, check=True)
-        config_file, keys = build_spool(root / "site", args.studies)
-        servers = [Served("before", old_tree, config_file), Served("after", REPO, config_file)]
+        # one spool of processed studies, written by the older release; a copy migrated by this one
+        env = {**os.environ, "ONEVLM_TREE": str(old_tree), "HF_HUB_OFFLINE": "1"}
+        subprocess.run([sys.executable, "-c", BUILD, str(root / "before-site"), str(args.studies),
+                        str(Path(__file__).parent)], env=env, check=True, cwd=old_tree)
+        shutil.copytree(root / "before-site", root / "after-site")
+        for name in ("before-site", "after-site"):
+            (root / name / "service.yaml").write_text(f"spool_dir: {root / name / 'spool'}\n")
+        from onevlm.net.journal import Journal
+
+        Journal(root / "after-site" / "spool" / "journal.sqlite").close()  # migrated as the service does
+        keys = json.loads((root / "before-site" / "keys.json").read_text())
+        servers = [Served("before", old_tree, root / "before-site" / "service.yaml"),
+                   Served("after", REPO, root / "after-site" / "service.yaml")]
         paths = {"overview": "/", "studies": "/studies", "studies-1000": "/studies?limit=1000",
                  "decision": f"/studies/{keys[len(keys) // 2]}", "review": "/review", "calibration": "/calibration",
                  "status": "/status"}

@@ -431,7 +431,7 @@ def test_disagreement_filter_lists_exactly_the_disagreeing_studies(hybrid_spool,
 
 
 def test_decision_page_shows_sources_reasons_vlm_calls_and_the_disagreement(hybrid_spool, page_factory):
-    from html import escape
+    from markupsafe import escape  # what the templates escape with
 
     spool, groups, _ = hybrid_spool
     page = page_factory(spool, {})
@@ -523,7 +523,7 @@ def test_disagreement_words_are_escaped_and_old_records_tolerated(hybrid_spool, 
     page = page_factory(copy, {})
     for path in ("/studies", "/review", f"/studies/{groups[DISAGREE][0]}", "/studies?disagreement=1"):
         body = page.request("GET", path)[2]
-        assert "<script>" not in body and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; header" in body
+        assert "<script>" not in body and "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; header" in body
     old = page.request("GET", f"/studies/{groups[HEADER_ONLY][0]}")[2]
     assert "not recorded" in old and 'VLM calls for this series: <span class="muted">—</span>' in old
     counts = json.loads(page.request("GET", "/status")[2])

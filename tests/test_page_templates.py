@@ -4,13 +4,13 @@ definition link. Research use only."""
 
 from __future__ import annotations
 
-import html
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from markupsafe import escape
 
 from onevlm.dashboard import pages
 from onevlm.dashboard.calibration_health import CalibrationHealth, PromiseCheck, ReviewedCase, calibration_health
@@ -19,11 +19,11 @@ from onevlm.net.journal import DestinationHealth, GroupRow
 from onevlm.net.review_answers import ReviewAnswer
 
 HOSTILE = "<script>alert(1)</script>\"'&"
-ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;&quot;&#x27;&amp;"
+ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;&#34;&#39;&amp;"
 SVG = '<svg xmlns="http://www.w3.org/2000/svg" id=chart><rect width="1" height="1"/></svg>'
 # the definitions as they appear in a title attribute
-ROUTE = html.escape(pages.ROUTE_CONFIDENCE)
-STAGE = html.escape(pages.STAGE_PROBABILITY)
+ROUTE = str(escape(pages.ROUTE_CONFIDENCE))  # autoescape is markupsafe
+STAGE = str(escape(pages.STAGE_PROBABILITY))
 TEMPLATES = {"layout.html", "macros.html", "error.html", "login.html", "overview.html", "studies.html",
              "decision.html", "review.html", "calibration.html"}
 

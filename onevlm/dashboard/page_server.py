@@ -132,6 +132,8 @@ class PageServer:
         config.load()  # reads the certificate and key now: a bad pair fails at start, naming the files
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
+        self._serving = threading.Event()
+        self._stopped = threading.Event()
 
     @property
     def url(self) -> str:
@@ -141,7 +143,11 @@ class PageServer:
 
     def serve_forever(self) -> None:
         """Serve until :meth:`shutdown` (blocks; run it in a thread)."""
-        self._server.run(sockets=[self._socket])
+        self._serving.set()
+        try:
+            self._server.run(sockets=[self._socket])
+        finally:
+            self._stopped.set()
 
     def start(self) -> threading.Thread:
         """Serve in a daemon thread; returns once the page answers."""
@@ -156,6 +162,7 @@ class PageServer:
     def shutdown(self) -> None:
         """Stop serving (requests in flight get :data:`SHUTDOWN_GRACE_SECONDS`) and close the socket."""
         self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=SHUTDOWN_GRACE_SECONDS + 5)
-        self._socket.close()
+        if self._serving.is_set():  # whichever thread serves: uvicorn closes the socket as it stops
+            self._stopped.wait(timeout=SHUTDOWN_GRACE_SECONDS + 5)
+        if self._stopped.is_set() or not self._serving.is_set():
+            self._socket.close()

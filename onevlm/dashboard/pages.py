@@ -14,7 +14,6 @@ calibrated and links to its definition. Research use only: not for clinical use.
 
 from __future__ import annotations
 
-import html
 import threading
 import time
 from dataclasses import dataclass
@@ -75,19 +74,8 @@ _ENVIRONMENT_LOCK = threading.Lock()
 
 
 def _finalize(value: Any) -> Any:
-    """Every printed value, escaped as these pages always escaped it (``html.escape``, quotes included).
-
-    Autoescaping alone would escape it too, but spells quotes ``&#34;``/``&#39;`` where
-    ``html.escape`` writes ``&quot;``/``&#x27;``, which what reads the pages (tests, text matchers)
-    expects. The result is wrapped as ``Markup`` only because it is escaped already (autoescape
-    must not escape it twice); nothing unescaped is let through here. ``None`` prints as nothing.
-    Values that are markup already (macro output, the trusted SVG and CSS) pass unchanged.
-    """
-    if value is None:
-        return ""
-    if hasattr(value, "__html__"):
-        return value
-    return Markup(html.escape(str(value), quote=True))
+    """``None`` prints as nothing (as these pages always did), not as ``None``; escaping is autoescape's."""
+    return "" if value is None else value
 
 
 def environment() -> Environment:
