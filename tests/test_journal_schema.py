@@ -43,7 +43,7 @@ def _old_spool(path: Path) -> None:
 def test_a_new_journal_has_this_releases_schema(tmp_path):
     journal = Journal(tmp_path / "journal.db")
     journal.close()
-    assert _version(tmp_path / "journal.db") == SCHEMA_VERSION == 2
+    assert _version(tmp_path / "journal.db") == SCHEMA_VERSION == 3
     assert {"instances_by_group", "outbox_due", "outbox_by_group"} <= _indexes(tmp_path / "journal.db")
     Journal(tmp_path / "journal.db").close()  # reopening changes nothing
     assert not list(tmp_path.glob("*.bak"))
@@ -53,7 +53,7 @@ def test_a_spool_from_the_release_before_is_migrated_on_start_and_nothing_is_los
     path = tmp_path / "journal.db"
     _old_spool(path)
     assert _version(path) == 0 and not _indexes(path)
-    with pytest.raises(JournalSchemaError, match="version 1 is older than this release's 2; start the service once"):
+    with pytest.raises(JournalSchemaError, match="version 1 is older than this release's 3; start the service once"):
         Journal(path, migrate=False)  # a reader (onevlm status) does not migrate
     assert _version(path) == 0
     with caplog.at_level("INFO", logger="onevlm.net.journal_schema"):
@@ -65,12 +65,40 @@ def test_a_spool_from_the_release_before_is_migrated_on_start_and_nothing_is_los
         assert [a.card for a in journal.review_history("1.2.3.4")] == ["MODEL_01"]
     finally:
         journal.close()
-    assert _version(path) == 2 and {"instances_by_group", "outbox_due", "outbox_by_group"} <= _indexes(path)
+    assert _version(path) == 3 and {"instances_by_group", "outbox_due", "outbox_by_group", "groups_by_status"} <= _indexes(path)
     backup = tmp_path / "journal.db.v1.bak"
     with sqlite3.connect(backup) as db:  # the copy taken before migrating: version 1, every row
         assert db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 1
         assert db.execute("PRAGMA user_version").fetchone()[0] == 0
-    assert "schema version 1, migrating to 2" in caplog.text and "migrated to schema version 2" in caplog.text
+    assert "schema version 1, migrating to 3" in caplog.text and "migrated to schema version 3" in caplog.text
+
+
+def test_a_version_2_journal_gets_the_retention_columns_and_keeps_its_rows(tmp_path):
+    """Version 3 adds per group its first arrival and retention stage, and the clean-ups' intent table."""
+    path = tmp_path / "journal.db"
+    _old_spool(path)
+    db = sqlite3.connect(path, isolation_level=None)
+    from onevlm.net.journal_schema import MIGRATIONS
+
+    MIGRATIONS[2](db)  # the release before this one: version 2
+    db.execute("PRAGMA user_version = 2")
+    db.close()
+    journal = Journal(path)
+    try:
+        row = journal.group_row("1.2.3.4")
+        assert (row.status, row.received, row.first_received) == ("done", 1, 100.0)
+        assert journal.pending_cleanups() == [] and journal.status()["export_pending"] == 1
+        # a pending export holds the group back from every clean-up
+        assert journal.retention_candidates("reduce", 0.0) == []
+    finally:
+        journal.close()
+    with sqlite3.connect(path) as db:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(groups)")}
+        assert {"first_received", "retention", "retention_at"} <= columns
+        assert db.execute("SELECT retention FROM groups").fetchall() == [(None,)]
+        assert db.execute("SELECT COUNT(*) FROM cleanups").fetchone() == (0,)
+    db.close()
+    assert _version(path) == 3 and (tmp_path / "journal.db.v2.bak").is_file()
 
 
 def test_a_journal_from_a_newer_release_is_refused_untouched(tmp_path):

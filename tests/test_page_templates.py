@@ -245,3 +245,21 @@ def test_the_markup_the_other_tests_and_the_browser_read():
                                    pages.CalibrationInForce(None, None, None, None, None, None), (0, 0), False)
     assert 'id="count-vlm_calls">3</td>' in overview and 'href="/studies?disagreement=1"' in overview
     assert 'id="drift-warning"' not in overview and "<strong>uncalibrated</strong>" in overview
+
+
+def test_the_overview_says_why_intake_is_paused_and_when_the_spool_is_over_its_cap():
+    calibration = pages.CalibrationInForce(None, None, None, None, None, None)
+    paused = {"intake": {"accepting": False, "reason": "spool disk: 3 MB free < min_free_bytes" + HOSTILE,
+                         "since": 1_700_000_000.0, "refused_since": 4},
+              "retention": {"over_cap": True, "max_spool_bytes": 1000}}
+    overview = pages.overview_page(paused, [], [], SVG, calibration, (0, 0), False)
+    banner = re.search(r"<p class=drift id=intake-paused>(.*?)</p>", overview, re.S)
+    assert banner and "spool disk: 3 MB free &lt; min_free_bytes" in banner.group(1)
+    assert ESCAPED in banner.group(1) and "4 instance(s) refused" in banner.group(1)
+    assert "id=retention-over-cap" in overview and "(1000 bytes)" in overview
+    accepting = {"intake": {"accepting": True, "reason": None, "since": 1.0, "refused_since": 0},
+                 "retention": {"over_cap": False, "max_spool_bytes": None}}
+    quiet = pages.overview_page(accepting, [], [], SVG, calibration, (0, 0), False)
+    assert "intake-paused" not in quiet and "retention-over-cap" not in quiet
+    # the standalone page's status has neither part
+    assert "intake-paused" not in pages.overview_page({}, [], [], SVG, calibration, (0, 0), False)

@@ -21,6 +21,8 @@ from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from onevlm.schema_errors import KeyProblem, first_error
+
 #: Card identifiers look like the paper's ``MODEL_04``.
 CARD_ID_PATTERN = re.compile(r"^MODEL_\d{2,4}$")
 
@@ -311,14 +313,6 @@ BodyPart = Annotated[Literal[tuple(sorted(BODY_PART_CODES))],
                      BeforeValidator(_code(BODY_PART_CODES, "a known Body Part Examined value"))]
 
 
-class _KeyProblem(ValueError):
-    """A problem with one key of a mapping (``key`` joins the error's path)."""
-
-    def __init__(self, key: str, problem: str):
-        super().__init__(problem)
-        self.key = key
-
-
 class _Part(BaseModel):
     """A mapping of the card file: strict types, unknown keys refused (``noun`` words that error)."""
 
@@ -334,7 +328,7 @@ class _Part(BaseModel):
             raise ValueError(f"{cls.not_a_mapping} (got {_got(data)})")
         for key in data:
             if not isinstance(key, str):  # pydantic would only say "Keys should be strings"
-                raise _KeyProblem(str(key), f"{cls._not_a_field()} (got {_got(key)} as a key)")
+                raise KeyProblem(str(key), f"{cls._not_a_field()} (got {_got(key)} as a key)")
         return data
 
     @classmethod
@@ -480,13 +474,6 @@ _WORDING = {
 }
 
 
-def _where(loc: tuple[Any, ...]) -> str:
-    where = ""
-    for part in loc:
-        where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
-    return where or "<document>"
-
-
 def _unknown(loc: tuple[Any, ...]) -> str:
     part = _PARTS.get(loc[0], ModelCardFile) if len(loc) > 1 else ModelCardFile
     close = difflib.get_close_matches(str(loc[-1]), part.model_fields, n=1)
@@ -494,23 +481,9 @@ def _unknown(loc: tuple[Any, ...]) -> str:
 
 
 def _card_error(exc: ValidationError, source: str) -> CardError:
-    """pydantic's first error as a :class:`CardError` (and how many more there are).
-
-    An unknown key comes first: it is usually a misspelt one, which explains the errors after it.
-    """
-    errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
-    first = errors[0]
-    loc, cause = tuple(first["loc"]), (first.get("ctx") or {}).get("error")
-    if isinstance(cause, _KeyProblem):
-        loc += (cause.key,)
-    if isinstance(cause, ValueError):
-        problem = str(cause)
-    elif first["type"] == "extra_forbidden":
-        problem = _unknown(loc)
-    else:
-        problem = _WORDING.get(first["type"], first["msg"])
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return CardError(source, _where(loc), problem + more)
+    """pydantic's first error as a :class:`CardError` (and how many more there are)."""
+    path, problem = first_error(exc, _WORDING, _unknown)
+    return CardError(source, path, problem)
 
 
 def card_schema() -> dict[str, Any]:

@@ -207,9 +207,13 @@ def overview_page(status: Mapping[str, Any], destinations: Sequence[DestinationH
     rows = [_DestinationView(name, by_name[name], _destination_state(by_name[name])) if name in by_name
             else _DestinationView(name, None) for name in names]
     calibrated, decided = calibrated_share
+    # the running service says whether it writes anything new (the spool's disk) and what retention holds;
+    # the standalone page reads the journal only and has neither
+    intake = status.get("intake") if isinstance(status.get("intake"), Mapping) else None
+    retention = status.get("retention") if isinstance(status.get("retention"), Mapping) else None
     return _render("overview.html", title="Overview", active="/", drift=drift, counts=counts, routing=routing,
                    queues=queues, destinations=rows, hourly_svg=_trusted_svg(hourly_svg), calibration=calibration,
-                   calibrated=calibrated, decided=decided)
+                   calibrated=calibrated, decided=decided, intake=intake, retention=retention)
 
 
 # --------------------------------------------------------------------------- studies

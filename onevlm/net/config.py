@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from onevlm.schema_errors import KeyProblem, first_error
+
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # 1-16 printable characters, no backslash
 
 
@@ -175,10 +177,51 @@ class DashboardConfig:
 
 @dataclass(frozen=True)
 class DiskConfig:
-    """Free space the spool's disk must keep: below either bound the service is not ready (``/readyz``)."""
+    """Free space the spool's disk must keep: below either bound the service is not ready (``/readyz``) and
+    writes nothing new (C-STORE answered 0xA700, Orthanc intake and result writing wait) until space returns."""
 
     min_free_bytes: int = 2 * 1024**3
     min_free_percent: float = 5.0
+
+
+#: What stays of a group's received instances once its results reached every destination.
+INSTANCES_AFTER_SENT = ("headers", "keep")
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How long the spool keeps what (:mod:`onevlm.net.retention`); a ``*_days`` of ``None`` keeps forever.
+
+    ``instances_after_sent``: ``headers`` keeps, once every destination acknowledged a group's
+    results, each series' routed instance whole and a header-only copy of every other instance (what
+    an amendment re-reads); ``keep`` keeps every instance whole until ``results_days``.
+    ``results_days`` after the last acknowledgement the instances and result objects go (the
+    decision records and a reviewed series' routed instance stay); ``journal_days`` after it the
+    journal's per-instance rows go; ``records_days`` after it the decision records and the group's
+    journal rows go. ``quarantine_days``: quarantined files by age. ``max_spool_bytes``: over it the
+    oldest finished groups expire early (never unfinished or unsent ones).
+    """
+
+    enabled: bool = True
+    interval_seconds: float = 300.0
+    instances_after_sent: str = "headers"
+    results_days: float | None = 30.0
+    quarantine_days: float | None = 30.0
+    journal_days: float | None = 90.0
+    records_days: float | None = 365.0
+    max_spool_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.instances_after_sent not in INSTANCES_AFTER_SENT:
+            raise ValueError(f"instances_after_sent must be one of {', '.join(INSTANCES_AFTER_SENT)}")
+        for name in ("results_days", "quarantine_days", "journal_days", "records_days"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None")
+        if self.interval_seconds <= 0:
+            raise ValueError("interval_seconds must be positive")
+        if self.max_spool_bytes is not None and self.max_spool_bytes <= 0:
+            raise ValueError("max_spool_bytes must be positive or None")
 
 
 @dataclass(frozen=True)
@@ -200,6 +243,7 @@ class ServiceConfig:
     intake: OrthancSource | None = None
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     @property
     def journal_path(self) -> Path:
@@ -211,14 +255,6 @@ class ServiceConfig:
 # The models below describe the YAML file: their JSON Schema is ``onevlm config schema``. Each value is checked by a
 # before-validator that keeps the type strict (no ``bool("false")``, no ``str(None)``) and words the problem the way
 # the service's errors always have; the models then build the frozen dataclasses above, which the service reads.
-
-
-class _KeyProblem(ValueError):
-    """A rule on a whole section that blames one of its keys (``key`` joins the error's path)."""
-
-    def __init__(self, key: str, problem: str):
-        super().__init__(problem)
-        self.key = key
 
 
 def _base(info: ValidationInfo) -> Path:
@@ -326,7 +362,7 @@ def _http_url(what: str, shortest: int = 0):
 
 def _set_variable(key: str, name: str | None) -> None:
     if name and not os.environ.get(name):
-        raise _KeyProblem(key, f"the environment variable {name} is not set")
+        raise KeyProblem(key, f"the environment variable {name} is not set")
 
 
 AeTitle = Annotated[str, BeforeValidator(_ae)]
@@ -389,7 +425,7 @@ class _Listener(_Section):
     @model_validator(mode="after")
     def _tls_required(self) -> "_Listener":
         if self.tls.require and self.tls.certificate is None:
-            raise _KeyProblem("tls", "require: true needs a certificate and private_key")
+            raise KeyProblem("tls", "require: true needs a certificate and private_key")
         return self
 
     def build(self) -> ListenerConfig:
@@ -431,15 +467,15 @@ class _Destination(_Section):
         if self.dicomweb is None:
             for key in ("ae_title", "host", "port"):
                 if getattr(self, key) is None:
-                    raise _KeyProblem(key, "is required (or dicomweb: URL for a STOW-RS destination)")
+                    raise KeyProblem(key, "is required (or dicomweb: URL for a STOW-RS destination)")
             return self
         for key in ("ae_title", "host", "port", "tls"):
             if key in given:
-                raise _KeyProblem(key, "does not apply to a dicomweb destination (its URL says where)")
+                raise KeyProblem(key, "does not apply to a dicomweb destination (its URL says where)")
         needs = {"none": (), "basic": ("username", "password_env"), "bearer": ("token_env",)}[self.auth]
         for key in needs:
             if not getattr(self, key):
-                raise _KeyProblem(key, f"is required with auth: {self.auth}")
+                raise KeyProblem(key, f"is required with auth: {self.auth}")
         _set_variable("password_env", self.password_env)
         _set_variable("token_env", self.token_env)
         return self
@@ -512,7 +548,7 @@ class _Pipeline(_Section):
     @model_validator(mode="after")
     def _vlm(self) -> "_Pipeline":
         if self.backend in ("transformers", "hybrid") and self.model_dir is None and self.specialty is None:
-            raise _KeyProblem("model_dir", f"is required for the {self.backend} backend (without it the router "
+            raise KeyProblem("model_dir", f"is required for the {self.backend} backend (without it the router "
                                            "shares the base model of pipeline.specialty)")
         return self
 
@@ -584,10 +620,10 @@ class _Dashboard(_Section):
     def _token(self) -> "_Dashboard":
         _set_variable("token_env", self.token_env)
         if not is_loopback(self.host) and not self.token_env:
-            raise _KeyProblem("host", f"{self.host!r} is not loopback: set dashboard.token_env (the environment "
+            raise KeyProblem("host", f"{self.host!r} is not loopback: set dashboard.token_env (the environment "
                                       "variable holding the page's access token) to bind there")
         if not is_loopback(self.host) and self.tls is None and not self.insecure_http:
-            raise _KeyProblem("host", f"{self.host!r} is not loopback: set dashboard.tls (certificate, private_key) "
+            raise KeyProblem("host", f"{self.host!r} is not loopback: set dashboard.tls (certificate, private_key) "
                                       "so that the access token does not cross the network in clear text, or "
                                       "dashboard.insecure_http: true if TLS ends before this host (a reverse proxy)")
         return self
@@ -617,6 +653,50 @@ class _Disk(_Section):
         DiskConfig.min_free_percent
 
 
+def _days(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{value!r} must be a number of days >= 0 (or null: keep forever)")
+    return float(value)
+
+
+def _optional_bytes(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{value!r} must be a whole number of bytes > 0 (or null: no cap)")
+    return value
+
+
+Days = Annotated[Optional[float], BeforeValidator(_days)]
+_RETENTION = RetentionConfig()
+
+
+class _Retention(_Section):
+    """What the spool keeps and for how long (days after the results were acknowledged; null: forever)."""
+
+    enabled: Flag = _RETENTION.enabled
+    interval_seconds: PositiveNumber = _RETENTION.interval_seconds
+    instances_after_sent: Annotated[Literal[INSTANCES_AFTER_SENT], BeforeValidator(
+        _one_of(*INSTANCES_AFTER_SENT))] = _RETENTION.instances_after_sent
+    results_days: Days = _RETENTION.results_days
+    quarantine_days: Days = _RETENTION.quarantine_days
+    journal_days: Days = _RETENTION.journal_days
+    records_days: Days = _RETENTION.records_days
+    max_spool_bytes: Annotated[Optional[int], BeforeValidator(_optional_bytes)] = _RETENTION.max_spool_bytes
+
+    @model_validator(mode="after")
+    def _order(self) -> "_Retention":
+        if self.records_days is not None and (self.results_days is None or self.records_days < self.results_days):
+            raise KeyProblem("records_days", "must be at least results_days (the decision records outlive the "
+                                              "results they describe) or null")
+        return self
+
+    def build(self) -> RetentionConfig:
+        return RetentionConfig(**self.model_dump())
+
+
 class ServiceConfigFile(_Section):
     """The listener service's configuration file (``onevlm serve --config FILE``).
 
@@ -636,11 +716,12 @@ class ServiceConfigFile(_Section):
     intake: Optional[_Intake] = None
     dashboard: _Dashboard = _Dashboard()
     disk: _Disk = _Disk()
+    retention: _Retention = _Retention()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ServiceConfigFile":
         if len({d.name for d in self.destinations}) != len(self.destinations):
-            raise _KeyProblem("destinations", "names must be unique")
+            raise KeyProblem("destinations", "names must be unique")
         return self
 
     def build(self, source: str) -> ServiceConfig:
@@ -652,6 +733,7 @@ class ServiceConfigFile(_Section):
             max_export_attempts=self.retry.max_attempts, workers=self.workers, status_port=self.status_port,
             pipeline=self.pipeline.build(), source=source, intake=self.intake.build() if self.intake else None,
             dashboard=self.dashboard.build(), disk=DiskConfig(**self.disk.model_dump()),
+            retention=self.retention.build(),
         )
 
 
@@ -666,29 +748,10 @@ _WORDING = {
 }
 
 
-def _where(loc: tuple[Any, ...]) -> str:
-    where = ""
-    for part in loc:
-        where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
-    return where or "<document>"
-
-
 def _one_line(exc: ValidationError, source: str) -> ConfigError:
-    """pydantic's first error as ``source: key.path: problem`` (and how many more there are).
-
-    An unknown key comes first: it is usually a misspelt one, which explains the errors after it.
-    """
-    errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
-    first = errors[0]
-    loc, cause = tuple(first["loc"]), (first.get("ctx") or {}).get("error")
-    if isinstance(cause, _KeyProblem):
-        loc += (cause.key,)
-    if isinstance(cause, ValueError):
-        problem = str(cause)
-    else:
-        problem = _WORDING.get(first["type"], first["msg"])
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return ConfigError(f"{source}: {_where(loc)}: {problem}{more}")
+    """pydantic's first error as ``source: key.path: problem`` (and how many more there are)."""
+    path, problem = first_error(exc, _WORDING)
+    return ConfigError(f"{source}: {path}: {problem}")
 
 
 def config_schema() -> dict[str, Any]:

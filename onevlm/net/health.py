@@ -5,8 +5,9 @@
   should be restarted (a supervisor — systemd, Kubernetes — does that; the service itself never
   relies on it).
 - **Ready** (``/readyz``): started, and the spool's disk keeps the configured free space
-  (``disk.min_free_bytes`` and ``disk.min_free_percent``). A failure here means: send nothing new
-  now, but do not restart.
+  (``disk.min_free_bytes`` and ``disk.min_free_percent``) and no write has just failed for lack of
+  space. A failure here means: send nothing new now, but do not restart. The same bounds make the
+  service refuse new data meanwhile (:mod:`onevlm.net.disk_space`).
 
 Both answer in words (which thread, how much space), and reveal nothing about patients.
 
@@ -19,9 +20,12 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from onevlm.net.config import DiskConfig
+
+if TYPE_CHECKING:  # disk_space imports this module
+    from onevlm.net.disk_space import DiskGuard
 
 
 @dataclass(frozen=True)
@@ -78,10 +82,15 @@ class ServiceHealth:
         The free-space bounds.
     started:
         Set once the service listens.
+    disk_guard:
+        The service's :class:`~onevlm.net.disk_space.DiskGuard`, if any: readiness then says what it
+        says (the same bounds, plus a write that just failed for lack of space).
     """
 
     def __init__(self, threads: Callable[[], Sequence[threading.Thread]], journal_writable: Callable[[], None],
-                 spool_dir: Path, limits: DiskConfig, started: threading.Event) -> None:
+                 spool_dir: Path, limits: DiskConfig, started: threading.Event,
+                 disk_guard: "DiskGuard | None" = None) -> None:
+        self.disk_guard = disk_guard
         self.threads = threads
         self.journal_writable = journal_writable
         self.spool_dir = spool_dir
@@ -98,7 +107,10 @@ class ServiceHealth:
 
     def ready(self) -> Verdict:
         problems = [] if self.started.is_set() else ["the service is starting"]
-        problem = disk_problem(disk_space(self.spool_dir), self.limits)
+        if self.disk_guard is not None:
+            problem = self.disk_guard.problem()
+        else:
+            problem = disk_problem(disk_space(self.spool_dir), self.limits)
         if problem:
             problems.append(problem)
         return Verdict(not problems, tuple(problems))

@@ -331,7 +331,7 @@ class Journal:
         """The most recently changed groups, newest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT g.group_key, g.status, g.received, COALESCE(MIN(i.received_at), g.last_received), "
+                "SELECT g.group_key, g.status, g.received, COALESCE(MIN(i.received_at), g.first_received, g.last_received), "
                 "g.last_received, g.updated_at, g.error FROM groups g LEFT JOIN instances i USING (group_key) "
                 "GROUP BY g.group_key ORDER BY g.updated_at DESC LIMIT ?", (int(limit),)).fetchall()
         return [GroupRow(*r) for r in rows]
@@ -339,7 +339,7 @@ class Journal:
     def group_row(self, group_key: str) -> GroupRow | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT g.group_key, g.status, g.received, COALESCE(MIN(i.received_at), g.last_received), "
+                "SELECT g.group_key, g.status, g.received, COALESCE(MIN(i.received_at), g.first_received, g.last_received), "
                 "g.last_received, g.updated_at, g.error FROM groups g LEFT JOIN instances i USING (group_key) "
                 "WHERE g.group_key = ? GROUP BY g.group_key", (group_key,)).fetchone()
         return GroupRow(*row) if row else None
@@ -406,8 +406,125 @@ class Journal:
                 "WHERE group_key = ? ORDER BY id", (group_key,)).fetchall()
         return [ReviewAnswer(*r) for r in rows]
 
+    # -- retention (onevlm.net.retention) ----------------------------------------------------------
+
+    def counter(self, name: str) -> int:
+        """A durable counter's value (0 before its first count)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def retention_candidates(self, action: str, before: float, limit: int = 500) -> list[str]:
+        """Groups a clean-up ``action`` may act on now (their last acknowledgement or change before ``before``
+        where the action is timed), the least recently finished first. See :data:`RETENTION_ACTIONS`."""
+        where, args = _retention_where(action, before)
+        with self._lock:
+            rows = self._db.execute(f"SELECT g.group_key FROM groups g WHERE {where} ORDER BY {_FINISHED_AT} LIMIT ?",
+                                    (*args, int(limit))).fetchall()
+        return [r[0] for r in rows]
+
+    def plan_cleanup(self, group_key: str, action: str, reason: str, before: float, now: float) -> int | None:
+        """Record the intent to clean a group up, if it is still eligible (checked in the same transaction).
+
+        Returns the intent's id (kept until :meth:`finish_cleanup`), or ``None`` if the group is not eligible
+        any more (an instance arrived, a result is pending again…).
+        """
+        where, args = _retention_where(action, before)
+        with self._tx() as db:
+            if db.execute(f"SELECT 1 FROM groups g WHERE g.group_key = ? AND {where}", (group_key, *args)).fetchone() \
+                    is None:
+                return None
+            cur = db.execute("INSERT INTO cleanups(group_key, action, reason, planned_at) VALUES (?, ?, ?, ?)",
+                             (group_key, action, reason, now))
+            return int(cur.lastrowid)
+
+    def pending_cleanups(self) -> list[tuple[int, str, str, str, float]]:
+        """Clean-ups planned and not finished (a crash interrupted them): ``(id, group, action, reason, planned_at)``."""
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(
+                "SELECT id, group_key, action, reason, planned_at FROM cleanups ORDER BY id").fetchall()]
+
+    def finish_cleanup(self, cleanup_id: int, group_key: str, action: str, planned_at: float, files: int,
+                       freed: int, keep_sops: Iterable[str] = (), record_stage: bool = True) -> None:
+        """Close a clean-up: its intent goes, the group's retention stage is recorded (``forget``: its rows go)
+        unless the group changed after the clean-up was planned (or ``record_stage`` is False: the clean-up
+        left something to do), and the counters count what was removed."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM cleanups WHERE id = ?", (cleanup_id,))
+            self._bump(db, "retention_removed_files", files)
+            self._bump(db, "retention_freed_bytes", freed)
+            if not record_stage:
+                return
+            if action == "forget":
+                if db.execute("DELETE FROM groups WHERE group_key = ? AND updated_at <= ?",
+                              (group_key, planned_at)).rowcount:
+                    db.execute("DELETE FROM outbox WHERE group_key = ?", (group_key,))
+                    db.execute("DELETE FROM instances WHERE group_key = ?", (group_key,))
+                return
+            stage = {"reduce": "reduced", "expire": "expired", "compact": "compacted"}[action]
+            updated = db.execute("UPDATE groups SET retention = ?, retention_at = ? WHERE group_key = ? "
+                                 "AND updated_at <= ?", (stage, now, group_key, planned_at)).rowcount
+            if action == "compact" and updated:
+                keep = list(keep_sops)
+                db.execute("UPDATE groups SET first_received = COALESCE(first_received, (SELECT MIN(received_at) "
+                           "FROM instances WHERE group_key = ?)) WHERE group_key = ?", (group_key, group_key))
+                db.execute(f"DELETE FROM instances WHERE group_key = ? AND sop_instance_uid NOT IN "
+                           f"({', '.join('?' * len(keep))})", (group_key, *keep))
+
+    def reviewed_series(self, group_key: str) -> set[str]:
+        """Series UIDs of a group with a reviewer's answer (their routed image is a calibration label's)."""
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT DISTINCT series_instance_uid FROM reviews WHERE group_key = ?",
+                                                   (group_key,)).fetchall()}
+
+    def retention_held(self) -> dict[str, int]:
+        """Groups retention may not touch: ``unsent`` (an export gave up: the results never reached a
+        destination) and ``unfinished`` (receiving, queued, processing, or exports pending)."""
+        with self._lock:
+            unsent = self._db.execute("SELECT COUNT(DISTINCT group_key) FROM outbox WHERE status = 'failed'").fetchone()[0]
+            unfinished = self._db.execute(
+                "SELECT COUNT(*) FROM groups g WHERE g.status IN ('receiving', 'queued', 'processing') OR EXISTS "
+                "(SELECT 1 FROM outbox o WHERE o.group_key = g.group_key AND o.status = 'pending')").fetchone()[0]
+        return {"unsent": int(unsent), "unfinished": int(unfinished)}
+
     def sent_count(self, sop_uid: str, destination: str) -> int:
         with self._lock:
             row = self._db.execute("SELECT COUNT(*) FROM outbox WHERE sop_instance_uid = ? AND destination = ? "
                                    "AND status = 'sent'", (sop_uid, destination)).fetchone()
         return int(row[0])
+
+
+#: When a group's results were last acknowledged, or it last changed (whichever is later).
+_FINISHED_AT = ("MAX(g.updated_at, COALESCE((SELECT MAX(o.sent_at) FROM outbox o WHERE o.group_key = g.group_key), "
+                "0))")
+#: Every result of the group reached every destination (none pending, none given up on).
+_ALL_SENT = ("NOT EXISTS (SELECT 1 FROM outbox o WHERE o.group_key = g.group_key AND o.status IN ('pending', "
+             "'failed'))")
+#: The group's recorded retention stage still holds (no status change since it was reached).
+_STAGE_HOLDS = "(g.retention IS NOT NULL AND g.retention_at >= g.updated_at)"
+
+#: What each clean-up action may act on (``before``: the cut-off for the timed ones).
+RETENTION_ACTIONS = {
+    # all results sent (or none to send): the instances shrink to what an amendment needs
+    "reduce": (f"g.status = 'done' AND {_ALL_SENT} AND NOT {_STAGE_HOLDS}", False),
+    # results_days after the last acknowledgement: instances and result objects go, decision records stay
+    "expire": (f"g.status IN ('done', 'failed') AND {_ALL_SENT} AND NOT ({_STAGE_HOLDS} AND g.retention IN "
+               f"('expired', 'compacted')) AND {_FINISHED_AT} <= ?", True),
+    # journal_days: the per-instance rows of an expired group go
+    "compact": (f"g.status IN ('done', 'failed') AND {_STAGE_HOLDS} AND g.retention = 'expired' AND "
+                f"{_FINISHED_AT} <= ?", True),
+    # records_days: the decision records and the group's rows go
+    "forget": (f"g.status IN ('done', 'failed') AND {_STAGE_HOLDS} AND g.retention IN ('expired', 'compacted') AND "
+               f"{_FINISHED_AT} <= ?", True),
+}
+
+
+def _retention_where(action: str, before: float) -> tuple[str, tuple]:
+    if action not in RETENTION_ACTIONS:
+        raise ValueError(f"unknown retention action {action!r}")
+    where, timed = RETENTION_ACTIONS[action]
+    if not timed:
+        return where, ()
+    # updated_at <= before first: implied by the finishing time's bound, and answered by groups_by_status
+    return f"g.updated_at <= ? AND {where}", (before, before)

@@ -11,6 +11,10 @@ History
    exactly these tables: they are version 1).
 2. Indexes for the lookups that scan as the journal grows: instances by group (a study's page, its
    amendments, first arrival), the outbox by status and due time (the exporter's poll) and by group.
+3. Retention (:mod:`onevlm.net.retention`): per group its first arrival (kept when the per-instance rows
+   are compacted away), its retention stage and when it was reached; ``cleanups``, the durable intent
+   of a clean-up in progress (written before any file is removed, deleted once it is done); groups by
+   status and last change (the clean-up's poll).
 
 Research use only.
 """
@@ -104,9 +108,27 @@ def _add_lookup_indexes(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS outbox_by_group ON outbox (group_key)")
 
 
+def _add_retention(db: sqlite3.Connection) -> None:
+    # first_received: MIN(instances.received_at) once the group's instance rows are compacted away.
+    # retention: NULL | reduced | expired | compacted, valid while retention_at >= updated_at (any later
+    # status change, e.g. an instance arriving after the clean-up, makes the group a live one again).
+    db.execute("ALTER TABLE groups ADD COLUMN first_received REAL")
+    db.execute("ALTER TABLE groups ADD COLUMN retention TEXT")
+    db.execute("ALTER TABLE groups ADD COLUMN retention_at REAL")
+    db.execute("""CREATE TABLE IF NOT EXISTS cleanups (  -- a clean-up planned and not yet finished (crash-safe intent)
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    group_key TEXT NOT NULL,
+    action TEXT NOT NULL,            -- reduce | expire | forget
+    reason TEXT NOT NULL,            -- schedule | cap
+    planned_at REAL NOT NULL         -- files written after this are never removed by it
+)""")
+    db.execute("CREATE INDEX IF NOT EXISTS groups_by_status ON groups (status, updated_at)")
+
+
 #: Version n → the step from n - 1 to n (run inside one transaction).
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     2: _add_lookup_indexes,
+    3: _add_retention,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

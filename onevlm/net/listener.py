@@ -3,6 +3,9 @@
 The C-STORE handler writes the encoded dataset to the spool (fsync, atomic rename) and records
 it before it returns Success; it does no inference. Failure to store answers 0xA700 (out of
 resources); a dataset we cannot parse is quarantined and answered 0xC000 (cannot understand).
+While the spool's disk is below its free-space bounds (:class:`~onevlm.net.disk_space.DiskGuard`)
+every C-STORE is answered 0xA700 before anything is written; associations and C-ECHO are still
+answered, and storing resumes by itself when space returns.
 Calling AE titles are checked against an allow-list, the called AE title must match, source
 addresses can be restricted, and TLS can be required.
 """
@@ -21,6 +24,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from onevlm.net.config import ListenerConfig
+from onevlm.net.disk_space import DiskGuard, is_disk_full
 from onevlm.net.journal import Journal
 from onevlm.net.spool import Spool, SpoolError
 from onevlm.net.tls import server_context
@@ -103,10 +107,16 @@ class Listener:
     """A running (or startable) Storage SCP bound to a spool and a journal.
 
     ``reuse_port``: bind with SO_REUSEPORT (several listener processes on one port).
+    ``disk_guard``: refuse (0xA700) every C-STORE while it says the spool's disk is too full;
+    ``None``: only a write that fails refuses.
     """
 
     def __init__(self, config: ListenerConfig, spool: Spool, journal: Journal,
-                 on_stored: Callable[[str], None] | None = None, reuse_port: bool = False) -> None:
+                 on_stored: Callable[[str], None] | None = None, reuse_port: bool = False,
+                 disk_guard: DiskGuard | None = None) -> None:
+        if disk_guard is not None and not isinstance(disk_guard, DiskGuard):
+            raise TypeError("disk_guard must be a DiskGuard or None")
+        self.disk_guard = disk_guard
         self.config = config
         self.spool = spool
         self.journal = journal
@@ -135,37 +145,70 @@ class Listener:
     def _handle_echo(self, event) -> int:
         return SUCCESS
 
+    def _count_refused(self) -> None:
+        try:
+            self.journal.count("refused")
+        except Exception as exc:  # the journal shares the (full) disk: the answer matters more than the count
+            logger.error("event=journal_failed counter=refused error=%s", exc)
+
+    def _refuse_for_space(self, event, calling: str, reason: str) -> int:
+        """Answer 0xA700 without writing; only the first refusal of a pause is logged (then counted)."""
+        if self.disk_guard is None or self.disk_guard.note_refusal():
+            sop = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+            # further refusals of this pause are counted (journal "refused", /status), not logged
+            logger.warning("event=refused reason=disk_space sop=%s calling_ae=%s detail=%s", sop, calling, reason)
+        self._count_refused()
+        return OUT_OF_RESOURCES
+
     def _handle_store(self, event) -> int:
         calling = event.assoc.requestor.ae_title
+        if self.disk_guard is not None:
+            # Checked before anything is written: what we may not be able to keep is never acknowledged.
+            reason = self.disk_guard.problem()
+            if reason is not None:
+                return self._refuse_for_space(event, calling, reason)
         try:
             size = event.request.DataSet.getbuffer().nbytes  # not getvalue(): no copy of a large instance
         except Exception:
             size = 0
         if size > self.config.max_instance_bytes:
-            self.journal.count("refused")
+            self._count_refused()
             logger.warning("event=refused reason=too_large bytes=%d calling_ae=%s", size, calling)
             return OUT_OF_RESOURCES
         try:
             encoded = event.encoded_dataset(include_meta=True)
         except Exception as exc:
-            self.journal.count("refused")
+            self._count_refused()
             logger.warning("event=refused reason=unreadable calling_ae=%s error=%s", calling, exc)
             return CANNOT_UNDERSTAND
         try:
             stored = self.spool.store(encoded)
         except ValueError as exc:
-            path = self.spool.quarantine(encoded, f"calling AE {calling}: {exc}")
-            self.journal.count("quarantined")
+            try:
+                path = self.spool.quarantine(encoded, f"calling AE {calling}: {exc}")
+                self.journal.count("quarantined")
+            except Exception as error:  # cannot keep it for a person to see: let the sender keep it
+                if is_disk_full(error) and self.disk_guard is not None:
+                    self.disk_guard.note_full(error, "quarantining an instance")
+                logger.error("event=quarantine_failed calling_ae=%s error=%s", calling, error)
+                return OUT_OF_RESOURCES
             logger.warning("event=quarantined file=%s calling_ae=%s reason=%s", path.name, calling, exc)
             return CANNOT_UNDERSTAND
         except SpoolError as exc:
+            # The spool removed its partial file: nothing of this instance is on disk or in the journal.
             logger.error("event=store_failed calling_ae=%s error=%s", calling, exc)
+            if is_disk_full(exc):
+                if self.disk_guard is not None:
+                    self.disk_guard.note_full(exc, "storing an instance")
+                self._count_refused()
             return OUT_OF_RESOURCES
         try:
             new = self.journal.record_instance(stored.sop_instance_uid, stored.group_key, stored.path,
                                                stored.sop_class_uid, calling)
         except Exception as exc:  # the file is durable; a restart's recovery records it
             logger.error("event=journal_failed sop=%s error=%s", stored.sop_instance_uid, exc)
+            if is_disk_full(exc) and self.disk_guard is not None:
+                self.disk_guard.note_full(exc, "recording an instance in the journal")
             new = True
         logger.info("event=%s sop=%s group=%s calling_ae=%s", "stored" if new else "duplicate",
                     stored.sop_instance_uid, stored.group_key, calling)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from multiprocessing.synchronize import Event
 
@@ -22,13 +23,21 @@ PARENT_CHECK_SECONDS = 0.5
 
 
 def _serve(config: ServiceConfig, ready: Event, stop: Event, parent_pid: int, log_level: int) -> None:
+    # Only the service ends this process (``stop``, or the parent gone). A SIGTERM/SIGINT sent to the whole
+    # process group (Ctrl-C, systemd's KillMode=control-group, ``kill -- -PGID``) would kill it inside
+    # ``stop.wait()`` holding the event's shared lock, and the service's ``stop.set()`` would then block forever.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    from onevlm.net.disk_space import DiskGuard
     from onevlm.net.journal import Journal
     from onevlm.net.listener import Listener
     from onevlm.net.spool import Spool
 
     journal = Journal(config.journal_path)
-    listener = Listener(config.listener, Spool(config.spool_dir, config.group_by), journal, reuse_port=True)
+    # Its own guard (same disk, same bounds): every process refuses while the spool's disk is too full.
+    listener = Listener(config.listener, Spool(config.spool_dir, config.group_by), journal, reuse_port=True,
+                        disk_guard=DiskGuard(config.spool_dir, config.disk))
     listener.start()
     ready.set()
     # Exit with the service: on stop, or when the parent is gone (kill -9 leaves no time to tell us).

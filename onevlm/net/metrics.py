@@ -18,14 +18,17 @@ Names (all prefixed ``onevlm_``):
 - ``vlm_calls`` the router's VLM calls over current results; ``disagreements`` series whose header
   and image disagree;
 - ``spool_bytes`` the spool's size (recounted at most every 30 s), ``spool_disk_free_bytes`` and
-  ``spool_disk_total_bytes``.
+  ``spool_disk_total_bytes``;
+- ``intake_accepting`` 1 while new instances are stored, 0 while the spool's disk is too full (C-STOREs
+  are refused, the Orthanc intake and result writing wait: :mod:`onevlm.net.disk_space`);
+- ``retention_removed_files_total`` and ``retention_freed_bytes_total`` what the clean-ups removed (counters),
+  ``retention_over_cap_bytes`` how far over ``retention.max_spool_bytes`` the spool was at the last clean-up.
 
 Research use only.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -33,6 +36,7 @@ from typing import Callable, Iterator
 
 from onevlm.net.health import disk_space
 from onevlm.net.journal import Journal
+from onevlm.net.spool import folder_bytes
 
 #: Upper bounds of the confidence buckets (the last, +Inf, is added by Prometheus).
 CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -60,15 +64,18 @@ class ServiceMetrics:
         ``outcome``, ``confidence``, ``vlm_calls``, ``disagreement``).
     destinations:
         The configured destination names (each gets its export figures, zero or not).
+    accepting:
+        Whether the service stores new instances now (the disk guard's answer); ``None``: no such figure.
     """
 
-    def __init__(self, journal: Journal, spool_dir: Path, series: Callable[[], list], destinations: list[str]) -> None:
+    def __init__(self, journal: Journal, spool_dir: Path, series: Callable[[], list], destinations: list[str],
+                 accepting: Callable[[], bool] | None = None) -> None:
         from prometheus_client import CollectorRegistry, Histogram
 
         self.registry = CollectorRegistry(auto_describe=False)
         self.processing = Histogram("onevlm_group_processing_seconds", "Seconds to process one study (group)",
                                     buckets=PROCESSING_BUCKETS, registry=self.registry)
-        self.registry.register(_DurableFigures(journal, spool_dir, series, destinations))
+        self.registry.register(_DurableFigures(journal, spool_dir, series, destinations, accepting))
 
     def observe_processing(self, seconds: float) -> None:
         """Record one study's processing time."""
@@ -84,8 +91,10 @@ class ServiceMetrics:
 class _DurableFigures:
     """A collector reading the journal, the results and the disk at each scrape."""
 
-    def __init__(self, journal: Journal, spool_dir: Path, series: Callable[[], list], destinations: list[str]) -> None:
+    def __init__(self, journal: Journal, spool_dir: Path, series: Callable[[], list], destinations: list[str],
+                 accepting: Callable[[], bool] | None = None) -> None:
         self.journal, self.spool_dir, self.series, self.destinations = journal, spool_dir, series, destinations
+        self.accepting = accepting
         self._spool_bytes: tuple[float, int] | None = None
         self._lock = threading.Lock()
 
@@ -137,21 +146,25 @@ class _DurableFigures:
         yield GaugeMetricFamily("onevlm_spool_bytes", "Bytes under the spool folder", value=self._spool_size())
         yield GaugeMetricFamily("onevlm_spool_disk_free_bytes", "Free bytes on the spool's disk", value=space.free)
         yield GaugeMetricFamily("onevlm_spool_disk_total_bytes", "Size of the spool's disk", value=space.total)
+        removed = CounterMetricFamily("onevlm_retention_removed_files", "Spool files retention removed or reduced "
+                                      "to a header-only copy")
+        removed.add_metric([], self.journal.counter("retention_removed_files"))
+        yield removed
+        freed = CounterMetricFamily("onevlm_retention_freed_bytes", "Bytes retention freed in the spool")
+        freed.add_metric([], self.journal.counter("retention_freed_bytes"))
+        yield freed
+        yield GaugeMetricFamily("onevlm_retention_over_cap_bytes", "Bytes the spool was over retention.max_spool_bytes "
+                                "at the last clean-up (0: under, or no cap)",
+                                value=self.journal.cursor("retention_over_cap_bytes"))
+        if self.accepting is not None:
+            yield GaugeMetricFamily("onevlm_intake_accepting", "1 while new instances are stored, 0 while the "
+                                    "spool's disk is too full", value=int(bool(self.accepting())))
 
     def _spool_size(self) -> int:
         with self._lock:
             now = time.monotonic()
             if self._spool_bytes is None or now - self._spool_bytes[0] > SPOOL_RECOUNT_SECONDS:
-                self._spool_bytes = (now, _folder_bytes(self.spool_dir))
+                self._spool_bytes = (now, folder_bytes(self.spool_dir))
             return self._spool_bytes[1]
 
 
-def _folder_bytes(folder: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:  # removed while counting
-                pass
-    return total

@@ -9,7 +9,9 @@ marks the group due at once; the ordinary workers route it and the outbox sends 
 The changes-feed position is durable in the journal and advances only after a change's instances
 are in the spool, so a restart resumes where it stopped and loses nothing; instances already in
 the journal are not fetched again, and onevlm's own results coming back (series described
-``onevlm ...``) are ignored, so they never trigger a new round.
+``onevlm ...``) are ignored, so they never trigger a new round. While the spool's disk is too full
+(the service's :class:`~onevlm.net.disk_space.DiskGuard`) nothing is copied and the position stays
+put: Orthanc keeps the instances, and the next poll after space returns copies them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from onevlm.net.config import OrthancSource
+from onevlm.net.disk_space import DiskGuard, is_disk_full
 from onevlm.net.journal import Journal
 from onevlm.net.spool import Spool
 
@@ -36,9 +39,11 @@ COPY_THREADS = 4
 class OrthancIntake:
     """Follows one Orthanc's changes feed into the spool and the journal."""
 
-    def __init__(self, source: OrthancSource, spool: Spool, journal: Journal) -> None:
+    def __init__(self, source: OrthancSource, spool: Spool, journal: Journal,
+                 disk_guard: DiskGuard | None = None) -> None:
         import requests
 
+        self.disk_guard = disk_guard
         self.source = source
         self.spool = spool
         self.journal = journal
@@ -60,7 +65,15 @@ class OrthancIntake:
             page = self._get(f"/changes?since={since}&limit={CHANGES_PER_REQUEST}")
             for change in page.get("Changes", []):
                 if change.get("ChangeType") == self.change_type:
-                    copied += self._copy(change["ResourceType"].lower(), change["ID"])
+                    reason = self.disk_guard.problem() if self.disk_guard is not None else None
+                    if reason is not None:  # the guard logs the pause; this change is copied at a later poll
+                        return copied
+                    try:
+                        copied += self._copy(change["ResourceType"].lower(), change["ID"])
+                    except Exception as exc:
+                        if is_disk_full(exc) and self.disk_guard is not None:
+                            self.disk_guard.note_full(exc, "copying from Orthanc")
+                        raise
                 self.journal.set_cursor(CURSOR, int(change["Seq"]))  # only once its instances are spooled
             if page.get("Done", True) or not page.get("Changes"):
                 return copied

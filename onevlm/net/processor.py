@@ -2,6 +2,11 @@
 
 The pipeline is the router, then, when the service has a specialty model, route -> execute: each
 routed card that an adapter can run runs, and its result joins the SR (boxes: also a SEG).
+
+A full disk never leaves a half-written result: while the service's disk guard says the spool's disk is
+too full the group is not started, and a write that fails for lack of space (ENOSPC) removes what was
+staged; either way the group stays pending (``receiving``, the reason in its error) and is processed
+again once space returns.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import pydicom
 
 from onevlm.cards.repository import CardRepository
 from onevlm.net.config import Destination
+from onevlm.net.disk_space import DiskGuard, is_disk_full
 from onevlm.net.journal import Journal
 from onevlm.net.result_versions import JournalVersions
 from onevlm.net.spool import Spool
@@ -40,9 +46,11 @@ class GroupProcessor:
     """Route a group's series (and run their cards), write its SRs, and put every result file in the outbox."""
 
     def __init__(self, router: Router, cards: CardRepository, spool: Spool, journal: Journal,
-                 destinations: Sequence[Destination], specialty=None) -> None:
+                 destinations: Sequence[Destination], specialty=None, disk_guard: DiskGuard | None = None) -> None:
         #: Called with each processed group's seconds (the service's metrics), if set.
         self.on_processed: Callable[[float], None] | None = None
+        #: Holds groups back (pending) while the spool's disk is too full to write results.
+        self.disk_guard = disk_guard
         self.router = router
         self.specialty = specialty
         self.cards = cards
@@ -52,10 +60,14 @@ class GroupProcessor:
 
     def process(self, group_key: str) -> None:
         """Process one queued group; its status ends ``done`` (or ``failed``, or ``receiving`` again
-        if instances arrived meanwhile)."""
+        if instances arrived meanwhile, or while the disk is too full to write its results)."""
         started = time.time()
-        self.journal.set_group(group_key, "processing")
+        reason = self.disk_guard.problem() if self.disk_guard is not None else None
+        if reason is not None:
+            self._wait_for_space(group_key, reason)
+            return
         try:
+            self.journal.set_group(group_key, "processing")  # in the try: a full journal disk is waited out too
             study = route_study(self.router, [self.spool.group_folder(group_key)])
             execution = execute_study(self.specialty, study, self.cards) if self.specialty is not None else None
             # Write next to the final folder, then swap it in: readers never see half the results.
@@ -90,6 +102,14 @@ class GroupProcessor:
             if self.on_processed is not None:
                 self.on_processed(time.time() - started)
         except Exception as exc:
+            if is_disk_full(exc):
+                # Nothing half-written stays: the staged results go, the group is written again once there is room.
+                final = self.spool.result_folder(group_key)
+                shutil.rmtree(final.with_name(f".{final.name}.staging"), ignore_errors=True)
+                if self.disk_guard is not None:
+                    self.disk_guard.note_full(exc, "writing a result")
+                self._wait_for_space(group_key, f"writing its results failed, the spool's disk is full: {exc}")
+                return
             logger.exception("event=processing_failed group=%s", group_key)
             self.journal.set_group(group_key, "failed", f"{type(exc).__name__}: {exc}")
             return
@@ -97,3 +117,11 @@ class GroupProcessor:
             self.journal.set_group(group_key, "receiving")  # more arrived: process again after the idle time
         else:
             self.journal.set_group(group_key, "done")
+
+    def _wait_for_space(self, group_key: str, reason: str) -> None:
+        """Put the group back to pending (``receiving``): processed again once the disk has room."""
+        logger.warning("event=result_pending group=%s reason=%s", group_key, reason)
+        try:
+            self.journal.set_group(group_key, "receiving", f"waiting for disk space: {reason}")
+        except Exception as exc:  # the journal shares the disk: a restart's recovery puts the group back
+            logger.error("event=journal_failed group=%s error=%s", group_key, exc)

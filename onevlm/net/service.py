@@ -10,9 +10,9 @@ acknowledged instance is processed after a crash.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
-from http.server import ThreadingHTTPServer
 
 from onevlm.backends import create_backend
 from onevlm.calibration.cutoffs import Cutoffs
@@ -20,10 +20,12 @@ from onevlm.calibration.site import SiteCalibration
 from onevlm.cards.repository import CardRepository, default_cards_dir
 from onevlm.net.config import ServiceConfig
 from onevlm.net.exporter import Exporter
+from onevlm.net.disk_space import DiskGuard
 from onevlm.net.health import ServiceHealth
 from onevlm.net.journal import Journal
 from onevlm.net.listener import Listener
 from onevlm.net.processor import GroupProcessor
+from onevlm.net.retention import Retention
 from onevlm.net.spool import Spool
 from onevlm.router.pipeline import Router
 
@@ -77,35 +79,41 @@ class Service:
         self.journal = Journal(config.journal_path)
         self.specialty = build_specialty_model(config)
         self.router, self.cards = build_router(config, self.specialty)
+        # A full disk loses nothing: below disk.min_free_* intake and result writing pause (onevlm.net.disk_space).
+        self.disk_guard = DiskGuard(config.spool_dir, config.disk)
         # Orthanc as the intake receives the C-STOREs itself: no listener of ours then.
         self.listener = None if config.intake is not None else Listener(
-            config.listener, self.spool, self.journal, reuse_port=config.listener.processes > 1)
+            config.listener, self.spool, self.journal, reuse_port=config.listener.processes > 1,
+            disk_guard=self.disk_guard)
         self._listener_processes: list = []
         self._listener_stop = None
         self.processor = GroupProcessor(self.router, self.cards, self.spool, self.journal, config.destinations,
-                                        specialty=self.specialty)
+                                        specialty=self.specialty, disk_guard=self.disk_guard)
         self.exporter = Exporter(self.journal, config.destinations, config.listener.ae_title,
                                  config.retry_base_seconds, config.retry_max_seconds, config.max_export_attempts)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._status_server: ThreadingHTTPServer | None = None
+        self._status_server = None  # onevlm.dashboard.page_server.PageServer, with status_port
         self._pipeline_lock = threading.Lock()  # one model in memory: pipeline runs take turns
+        # clean-ups take the pipeline's turn too: no group is rewritten or re-read while its files go
+        self.retention = Retention(config.retention, self.spool, self.journal, lock=self._pipeline_lock)
         self._started = threading.Event()
         self.health = ServiceHealth(self._service_threads, lambda: self.journal.heartbeat(), config.spool_dir, config.disk,
-                                    self._started)
+                                    self._started, disk_guard=self.disk_guard)
 
     def start(self) -> None:
         cleared = self.spool.clear_partial_writes()
         recovered = self.journal.recover(self.spool.scan())
         if cleared or recovered:
             logger.info("event=recovered partial_writes_cleared=%d instances_recorded=%d", cleared, recovered)
+        self.retention.finish_pending()  # clean-ups a crash interrupted end before anything is received again
         if self.listener is not None:
             self.listener.start()
         else:
             from onevlm.net.orthanc_intake import OrthancIntake
 
-            intake = OrthancIntake(self.config.intake, self.spool, self.journal)
+            intake = OrthancIntake(self.config.intake, self.spool, self.journal, disk_guard=self.disk_guard)
             self._spawn("intake", lambda: intake.run(self._stop))
         if self.listener is not None and self.config.listener.processes > 1:
             from onevlm.net.listener_process import start_listener_processes
@@ -113,6 +121,8 @@ class Service:
             self._listener_processes, self._listener_stop = start_listener_processes(
                 self.config, self.config.listener.processes - 1)
         self._spawn("assembler", self._assemble)
+        if self.config.retention.enabled:
+            self._spawn("retention", lambda: self.retention.run_forever(self._stop))
         for n in range(self.config.workers):
             self._spawn(f"worker-{n}", self._work)
         self.exporter.fail_unconfigured()
@@ -137,7 +147,9 @@ class Service:
     def _assemble(self) -> None:
         while not self._stop.wait(POLL_SECONDS):
             try:
-                for key in self.journal.due_groups(self.config.idle_seconds):
+                # No room for results: nothing is due (an endless idle time), complete groups wait, pending.
+                idle = self.config.idle_seconds if self.disk_guard.accepting() else math.inf
+                for key in self.journal.due_groups(idle):
                     logger.info("event=group_complete group=%s", key)
                     self._queue.put(key)
             except Exception:
@@ -161,7 +173,10 @@ class Service:
     def status(self) -> dict:
         return {**spool_status(self.journal, self.spool),
                 "listening": (f"{self.config.listener.ae_title}@{self.config.listener.host}:{self.listener.port}"
-                              if self.listener is not None else f"Orthanc changes at {self.config.intake.url}")}
+                              if self.listener is not None else f"Orthanc changes at {self.config.intake.url}"),
+                # whether new instances (and results) are written now, and if not why: the spool's disk
+                "intake": self.disk_guard.state().as_dict(),
+                "retention": self.retention.status()}
 
     def _start_status(self) -> None:
         """``GET /status`` (JSON) and the operator's page, on ``dashboard.host`` (loopback by default)."""
@@ -174,7 +189,7 @@ class Service:
                            health=self.health)
         # the page's study index: the results folders are parsed once for the pages and the metrics
         app.metrics = ServiceMetrics(self.journal, self.config.spool_dir, app.index.series_cases,
-                                     [d.name for d in self.config.destinations])
+                                     [d.name for d in self.config.destinations], accepting=self.disk_guard.accepting)
         self.processor.on_processed = app.metrics.observe_processing
         self._status_server = make_page_server(app, self.config.dashboard.host, self.config.status_port)
         self._spawn("status", self._status_server.serve_forever)

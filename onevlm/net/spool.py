@@ -45,12 +45,25 @@ class StoredInstance:
     sop_class_uid: str
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a file created, renamed or removed in it) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (files removed while counting are skipped)."""
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def _uid(value: object, name: str) -> str:
@@ -93,10 +106,15 @@ class Spool:
 
     def _write_tmp(self, data: bytes) -> Path:
         path = self.tmp / f"{uuid.uuid4().hex}.part"
-        with open(path, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(path, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            # A disk that filled mid-write (ENOSPC) leaves no partial file behind, and no space held.
+            path.unlink(missing_ok=True)
+            raise
         return path
 
     def store(self, encoded: bytes) -> StoredInstance:
@@ -129,7 +147,7 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / f"{sop}.dcm"
             os.replace(tmp, target)  # atomic: a reader sees the whole file or none
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise SpoolError(f"cannot move the instance into the spool: {exc}") from exc
@@ -139,8 +157,14 @@ class Spool:
         """Keep an unparseable dataset with a reason file beside it (for a person to look at)."""
         stem = f"{time.strftime('%Y%m%dT%H%M%S')}_{os.getpid()}_{next(self._counter)}"
         path = self.quarantine_dir / f"{stem}.dcm"
-        path.write_bytes(encoded)
-        (self.quarantine_dir / f"{stem}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+        note = self.quarantine_dir / f"{stem}.reason.txt"
+        try:
+            path.write_bytes(encoded)
+            note.write_text(reason + "\n", encoding="utf-8")
+        except OSError:  # a full disk: no half-kept file (the caller refuses, the sender keeps the dataset)
+            path.unlink(missing_ok=True)
+            note.unlink(missing_ok=True)
+            raise
         return path
 
     def group_folder(self, group_key: str) -> Path:
