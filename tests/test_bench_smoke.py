@@ -56,18 +56,6 @@ def test_latency_bench_gets_an_sr_into_orthanc(tmp_path):
     assert 0 < latency["p50"] <= latency["p90"] <= latency["max"]
 
 
-def test_router_bench_engines_agree(tmp_path):
-    out = tmp_path / "router.json"
-    run_bench("router_bench.py", "--size", "tiny", "--tokenizer", "subword", "--images", "2", "--repeat", "1",
-              "--json", str(out))
-    result = json.loads(out.read_text())
-    assert result["same_answers_fast"] is True and result["same_answers_graph"] is True
-    for engine in ("naive", "fast", "graph"):
-        assert positive(result[f"{engine}_images_per_s"])
-    assert result["fast_engine_stats"]["decode_steps"] > 0 and result["graph_engine_stats"]["decode_steps"] > 0
-    assert result["graph_compile"] == "none" and result["graph_fallbacks"] == 0  # CPU default: eager static loop
-
-
 def test_embedded_router_bench_reports_every_stage():
     stdout = run_bench("embedded_router_bench.py", "--repeat", "1")
     for stage in (1, 2, 3):
@@ -154,6 +142,8 @@ def test_vocabulary_facts_on_gemma3s_real_vocabulary(tmp_path):
 
 
 def test_router_bench_engines_agree_on_gemma3s_real_vocabulary(tmp_path):
+    """The router bench's one smoke run: on the real vocabulary (the subword model's engines are tested in
+    tests/test_vlm_subword.py)."""
     from conftest import gemma3_vocabulary
 
     out = tmp_path / "router.json"
@@ -166,6 +156,7 @@ def test_router_bench_engines_agree_on_gemma3s_real_vocabulary(tmp_path):
     for engine in ("naive", "fast", "graph"):
         assert positive(result[f"{engine}_images_per_s"])
     assert result["fast_engine_stats"]["decode_steps"] > 0 and result["graph_engine_stats"]["decode_steps"] > 0
+    assert result["graph_compile"] == "none" and result["graph_fallbacks"] == 0  # CPU default: eager static loop
     # what a decode step reads (the GPU floor's numerator): every text weight once, the tied output layer included
     tiny_hidden = 64
     assert result["output_layer_parameters"] == 262_208 * tiny_hidden
@@ -173,3 +164,17 @@ def test_router_bench_engines_agree_on_gemma3s_real_vocabulary(tmp_path):
     bytes_per_weight = {"float32": 4, "bfloat16": 2}[result["dtype"]]
     assert result["decode_step_bytes"] == bytes_per_weight * result["decode_step_parameters"]
     assert result["transformers"]
+
+
+def test_page_bench_serves_both_releases_on_one_spool(tmp_path):
+    out = tmp_path / "page.json"
+    # HEAD as "before": a clone need not hold the release the README's figures compare with
+    stdout = run_bench("page_bench.py", "--studies", "3", "--rounds", "1", "--clients", "2", "--before", "HEAD",
+                       "--json", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["pages"]) == {"overview", "studies", "studies-1000", "decision", "review", "calibration",
+                                    "status"}
+    for figures in result["pages"].values():
+        assert positive(figures["before"]["median_ms"]) and positive(figures["after"]["median_ms"])
+    assert positive(result["throughput_per_s"]["before"]) and positive(result["throughput_per_s"]["after"])
+    assert "after/before p50" in stdout
