@@ -117,6 +117,9 @@ class PipelineConfig:
     specialty: SpecialtyConfig | None = None
 
 
+INTAKE_FETCH = ("needed", "all")
+
+
 @dataclass(frozen=True)
 class OrthancSource:
     """Orthanc as the intake: it receives C-STORE; the service follows its changes feed."""
@@ -125,6 +128,12 @@ class OrthancSource:
     username: str | None = None
     password_env: str | None = None
     poll_seconds: float = 1.0
+    #: ``needed``: header-only copies, whole only the instances the pipeline reads; ``all``: every instance whole.
+    fetch: str = "needed"
+
+    def __post_init__(self) -> None:
+        if self.fetch not in INTAKE_FETCH:
+            raise ValueError(f"fetch must be one of {', '.join(INTAKE_FETCH)}, got {self.fetch!r}")
 
 
 def is_loopback(host: str) -> bool:
@@ -568,6 +577,7 @@ class _Intake(_Section):
     username: OptionalText = None
     password_env: OptionalText = None
     poll_seconds: PositiveNumber = 1.0
+    fetch: Annotated[Literal[INTAKE_FETCH], BeforeValidator(_one_of(*INTAKE_FETCH))] = "needed"
 
     @model_validator(mode="after")
     def _password(self) -> "_Intake":
@@ -575,7 +585,7 @@ class _Intake(_Section):
         return self
 
     def build(self) -> OrthancSource:
-        return OrthancSource(self.orthanc, self.username, self.password_env, self.poll_seconds)
+        return OrthancSource(self.orthanc, self.username, self.password_env, self.poll_seconds, self.fetch)
 
 
 def _viewer_url(value: Any) -> str | None:

@@ -137,6 +137,18 @@ class Spool:
             sop_class = str(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or "")
         except Exception as exc:
             raise ValueError(f"cannot parse the dataset: {type(exc).__name__}: {exc}") from exc
+        return self.store_known(encoded, study, series, sop, sop_class)
+
+    def store_known(self, encoded: bytes, study: str, series: str, sop: str, sop_class: str,
+                    sync_folder: bool = True) -> StoredInstance:
+        """Store Part 10 bytes whose UIDs the caller already knows (it encoded them), as :meth:`store`.
+
+        ``sync_folder=False`` leaves the folder's fsync to the caller (one :func:`fsync_dir` after a
+        batch): the instance is durable only once that is done. Raises ``ValueError`` for an unsafe
+        UID, :class:`SpoolError` when writing failed.
+        """
+        study, series, sop = _uid(study, "Study Instance UID"), _uid(series, "Series Instance UID"), \
+            _uid(sop, "SOP Instance UID")
         try:
             tmp = self._write_tmp(encoded)
         except OSError as exc:
@@ -147,7 +159,8 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / f"{sop}.dcm"
             os.replace(tmp, target)  # atomic: a reader sees the whole file or none
-            fsync_dir(folder)
+            if sync_folder:
+                fsync_dir(folder)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise SpoolError(f"cannot move the instance into the spool: {exc}") from exc

@@ -1,0 +1,231 @@
+"""The Orthanc intake reads what it needs (``intake.fetch``), with a real Orthanc on loopback.
+
+``needed`` (default): every instance a header-only copy built from the series' DICOMweb metadata,
+whole only the image the router routes the series by; the SR's evidence still lists every
+instance, results go back to Orthanc, an amendment is routed by the middle image of the grown
+series. ``all``: every instance whole, as before. A copy that fails mid-way (a crash) loses
+nothing and records nothing twice. Research use only.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_peers import Pacs, journal_query, make_copies, pydicom_file, running_service, service_config, storescu, \
+    wait_until
+from onevlm.net.config import ConfigError, OrthancSource, parse_config
+from onevlm.net.header_copies import HeaderEncoder, routing_view, whole_needed
+from onevlm.net.retention import is_header_only
+from onevlm.reports.routing_metadata import DETAIL_FILE
+
+def numbered(files: list[Path]) -> dict[int, str]:
+    """Instance Number → SOP Instance UID of the test files."""
+    out = {}
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        out[int(ds.InstanceNumber)] = str(ds.SOPInstanceUID)
+    return out
+
+
+def spool_state(spool: Path) -> dict[str, tuple[bool, int]]:
+    """SOP Instance UID → (header-only, bytes) of every instance in the spool."""
+    return {p.stem: (is_header_only(pydicom.dcmread(p, stop_before_pixels=True)), p.stat().st_size)
+            for p in (spool / "incoming").glob("*/*.dcm")}
+
+
+def routed(spool: Path, group: str) -> str:
+    detail = json.loads((spool / "results" / group / DETAIL_FILE).read_text())
+    (entry,) = detail["entries"]
+    return entry["routed_sop_instance_uid"]
+
+
+def evidence(spool: Path, group: str) -> set[str]:
+    """SOP Instance UIDs the group's (latest) routing SR lists as evidence."""
+    srs = sorted((spool / "results" / group / "sr").glob("*.dcm"), key=lambda p: p.stat().st_mtime)
+    sr = pydicom.dcmread(srs[-1])
+    return {str(ref.ReferencedSOPInstanceUID) for study in sr.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+
+
+def stable_in_orthanc(pacs: Pacs, files: list[Path], spool_dir: Path):
+    """Send ``files`` to Orthanc, wait for its StableStudy; a fresh spool and journal to copy into."""
+    from onevlm.net.journal import Journal
+    from onevlm.net.spool import Spool
+
+    assert storescu(files, pacs.dicom_port, called=pacs.AE_TITLE).returncode == 0
+    wait_until(lambda: any(c["ChangeType"] == "StableStudy" for c in pacs.get_json("/changes?limit=200")["Changes"]),
+               30, 0.2, "Orthanc's StableStudy")
+    return Spool(spool_dir), Journal(spool_dir / "journal.sqlite")
+
+
+def routing_srs(pacs: Pacs, study: str, count: int):
+    found = pacs.routing_srs().get(study, [])
+    return found if len(found) >= count else None
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_the_fetch_setting_is_validated():
+    base = {"spool_dir": "/tmp/onevlm-test-spool", "intake": {"orthanc": "http://127.0.0.1:8042"}}
+    assert parse_config(base).intake.fetch == "needed"
+    assert parse_config({**base, "intake": {**base["intake"], "fetch": "all"}}).intake.fetch == "all"
+    with pytest.raises(ConfigError, match=r"^site.yaml: intake.fetch: 'pixels' must be one of needed, all$"):
+        parse_config({**base, "intake": {**base["intake"], "fetch": "pixels"}}, source="site.yaml")
+    with pytest.raises(ConfigError, match=r"intake.fetches: is not a known setting"):
+        parse_config({**base, "intake": {**base["intake"], "fetches": "all"}})
+    with pytest.raises(ValueError, match="fetch must be one of"):
+        OrthancSource("http://127.0.0.1:8042", fetch="some")
+
+
+# --------------------------------------------------------------------------- choosing the whole ones
+
+
+def test_the_whole_ones_make_the_middle_image_the_routed_one(tmp_path):
+    """Whatever is already whole, the chosen set's middle (the router's pick) is the series' middle image."""
+    uids = [f"1.2.3.{i}" for i in range(1, 10)]
+
+    def view(i: int) -> object:
+        meta = {"00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+                "00080018": {"vr": "UI", "Value": [uids[i]]}, "0020000D": {"vr": "UI", "Value": ["1.2.3"]},
+                "0020000E": {"vr": "UI", "Value": ["1.2.3.4"]}, "00200013": {"vr": "IS", "Value": [i + 1]},
+                "7FE00010": {"vr": "OW", "BulkDataURI": "http://x"}}
+        return routing_view(meta, tmp_path / f"{uids[i]}.dcm")
+
+    members = [view(i) for i in (4, 0, 8, 2, 6, 1, 3, 5, 7)]  # any order: the router's reading order decides
+    assert whole_needed(members, set(), set(uids)) == {uids[4]}
+    for held_whole in ({uids[0]}, {uids[7], uids[8]}, {uids[0], uids[1], uids[2]}, {uids[4]}):
+        chosen = whole_needed(members, held_whole, set(uids) - held_whole) | held_whole
+        ordered = [u for u in uids if u in chosen]
+        assert ordered[len(ordered) // 2] == uids[4], held_whole
+
+
+def test_a_header_copy_reads_as_retentions_copy():
+    source = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    metadata = source.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=lambda _: "http://x/bulk")
+    copy = HeaderEncoder().encode(metadata)
+    from io import BytesIO
+
+    ds = pydicom.dcmread(BytesIO(copy.encoded))
+    assert is_header_only(ds) and "PixelData" not in ds
+    assert ds.file_meta.MediaStorageSOPInstanceUID == source.SOPInstanceUID == copy.sop_instance_uid
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "InstanceNumber", "ImagePositionPatient",
+                    "Rows", "Columns", "Modality", "SOPClassUID"):
+        assert ds[keyword].value == source[keyword].value, keyword
+    tags = [int(e.tag) for e in ds]
+    assert tags == sorted(tags)
+
+
+# --------------------------------------------------------------------------- with Orthanc
+
+
+def test_needed_fetches_only_the_routed_image_whole_and_an_amendment_works(tmp_path):
+    spool = tmp_path / "spool"
+    (study, files), = make_copies(pydicom_file("CT_small.dcm"), tmp_path / "data", studies=1, per_study=8).items()
+    by_number = numbered(files)
+    with Pacs(tmp_path / "pacs") as pacs:
+        config = service_config(spool, intake={"orthanc": pacs.url, "poll_seconds": 0.2},
+                                destinations=[{"name": "orthanc", "dicomweb": f"{pacs.url}/dicom-web"}])
+        with running_service(config) as service:
+            assert storescu(files[:5], pacs.dicom_port, called=pacs.AE_TITLE).returncode == 0
+            wait_until(lambda: routing_srs(pacs, study, 1), 60, 0.3, "the routing SR written back into Orthanc")
+            wait_until(lambda: service.status()["exported"] == 1, 30, 0.2, "the export recorded")
+            state = spool_state(spool)
+            assert set(state) == {by_number[n] for n in range(1, 6)}
+            # only the middle image (Instance Number 3 of 5) is whole; the copies are tiny
+            assert {sop for sop, (copy, _) in state.items() if not copy} == {by_number[3]}
+            assert all(size < 8192 for sop, (copy, size) in state.items() if copy)
+            assert routed(spool, study) == by_number[3]
+            assert evidence(spool, study) == set(state)  # the SR's evidence lists every instance
+
+            # an amendment: three more slices; the grown series is routed by its middle image (5 of 8)
+            assert storescu(files[5:], pacs.dicom_port, called=pacs.AE_TITLE).returncode == 0
+            wait_until(lambda: routing_srs(pacs, study, 2), 60, 0.3, "the amended SR in Orthanc")
+            wait_until(lambda: service.status()["exported"] == 2, 30, 0.2, "the amended export recorded")
+            state = spool_state(spool)
+            status = service.status()
+        assert status["received"] == 8 and status["failed"] == 0 and status["duplicates"] == 0
+        assert {sop for sop, (copy, _) in state.items() if not copy} == {by_number[3], by_number[5]}
+        assert routed(spool, study) == by_number[5]
+        assert evidence(spool, study) == set(by_number.values())
+
+
+def test_all_copies_every_instance_whole(tmp_path):
+    from onevlm.net.orthanc_intake import OrthancIntake
+
+    (study, files), = make_copies(pydicom_file("CT_small.dcm"), tmp_path / "data", studies=1, per_study=4).items()
+    with Pacs(tmp_path / "pacs") as pacs:
+        spool, journal = stable_in_orthanc(pacs, files, tmp_path / "spool")
+        intake = OrthancIntake(OrthancSource(pacs.url, fetch="all"), spool, journal)
+        assert intake.poll_once() == 4
+        assert intake.poll_once() == 0  # nothing twice
+        journal.close()
+    state = spool_state(tmp_path / "spool")
+    assert set(state) == set(numbered(files).values()) and not any(copy for copy, _ in state.values())
+
+
+def test_a_copy_that_fails_midway_loses_nothing(tmp_path, monkeypatch):
+    """The copy breaks after a few header copies (a crash): the position stays; a restarted service
+    (journal recovery, the same change again) ends with every instance once and the middle one whole."""
+    from onevlm.net import orthanc_intake
+    from onevlm.net.journal import Journal
+    from onevlm.net.orthanc_intake import CURSOR, OrthancIntake
+    from onevlm.net.spool import Spool
+
+    (study, files), = make_copies(pydicom_file("CT_small.dcm"), tmp_path / "data", studies=1, per_study=7).items()
+    by_number = numbered(files)
+    with Pacs(tmp_path / "pacs") as pacs:
+        spool, journal = stable_in_orthanc(pacs, files, tmp_path / "spool")
+        written = []
+        lock = threading.Lock()
+        real = Spool.store_known
+
+        def crashing(self, *args, **kwargs):
+            with lock:
+                if len(written) >= 3:
+                    raise RuntimeError("killed")
+                written.append(args[3])
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(orthanc_intake.Spool, "store_known", crashing)
+        with pytest.raises(RuntimeError, match="killed"):
+            OrthancIntake(OrthancSource(pacs.url), spool, journal).poll_once()
+        monkeypatch.setattr(orthanc_intake.Spool, "store_known", real)
+        assert journal.status()["received"] == 0 and journal.cursor(CURSOR) < pacs.get_json("/changes?limit=0")["Last"]
+        assert by_number[4] in spool_state(tmp_path / "spool")  # the whole one came first
+        journal.close()
+
+        journal = Journal(tmp_path / "spool" / "journal.sqlite")  # the restart: recovery, then the intake
+        held = journal.recover(spool.scan())
+        assert held == len(spool.scan()) == len(written)  # (the whole one is stored through store_known too)
+        assert OrthancIntake(OrthancSource(pacs.url), spool, journal).poll_once() == 7 - held
+        counts = journal.status()
+        journal.close()
+    state = spool_state(tmp_path / "spool")
+    assert counts["received"] == 7 and counts["duplicates"] == 0
+    assert set(state) == set(by_number.values())
+    assert {sop for sop, (copy, _) in state.items() if not copy} == {by_number[4]}
+    rows = journal_query(tmp_path / "spool", "SELECT COUNT(*), COUNT(DISTINCT sop_instance_uid) FROM instances")
+    assert rows == [(7, 7)]
+
+
+@pytest.mark.slow
+def test_the_intake_bench_runs_both_modes(tmp_path):
+    """bench/orthanc_intake_bench.py at its smallest (its figures are in bench/RESULTS.md, not here)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "intake.json"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "orthanc_intake_bench.py"
+    done = subprocess.run([sys.executable, str(bench), "--instances", "4", "--json", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["all"]["whole_instances"] == 4 and result["needed"]["whole_instances"] == 1
+    assert all(result[mode]["follow_files_per_s"] > 0 for mode in ("all", "needed"))
