@@ -285,7 +285,7 @@ class ServeProcess:
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [*ONEVLM, "serve", "--config", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT,
+                self.command(), stdout=log, stderr=subprocess.STDOUT,
                 cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
@@ -301,6 +301,10 @@ class ServeProcess:
             self.stop()
             raise
         return self
+
+    def command(self) -> list[str]:
+        """The argv that starts the service (a subclass may wrap it, e.g. in a namespace)."""
+        return [*ONEVLM, "serve", "--config", str(self.config_path)]
 
     def kill(self) -> None:
         """SIGKILL, no clean-up: a crash."""

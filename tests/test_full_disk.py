@@ -39,7 +39,6 @@ if str(TESTS) not in sys.path:  # the scenarios import this module in a child pr
     sys.path.insert(0, str(TESTS))
 
 from dicom_peers import (  # noqa: E402
-    ONEVLM,
     ServeProcess,
     echoscu,
     free_port,
@@ -51,7 +50,6 @@ from dicom_peers import (  # noqa: E402
     wait_until,
     write_service_config,
 )
-from ohif_support import _die_with_parent  # noqa: E402
 
 MiB = 1024 * 1024
 SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
@@ -173,7 +171,8 @@ def sop_uids(paths) -> set[str]:
 
 def scenario_spool_and_guard(disk: Path, work: Path) -> None:
     from onevlm.net.config import DiskConfig
-    from onevlm.net.disk_space import DiskGuard, is_disk_full
+    from onevlm.disk_full import is_disk_full
+    from onevlm.net.disk_space import DiskGuard
     from onevlm.net.spool import Spool, SpoolError
 
     assert total_bytes(disk) == 16 * MiB  # a real 16 MiB file system, ours alone
@@ -397,24 +396,8 @@ class SmallDiskServe(ServeProcess):
         self.mount = mount
         self.size = size
 
-    def start(self, timeout: float = 90) -> "SmallDiskServe":
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                in_small_disk(self.mount, self.size, [*ONEVLM, "serve", "--config", str(self.config_path)]),
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                start_new_session=True, preexec_fn=_die_with_parent)
-
-        def ready() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"onevlm serve exited with {self.process.returncode}:\n{self.log_tail()}")
-            return "onevlm listening as" in self.log_path.read_text(errors="replace")
-
-        try:
-            wait_until(ready, timeout, 0.1, "onevlm serve to listen")
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def command(self) -> list[str]:
+        return in_small_disk(self.mount, self.size, super().command())
 
     def journal_query(self, spool: Path, sql: str) -> list[list]:
         """Read the service's journal in its namespace (``nsenter``): SQLite resolves the /proc/PID/root link,

@@ -24,7 +24,8 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from onevlm.net.config import ListenerConfig
-from onevlm.net.disk_space import DiskGuard, is_disk_full
+from onevlm.disk_full import is_disk_full
+from onevlm.net.disk_space import DiskGuard
 from onevlm.net.journal import Journal
 from onevlm.net.spool import Spool, SpoolError
 from onevlm.net.tls import server_context

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 from onevlm.dicom.header import DicomReadError, read_header
 from onevlm.net.config import OrthancSource
-from onevlm.net.disk_space import DiskGuard, is_disk_full
+from onevlm.disk_full import is_disk_full
+from onevlm.net.disk_space import DiskGuard
 from onevlm.net.header_copies import HeaderCopy, HeaderEncoder, MetadataError, routing_view, whole_needed
 from onevlm.net.journal import Journal
 from onevlm.net.spool import Spool, StoredInstance, fsync_dir

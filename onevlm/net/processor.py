@@ -22,7 +22,8 @@ import pydicom
 
 from onevlm.cards.repository import CardRepository
 from onevlm.net.config import Destination
-from onevlm.net.disk_space import DiskGuard, is_disk_full
+from onevlm.disk_full import is_disk_full
+from onevlm.net.disk_space import DiskGuard
 from onevlm.net.journal import Journal
 from onevlm.net.result_versions import JournalVersions
 from onevlm.net.spool import Spool

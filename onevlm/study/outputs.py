@@ -7,7 +7,6 @@ slide), and the result is in the series' ``decisions.jsonl`` record and ``series
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from typing import Mapping, Sequence
 import pydicom
 from pydicom.uid import generate_uid
 
+from onevlm.disk_full import is_disk_full
 from onevlm.cards.repository import CardRepository
 from onevlm.reports.box_seg import build_box_seg
 from onevlm.reports.bulk_annotations import build_box_annotations
@@ -54,15 +54,6 @@ class StudyOutputs:
     metadata: dict
     detail_file: Path
     detail: dict
-
-
-def _disk_full(exc: BaseException | None) -> bool:
-    """Whether ``exc`` (or what it was raised from) is a write that found no room (ENOSPC, EDQUOT)."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -164,7 +155,7 @@ def write_study_outputs(study: StudyRouting, out_dir: str | Path, cards: CardRep
                     box_files[series.series_instance_uid] = box_path
                     box_file = str(box_path.relative_to(out))
             except Exception as exc:
-                if _disk_full(exc):  # not this series' fault: the caller waits for space and writes it all again
+                if is_disk_full(exc):  # not this series' fault: the caller waits for space and writes it all again
                     raise
                 record["error"] = f"result objects could not be written: {type(exc).__name__}: {exc}"
                 logger.error("series %s: %s", series.series_instance_uid, record["error"])
