@@ -520,6 +520,19 @@ def test_disagreement_words_are_escaped_and_old_records_tolerated(hybrid_spool, 
             for key in ("vlm_calls", "consulted", "disagreement"):
                 entry.pop(key, None)
         detail.write_text(json.dumps(entries))
+    # records from before the counts existed come with a journal from before it kept them: migrated, the
+    # service fills the journal's series figures from these folders once on start
+    from onevlm.dashboard.study_index import BACKFILL_CURSOR, backfill_series_figures
+    from onevlm.net.journal import Journal
+
+    journal = Journal(copy / "journal.sqlite")
+    try:
+        with journal._tx() as db:
+            db.execute("DELETE FROM series_figures")
+        journal.set_cursor(BACKFILL_CURSOR, 0)
+        assert backfill_series_figures(journal, copy) == len(groups)
+    finally:
+        journal.close()
     page = page_factory(copy, {})
     for path in ("/studies", "/review", f"/studies/{groups[DISAGREE][0]}", "/studies?disagreement=1"):
         body = page.request("GET", path)[2]
@@ -528,3 +541,30 @@ def test_disagreement_words_are_escaped_and_old_records_tolerated(hybrid_spool, 
     assert "not recorded" in old and 'VLM calls for this series: <span class="muted">—</span>' in old
     counts = json.loads(page.request("GET", "/status")[2])
     assert (counts["vlm_calls"], counts["series_without_vlm"], counts["disagreements"]) == (1, 0, 1)
+
+
+def test_the_study_index_keeps_a_bounded_number_of_groups_and_drops_forgotten_ones(processed_spool, tmp_path):
+    """A year of results must not live in memory: the index caches the most recently read groups only, and a
+    group retention forgot (its folder gone) leaves the cache."""
+    import shutil
+
+    from onevlm.dashboard.study_index import StudyIndex
+
+    spool, groups = processed_spool
+    copy = tmp_path / "spool"
+    shutil.copytree(spool, copy)
+    keys = [group for group, _ in groups.values()]
+    for n in range(3):  # more groups than the cache holds: copies of one result under new keys
+        shutil.copytree(copy / "results" / keys[0], copy / "results" / f"1.2.999.{n}")
+    index = StudyIndex(copy, cache_groups=2)
+    all_keys = index.group_keys()
+    assert len(all_keys) == 5
+    for key in all_keys:
+        assert index.group(key) is not None
+        assert len(index) <= 2
+    assert len(index) == 2
+    newest = all_keys[-1]
+    shutil.rmtree(copy / "results" / newest)
+    assert index.group(newest) is None and len(index) == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        StudyIndex(copy, cache_groups=0)

@@ -43,7 +43,7 @@ def _old_spool(path: Path) -> None:
 def test_a_new_journal_has_this_releases_schema(tmp_path):
     journal = Journal(tmp_path / "journal.db")
     journal.close()
-    assert _version(tmp_path / "journal.db") == SCHEMA_VERSION == 3
+    assert _version(tmp_path / "journal.db") == SCHEMA_VERSION == 4
     assert {"instances_by_group", "outbox_due", "outbox_by_group"} <= _indexes(tmp_path / "journal.db")
     Journal(tmp_path / "journal.db").close()  # reopening changes nothing
     assert not list(tmp_path.glob("*.bak"))
@@ -53,7 +53,7 @@ def test_a_spool_from_the_release_before_is_migrated_on_start_and_nothing_is_los
     path = tmp_path / "journal.db"
     _old_spool(path)
     assert _version(path) == 0 and not _indexes(path)
-    with pytest.raises(JournalSchemaError, match="version 1 is older than this release's 3; start the service once"):
+    with pytest.raises(JournalSchemaError, match="version 1 is older than this release's 4; start the service once"):
         Journal(path, migrate=False)  # a reader (onevlm status) does not migrate
     assert _version(path) == 0
     with caplog.at_level("INFO", logger="onevlm.net.journal_schema"):
@@ -65,12 +65,12 @@ def test_a_spool_from_the_release_before_is_migrated_on_start_and_nothing_is_los
         assert [a.card for a in journal.review_history("1.2.3.4")] == ["MODEL_01"]
     finally:
         journal.close()
-    assert _version(path) == 3 and {"instances_by_group", "outbox_due", "outbox_by_group", "groups_by_status"} <= _indexes(path)
+    assert _version(path) == 4 and {"instances_by_group", "outbox_due", "outbox_by_group", "groups_by_status"} <= _indexes(path)
     backup = tmp_path / "journal.db.v1.bak"
     with sqlite3.connect(backup) as db:  # the copy taken before migrating: version 1, every row
         assert db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 1
         assert db.execute("PRAGMA user_version").fetchone()[0] == 0
-    assert "schema version 1, migrating to 3" in caplog.text and "migrated to schema version 3" in caplog.text
+    assert "schema version 1, migrating to 4" in caplog.text and "migrated to schema version 4" in caplog.text
 
 
 def test_a_version_2_journal_gets_the_retention_columns_and_keeps_its_rows(tmp_path):
@@ -98,7 +98,7 @@ def test_a_version_2_journal_gets_the_retention_columns_and_keeps_its_rows(tmp_p
         assert db.execute("SELECT retention FROM groups").fetchall() == [(None,)]
         assert db.execute("SELECT COUNT(*) FROM cleanups").fetchone() == (0,)
     db.close()
-    assert _version(path) == 3 and (tmp_path / "journal.db.v2.bak").is_file()
+    assert _version(path) == 4 and (tmp_path / "journal.db.v2.bak").is_file()
 
 
 def test_a_journal_from_a_newer_release_is_refused_untouched(tmp_path):
@@ -126,3 +126,44 @@ def test_the_service_and_status_say_why_in_one_line(tmp_path, capsys):
     assert main(["status", "--config", str(config)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "start the service once to migrate it" in err and len(err.splitlines()) == 1
+
+
+def test_a_version_3_journal_gets_series_figures_and_the_service_fills_them_from_the_results_once(tmp_path):
+    """Version 4 keeps per series what /status and /metrics count; a migrated journal's are read from the
+    results folders once (the service's start), not at every scrape."""
+    import json
+
+    from onevlm.dashboard.study_index import BACKFILL_CURSOR, backfill_series_figures
+    from onevlm.net.journal_schema import MIGRATIONS
+
+    path = tmp_path / "journal.db"
+    _old_spool(path)
+    db = sqlite3.connect(path, isolation_level=None)
+    MIGRATIONS[2](db)
+    MIGRATIONS[3](db)
+    db.execute("PRAGMA user_version = 3")
+    db.close()
+    results = tmp_path / "results" / "1.2.3.4"
+    results.mkdir(parents=True)
+    entries = [{"study_instance_uid": "1.2.3.4", "series_instance_uid": "1.2.3.5", "outcome": "routed",
+                "cards": ["MODEL_01"], "confidence": 0.9, "calibrated": False, "vlm_calls": 0, "disagreement": None},
+               {"study_instance_uid": "1.2.3.4", "series_instance_uid": "1.2.3.6", "outcome": "failed",
+                "error": "pixel data cut short", "vlm_calls": None}]
+    (results / "series.json").write_text(json.dumps({"entries": entries}))
+    (results / "metadata.json").write_text(json.dumps({"outcome": "routed", "cards": "MODEL_01"}))
+    record = {"reference": {"series_instance_uid": "1.2.3.5"}, "error": None, "vlm_calls": 0, "stages": []}
+    (results / "decisions.jsonl").write_text(json.dumps(record) + "\n")
+    journal = Journal(path)
+    try:
+        assert journal.routing_counts() == dict.fromkeys(
+            ("vlm_calls", "series_decided", "series_without_vlm", "disagreements", "series_failed"), 0)
+        assert backfill_series_figures(journal, tmp_path) == 1
+        assert journal.routing_counts() == {"vlm_calls": 0, "series_decided": 1, "series_without_vlm": 1,
+                                            "disagreements": 0, "series_failed": 1}
+        assert journal.outcome_counts() == {"routed": 1, "failed": 1}
+        assert journal.routed_confidences([0.5, 0.95]) == ([0, 1], 1, 0.9)
+        assert journal.cursor(BACKFILL_CURSOR) == 1
+        assert backfill_series_figures(journal, tmp_path) == 0  # once: a later start reads no folder
+    finally:
+        journal.close()
+    assert _version(path) == 4

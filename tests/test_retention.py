@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from dicom_peers import (
     ServeProcess,
@@ -24,6 +25,7 @@ from dicom_peers import (
     wait_until,
     write_service_config,
 )
+from conftest import SAMPLES
 from onevlm.dicom.header import read_header
 from onevlm.net.config import ConfigError, RetentionConfig, parse_config
 from onevlm.net.journal import Journal
@@ -146,6 +148,46 @@ def test_a_header_only_copy_keeps_the_header_and_is_never_a_series_image(tmp_pat
     assert pydicom.dcmread(copy).PatientID == pydicom.dcmread(source).PatientID  # the SR copies these modules
 
 
+@pytest.mark.parametrize("syntax", ["explicit", "implicit", "j2k", "deflated", "enhanced"])
+def test_the_header_only_copy_is_the_files_own_header_cut_before_its_pixels(tmp_path, syntax):
+    """Retention's copy: the bytes before Pixel Data unchanged plus the mark (no re-encoding), or a re-encoded
+    header where the dataset itself is deflated; either way the same header, no pixels, recognised, idempotent."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from onevlm.net.retention import header_only_bytes
+
+    source = tmp_path / "source.dcm"
+    if syntax in ("explicit", "implicit", "deflated"):
+        ds = pydicom.dcmread(ct_series(tmp_path, generate_uid(), generate_uid(), 1)[0])
+        if syntax == "implicit":
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        if syntax == "deflated":
+            ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.save_as(source, enforce_file_format=True)
+    else:
+        shutil.copy(SAMPLES / ("cr_chest_j2k.dcm" if syntax == "j2k" else "mr_head_enhanced_10frames.dcm"), source)
+    data = header_only_bytes(source)
+    copy = tmp_path / "copy.dcm"
+    copy.write_bytes(data)
+    original, reduced = read_header(source), read_header(copy)
+    assert not reduced.has_pixel_data and reduced.pixel_data_problem is None and original.has_pixel_data
+    for name in ("sop_instance_uid", "series_instance_uid", "study_instance_uid", "sop_class_uid", "modality",
+                 "instance_number", "slice_position", "rows", "columns", "number_of_frames"):
+        assert getattr(reduced, name) == getattr(original, name), name
+    full = pydicom.dcmread(copy)  # parses to its end
+    assert "PixelData" not in full and header_only(copy) and not header_only(source)
+    assert full.PatientID == pydicom.dcmread(source).PatientID
+    if syntax != "deflated":
+        with open(source, "rb") as handle:
+            pydicom.dcmread(handle, stop_before_pixels=True)
+            head = handle.tell()
+        assert data[:head] == source.read_bytes()[:head]  # byte for byte: nothing re-encoded
+        mark = full.get_private_item(0x7FE1, 0x02, "ONEVLM").value
+        assert (mark.decode().strip() if isinstance(mark, bytes) else mark) == PIXELS_REMOVED
+    assert header_only_bytes(copy) is None  # a copy is not copied again
+    assert len(data) < min(source.stat().st_size / 2, 16384)  # a header's size: the pixels went
+
+
 # --------------------------------------------------------------------------- the life of a group (no network)
 
 
@@ -188,8 +230,8 @@ class FakeSite:
         """Instance files of a group: SOP UID → header-only."""
         return {p.stem: header_only(p) for p in self.spool.group_folder(group).glob("*.dcm")}
 
-    def retention(self, **settings) -> Retention:
-        return Retention(RetentionConfig(**settings), self.spool, self.journal)
+    def retention(self, busy=None, **settings) -> Retention:
+        return Retention(RetentionConfig(**settings), self.spool, self.journal, busy=busy)
 
 
 def test_a_group_shrinks_expires_is_compacted_and_forgotten_on_schedule(tmp_path):
@@ -253,6 +295,37 @@ def test_a_group_shrinks_expires_is_compacted_and_forgotten_on_schedule(tmp_path
     assert site.journal.counter("retention_removed_files") >= 6 + 6
 
 
+def test_clean_ups_ask_whether_the_pipeline_has_work_after_each_file_and_still_finish(tmp_path):
+    """Background work: while the pipeline is busy retention pauses after each file (a quarter of the pace), and
+    it still gets everything done; with the pipeline idle it never pauses. Series figures of a forgotten group go."""
+    site = FakeSite(tmp_path)
+    groups = [site.group(4)[0] for _ in range(3)]
+    from onevlm.reports.series_figures import SeriesFigures
+
+    for group in groups:
+        site.journal.record_series_figures(group, [SeriesFigures(generate_uid(), "review", None, False, 0, False, True)])
+    age(site.spool.root)
+    asked = []
+
+    def busy() -> bool:
+        asked.append(time.monotonic())
+        return len(asked) % 2 == 0  # busy every other time it asks
+
+    run = site.retention(busy=busy).run_once()
+    assert run.reduced == 3 and run.removed_files == 9
+    assert len(asked) == 9  # once per reduced file
+    assert all(sum(site.files(g).values()) == 3 for g in groups)
+    now = time.time()
+    age(site.spool.root)
+    run = site.retention(busy=busy).run_once(now=now + 31 * DAY)
+    assert run.expired == 3 and len(asked) == 9 + 3  # once per expired group
+    assert site.journal.routing_counts()["series_decided"] == 3  # expired: the decision records stay, counted
+    site.retention().run_once(now=now + 91 * DAY)
+    site.retention().run_once(now=now + 366 * DAY)
+    assert not any(site.journal.has_series_figures(g) for g in groups)  # forgotten: no longer counted
+    assert site.journal.routing_counts()["series_decided"] == 0
+
+
 def test_a_late_instance_makes_an_expired_group_live_again(tmp_path):
     site = FakeSite(tmp_path)
     group, _ = site.group(3)
@@ -299,7 +372,7 @@ def test_the_spool_cap_removes_the_oldest_finished_data_first_and_never_unsent(t
     assert site.journal.cursor("retention_over_cap_bytes") == run.over_cap_bytes
     from onevlm.net.metrics import ServiceMetrics
 
-    text = ServiceMetrics(site.journal, site.spool.root, lambda: [], ["pacs"]).exposition()[0].decode()
+    text = ServiceMetrics(site.journal, site.spool.root, ["pacs"]).exposition()[0].decode()
     figures = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("onevlm_ret")}
     assert figures["onevlm_retention_over_cap_bytes"] == run.over_cap_bytes > 0
     assert figures["onevlm_retention_freed_bytes_total"] == site.journal.counter("retention_freed_bytes") > 8 * 30000

@@ -184,13 +184,42 @@ def test_a_series_with_pixel_data_cut_short_gets_the_error(embedded_router, tmp_
     by_modality = {e["dicom_modality"]: e for e in detail["entries"] if e["input"] != "j2k_cut.dcm"}
     damaged_ct = by_modality["CT"]
     assert damaged_ct["error"] == "17196.dcm: pixel data truncated: 256 of 512 bytes"
-    assert damaged_ct["outcome"] == "failed" and damaged_ct["sr_file"] is None and damaged_ct["cards"] == []
+    assert damaged_ct["outcome"] == "failed" and damaged_ct["cards"] == []
     j2k = next(e for e in detail["entries"] if e["input"] == "j2k_cut.dcm")
-    assert j2k["error"].startswith("j2k_cut.dcm: pixel data truncated: ") and j2k["sr_file"] is None
+    assert j2k["error"].startswith("j2k_cut.dcm: pixel data truncated: ")
+    # each damaged series gets an SR saying it has no AI result and why: silence would read as "nothing found"
+    for entry in (damaged_ct, j2k):
+        sr = pydicom.dcmread(out.sr_files[entry["series_instance_uid"]])
+        assert str(sr.VerificationFlag) == "UNVERIFIED" and not dciodvfy_errors(out.sr_files[entry["series_instance_uid"]])
+        texts = " | ".join(t for t in _all_texts(sr) if t)
+        assert f"not routed, no AI result for this series: {entry['error']}" in texts, texts
+        assert "Not routed: the image could not be processed" in _all_meanings(sr)
+        assert str(tmp_path) not in texts
+        evidence = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
+                    for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+        assert len(evidence) == (4 if entry is damaged_ct else 1)  # every instance of the series
     # the rest of the study goes on
     mr = by_modality["MR"]
     assert mr["error"] is None and mr["sr_file"] and mr["modality"] == "brain MRI scan"
     assert meta["errors"] == 2 and meta["needs_review"] is True
+
+
+def _all_texts(ds) -> list[str]:
+    found = []
+    for item in ds.get("ContentSequence", []):
+        if "TextValue" in item:
+            found.append(str(item.TextValue))
+        found += _all_texts(item)
+    return found
+
+
+def _all_meanings(ds) -> set[str]:
+    found = set()
+    for item in ds.get("ContentSequence", []):
+        for code in item.get("ConceptCodeSequence", []):
+            found.add(str(code.CodeMeaning))
+        found |= _all_meanings(item)
+    return found
 
 
 def test_hybrid_study_counts_vlm_calls_and_disagreements(tmp_path):

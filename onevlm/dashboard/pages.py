@@ -191,7 +191,8 @@ def overview_page(status: Mapping[str, Any], destinations: Sequence[DestinationH
     groups = status.get("groups") or {}
     counts = [(key, label, status.get(key, 0)) for key, label in (
         ("received", "instances received"), ("processed", "studies processed"), ("exported", "results exported"),
-        ("failed", "failed"), ("quarantine_files", "quarantined files"), ("duplicates", "duplicates"),
+        ("failed", "failed"), ("series_failed", "series without a result (unreadable image or an error)"),
+        ("quarantine_files", "quarantined files"), ("duplicates", "duplicates"),
         ("refused", "refused"))]
     queues = [("receiving", "studies receiving", groups.get("receiving", 0)),
               ("queued", "studies queued", groups.get("queued", 0)),

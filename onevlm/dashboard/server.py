@@ -216,8 +216,8 @@ class DashboardApp:
                                         c.path)
 
     def _status(self) -> dict:
-        """The service's status counts and the routing counts of every results folder (VLM calls, disagreements)."""
-        return {**self.status(), **self.index.routing_counts()}
+        """The service's status counts and the routing counts over every current result (the journal's)."""
+        return {**self.status(), **self.journal.routing_counts()}
 
     def _overview(self) -> str:
         now = time.time()

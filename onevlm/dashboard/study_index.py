@@ -1,10 +1,14 @@
-"""What the pipeline decided for each group, read once from its results folder and cached.
+"""What the pipeline decided for each group, read from its results folder for the pages, a bounded number cached.
 
 The service writes ``results/<group>/`` atomically (``metadata.json`` last, after
 ``series.json`` and ``decisions.jsonl``): a group is read again only when its ``metadata.json``
-changed, so the page stays cheap while the service processes. The hybrid router's figures (VLM
-calls, header/image disagreements) are read from the decision records, with ``series.json``'s
-keys as a fallback; records written before they existed count as unknown. Research use only.
+changed, so the page stays cheap while the service processes. The pages show recent groups (and
+whichever one a person opens): the cache keeps the :data:`CACHE_GROUPS` most recently read, so a
+service running for a year holds no more than a few pages' worth. Counts over *every* result
+(``/status``, ``/metrics``) come from the journal's series figures, written with each result, not
+from here. The hybrid router's figures (VLM calls, header/image disagreements) are read from the
+decision records, with ``series.json``'s keys as a fallback; records written before they existed
+count as unknown. Research use only.
 """
 
 from __future__ import annotations
@@ -12,18 +16,22 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from onevlm.reports.routing_metadata import DECISIONS_FILE, DETAIL_FILE, METADATA_FILE
+from onevlm.reports.series_figures import SeriesFigures
 
 logger = logging.getLogger(__name__)
 
 #: Outcomes a reviewer is asked about (a routed single card can be reviewed from its decision page).
 REVIEW_OUTCOMES = ("review", "routed-set")
-#: The routing counts over every results folder (``GET /status`` and the overview).
-ROUTING_COUNTS = ("vlm_calls", "series_decided", "series_without_vlm", "disagreements")
+#: Journal cursor: 1 once the results folders written before the journal kept series figures were counted.
+BACKFILL_CURSOR = "series_figures_backfilled"
+#: How many parsed groups the index keeps (least recently read go first): above the pages' longest list.
+CACHE_GROUPS = 1024
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,12 @@ class SeriesCase:
     def decided(self) -> bool:
         """Whether the router reached a decision (a record without an error)."""
         return self.decision is not None and not self.decision.get("error") and not self.error
+
+    def figures(self) -> SeriesFigures:
+        """What the journal counts of this series (for results written before the journal kept them)."""
+        error = self.error or (self.decision or {}).get("error")
+        return SeriesFigures(self.series_instance_uid, self.outcome, self.confidence, self.calibrated,
+                             self.vlm_calls, bool(self.disagreement), self.decided, str(error) if error else None)
 
 
 @dataclass(frozen=True)
@@ -168,25 +182,38 @@ def read_group(folder: Path, incoming: Path) -> GroupResult:
 class StudyIndex:
     """The groups' results under a spool, each parsed once per version of its ``metadata.json``.
 
-    Thread-safe: the page's request threads share one index.
+    Thread-safe: the page's request threads share one index. At most ``cache_groups`` parsed
+    groups are kept (the least recently read go first), and a group whose results folder is gone
+    (retention forgot it) leaves the cache when it is next asked for.
     """
 
-    def __init__(self, spool_dir: str | Path) -> None:
+    def __init__(self, spool_dir: str | Path, cache_groups: int = CACHE_GROUPS) -> None:
+        if cache_groups < 1:
+            raise ValueError("cache_groups must be at least 1")
         self.results = Path(spool_dir) / "results"
         self.incoming = Path(spool_dir) / "incoming"
-        self._cache: dict[str, tuple[int, GroupResult]] = {}
+        self.cache_groups = cache_groups
+        self._cache: OrderedDict[str, tuple[int, GroupResult]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        """How many parsed groups are cached now."""
+        with self._lock:
+            return len(self._cache)
+
     def group(self, group_key: str) -> GroupResult | None:
-        """The group's result, or ``None`` while it has none (not processed yet, or unreadable)."""
+        """The group's result, or ``None`` while it has none (not processed yet, forgotten, or unreadable)."""
         folder = self.results / group_key
         try:
             stamp = (folder / METADATA_FILE).stat().st_mtime_ns
         except OSError:
+            with self._lock:
+                self._cache.pop(group_key, None)
             return None
         with self._lock:
             cached = self._cache.get(group_key)
             if cached is not None and cached[0] == stamp:
+                self._cache.move_to_end(group_key)
                 return cached[1]
         try:
             result = read_group(folder, self.incoming)
@@ -195,6 +222,9 @@ class StudyIndex:
             return None
         with self._lock:
             self._cache[group_key] = (stamp, result)
+            self._cache.move_to_end(group_key)
+            while len(self._cache) > self.cache_groups:
+                self._cache.popitem(last=False)
         return result
 
     def group_keys(self) -> list[str]:
@@ -202,24 +232,29 @@ class StudyIndex:
         return sorted(p.name for p in self.results.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if self.results.is_dir() else []
 
-    def series_cases(self) -> list[SeriesCase]:
-        """Every series of every results folder (the current version of each)."""
-        return [case for key in self.group_keys() for case in (getattr(self.group(key), "series", None) or ())]
 
-    def routing_counts(self) -> dict[str, int]:
-        """Over every results folder: VLM calls, decided series, those that needed no VLM call, disagreements.
+def backfill_series_figures(journal, spool_dir: str | Path) -> int:
+    """Give every results folder the journal has no series figures for its figures (once per journal).
 
-        Cheap once warm: a ``stat`` per group, each folder parsed once per version. A series whose
-        record does not count its VLM calls (written before the hybrid router) adds to neither
-        ``vlm_calls`` nor ``series_without_vlm``.
-        """
-        counts = dict.fromkeys(ROUTING_COUNTS, 0)
-        for key in self.group_keys():
-            result = self.group(key)
-            for case in result.series if result is not None else ():
-                counts["vlm_calls"] += case.vlm_calls or 0
-                counts["disagreements"] += bool(case.disagreement)
-                if case.decided:
-                    counts["series_decided"] += 1
-                    counts["series_without_vlm"] += case.vlm_calls == 0
-        return counts
+    A journal migrated from before it kept them (schema version 4) counts nothing until then; the
+    service runs this on start. Each folder is parsed once and not cached. Returns how many groups
+    were filled; a journal cursor records that it ran.
+    """
+    if journal.cursor(BACKFILL_CURSOR):
+        return 0
+    index = StudyIndex(spool_dir, cache_groups=1)
+    filled = 0
+    for key in index.group_keys():
+        if journal.has_series_figures(key):
+            continue
+        try:
+            figures = [case.figures() for case in read_group(index.results / key, index.incoming).series]
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("event=series_figures_unreadable group=%s error=%s", key, type(exc).__name__)
+            continue
+        journal.record_series_figures(key, figures)
+        filled += 1
+    journal.set_cursor(BACKFILL_CURSOR, 1)
+    if filled:
+        logger.info("event=series_figures_backfilled groups=%d", filled)
+    return filled

@@ -217,6 +217,11 @@ def read_dicom(path: str | Path, force: bool = False) -> tuple[DicomHeader, pydi
             # Checked on this read, through the same handle: the file is parsed once, no pixel loaded.
             stopped_at = handle.tell()
             problem = pixel_data_problem(ds, handle, os.fstat(handle.fileno()).st_size, stopped_at)
+            if problem is not None and "SOPInstanceUID" not in ds:
+                # pydicom drops every element when encapsulated Pixel Data ends before its delimiter: the
+                # header is read again without the pixels (damaged files only), so the series is still known.
+                handle.seek(0)
+                ds = pydicom.dcmread(handle, stop_before_pixels=True, force=force)
     except InvalidDicomError as exc:
         # pydicom's text advises force=True: not the user's terms.
         raise DicomReadError(path.name, "not a DICOM file") from exc

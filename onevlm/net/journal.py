@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from onevlm.net.journal_schema import bring_up_to_date, check_version
+from onevlm.reports.series_figures import SeriesFigures
 from onevlm.net.review_answers import ReviewAnswer
 
 
@@ -327,6 +328,53 @@ class Journal:
             "outbox": outbox,
         }
 
+    # -- series figures (counted over the current results) --------------------------------------
+
+    def record_series_figures(self, group_key: str, figures: Iterable[SeriesFigures]) -> None:
+        """Replace the group's series figures with those of the results just written."""
+        rows = [(group_key, f.series_instance_uid, f.outcome, f.confidence, int(f.calibrated), f.vlm_calls,
+                 int(f.disagreement), int(f.decided), f.error) for f in figures]
+        with self._tx() as db:
+            db.execute("DELETE FROM series_figures WHERE group_key = ?", (group_key,))
+            db.executemany("INSERT OR REPLACE INTO series_figures (group_key, series_instance_uid, outcome, "
+                           "confidence, calibrated, vlm_calls, disagreement, decided, error) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def has_series_figures(self, group_key: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM series_figures WHERE group_key = ? LIMIT 1",
+                                    (group_key,)).fetchone() is not None
+
+    def routing_counts(self) -> dict[str, int]:
+        """Over every current result: VLM calls, decided series, those that needed no VLM call, disagreements,
+        and series that failed (their image unreadable, routing or writing the result raised).
+
+        A series whose record does not count its VLM calls adds to neither ``vlm_calls`` nor
+        ``series_without_vlm``.
+        """
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(vlm_calls), 0), COALESCE(SUM(decided), 0), "
+                "COALESCE(SUM(decided AND vlm_calls = 0), 0), COALESCE(SUM(disagreement), 0), "
+                "COALESCE(SUM(error IS NOT NULL OR outcome = 'failed'), 0) FROM series_figures").fetchone()
+        return dict(zip(("vlm_calls", "series_decided", "series_without_vlm", "disagreements", "series_failed"),
+                        (int(v) for v in row)))
+
+    def outcome_counts(self) -> dict[str, int]:
+        """Series of the current results by outcome."""
+        with self._lock:
+            return dict(self._db.execute("SELECT outcome, COUNT(*) FROM series_figures GROUP BY outcome").fetchall())
+
+    def routed_confidences(self, bounds: Iterable[float]) -> tuple[list[int], int, float]:
+        """The routed series' confidences (current results): the count at or under each bound, the count
+        and the sum of all."""
+        bounds = list(bounds)
+        columns = "".join(f"COALESCE(SUM(confidence <= {float(b)!r}), 0), " for b in bounds)
+        with self._lock:
+            row = self._db.execute(f"SELECT {columns}COUNT(*), COALESCE(SUM(confidence), 0.0) FROM series_figures "
+                                   "WHERE outcome IN ('routed', 'routed-set') AND confidence IS NOT NULL").fetchone()
+        return [int(v) for v in row[:len(bounds)]], int(row[-2]), float(row[-1])
+
     def recent_groups(self, limit: int = 200) -> list[GroupRow]:
         """The most recently changed groups, newest first."""
         with self._lock:
@@ -461,6 +509,7 @@ class Journal:
                               (group_key, planned_at)).rowcount:
                     db.execute("DELETE FROM outbox WHERE group_key = ?", (group_key,))
                     db.execute("DELETE FROM instances WHERE group_key = ?", (group_key,))
+                    db.execute("DELETE FROM series_figures WHERE group_key = ?", (group_key,))
                 return
             stage = {"reduce": "reduced", "expire": "expired", "compact": "compacted"}[action]
             updated = db.execute("UPDATE groups SET retention = ?, retention_at = ? WHERE group_key = ? "

@@ -15,6 +15,11 @@ History
    are compacted away), its retention stage and when it was reached; ``cleanups``, the durable intent
    of a clean-up in progress (written before any file is removed, deleted once it is done); groups by
    status and last change (the clean-up's poll).
+4. ``series_figures``: per routed series of the current results, what ``/status``, ``/metrics`` and the
+   overview count (outcome, confidence, VLM calls, disagreement, error), written with each group's
+   results, so a scrape reads an aggregate instead of every results folder. A migrated journal's
+   rows are filled from the results folders once, on the service's next start
+   (:func:`onevlm.dashboard.study_index.backfill_series_figures`).
 
 Research use only.
 """
@@ -125,10 +130,27 @@ def _add_retention(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS groups_by_status ON groups (status, updated_at)")
 
 
+def _add_series_figures(db: sqlite3.Connection) -> None:
+    db.execute("""CREATE TABLE IF NOT EXISTS series_figures (  -- one row per series of a group's current results
+    group_key TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    outcome TEXT NOT NULL,           -- routed | routed-set | review | stopped | skipped | failed
+    confidence REAL,
+    calibrated INTEGER NOT NULL,
+    vlm_calls INTEGER,               -- NULL: the record does not say
+    disagreement INTEGER NOT NULL,   -- 1: header and image disagree
+    decided INTEGER NOT NULL,        -- 1: the router reached a decision (no error)
+    error TEXT,
+    PRIMARY KEY (group_key, series_instance_uid)
+)""")
+    db.execute("CREATE INDEX IF NOT EXISTS series_figures_by_outcome ON series_figures (outcome)")
+
+
 #: Version n → the step from n - 1 to n (run inside one transaction).
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     2: _add_lookup_indexes,
     3: _add_retention,
+    4: _add_series_figures,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

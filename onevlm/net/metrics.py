@@ -1,7 +1,7 @@
 """Prometheus metrics of the service (``GET /metrics``), with ``prometheus-client``.
 
-Most figures are read at scrape time from what the service keeps durably — the journal's counters
-and outbox, the results folders' decision records, the spool's disk — so they survive restarts and
+Most figures are read at scrape time from what the service keeps durably — the journal's counters,
+outbox and series figures (written with each group's results), the spool's disk — so they survive restarts and
 agree with ``/status`` and the operator's page. One figure is observed as work happens: how long
 each study took to process (a histogram since the process started, as Prometheus expects of a
 histogram).
@@ -10,13 +10,13 @@ Names (all prefixed ``onevlm_``):
 
 - ``instances_total{state}`` received, duplicates, quarantined, refused (counters);
 - ``groups{status}`` receiving, queued, processing, done, failed (now);
-- ``series_outcomes{outcome}`` routed, routed-set, review, stopped (current results);
+- ``series_outcomes{outcome}`` routed, routed-set, review, stopped, skipped, failed (current results);
 - ``route_confidence`` the routed series' confidence over current results (a gauge histogram);
 - ``group_processing_seconds`` study processing time (histogram);
 - ``exports{destination,status}`` pending, sent, failed, superseded (now);
   ``export_failures_total`` failed attempts;
 - ``vlm_calls`` the router's VLM calls over current results; ``disagreements`` series whose header
-  and image disagree;
+  and image disagree; ``series_failed`` series without a decision (unreadable image, an error);
 - ``spool_bytes`` the spool's size (recounted at most every 30 s), ``spool_disk_free_bytes`` and
   ``spool_disk_total_bytes``;
 - ``intake_accepting`` 1 while new instances are stored, 0 while the spool's disk is too full (C-STOREs
@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 from onevlm.net.health import disk_space
 from onevlm.net.journal import Journal
 from onevlm.net.spool import folder_bytes
+from onevlm.reports.series_figures import OUTCOMES
 
 #: Upper bounds of the confidence buckets (the last, +Inf, is added by Prometheus).
 CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -44,7 +45,6 @@ CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 PROCESSING_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 #: How long a counted spool size is reused.
 SPOOL_RECOUNT_SECONDS = 30.0
-OUTCOMES = ("routed", "routed-set", "review", "stopped")
 INSTANCE_STATES = ("received", "duplicates", "quarantined", "refused")
 GROUP_STATES = ("receiving", "queued", "processing", "done", "failed")
 EXPORT_STATES = ("pending", "sent", "failed", "superseded")
@@ -59,23 +59,20 @@ class ServiceMetrics:
         The service's journal.
     spool_dir:
         The spool (its size and its disk).
-    series:
-        Returns the current results' series cases (:class:`onevlm.dashboard.study_index.SeriesCase`:
-        ``outcome``, ``confidence``, ``vlm_calls``, ``disagreement``).
     destinations:
         The configured destination names (each gets its export figures, zero or not).
     accepting:
         Whether the service stores new instances now (the disk guard's answer); ``None``: no such figure.
     """
 
-    def __init__(self, journal: Journal, spool_dir: Path, series: Callable[[], list], destinations: list[str],
+    def __init__(self, journal: Journal, spool_dir: Path, destinations: list[str],
                  accepting: Callable[[], bool] | None = None) -> None:
         from prometheus_client import CollectorRegistry, Histogram
 
         self.registry = CollectorRegistry(auto_describe=False)
         self.processing = Histogram("onevlm_group_processing_seconds", "Seconds to process one study (group)",
                                     buckets=PROCESSING_BUCKETS, registry=self.registry)
-        self.registry.register(_DurableFigures(journal, spool_dir, series, destinations, accepting))
+        self.registry.register(_DurableFigures(journal, spool_dir, destinations, accepting))
 
     def observe_processing(self, seconds: float) -> None:
         """Record one study's processing time."""
@@ -89,11 +86,12 @@ class ServiceMetrics:
 
 
 class _DurableFigures:
-    """A collector reading the journal, the results and the disk at each scrape."""
+    """A collector reading the journal and the disk at each scrape (aggregates: the cost does not grow with the
+    number of results kept)."""
 
-    def __init__(self, journal: Journal, spool_dir: Path, series: Callable[[], list], destinations: list[str],
+    def __init__(self, journal: Journal, spool_dir: Path, destinations: list[str],
                  accepting: Callable[[], bool] | None = None) -> None:
-        self.journal, self.spool_dir, self.series, self.destinations = journal, spool_dir, series, destinations
+        self.journal, self.spool_dir, self.destinations = journal, spool_dir, destinations
         self.accepting = accepting
         self._spool_bytes: tuple[float, int] | None = None
         self._lock = threading.Lock()
@@ -122,25 +120,29 @@ class _DurableFigures:
         failures.add_metric([], status.get("export_failures", 0))
         yield failures
 
-        cases = self.series()
+        by_outcome = self.journal.outcome_counts()
         outcomes = GaugeMetricFamily("onevlm_series_outcomes", "Series by routing outcome (current results)",
                                      labels=["outcome"])
         for outcome in OUTCOMES:
-            outcomes.add_metric([outcome], sum(1 for c in cases if c.outcome == outcome))
+            outcomes.add_metric([outcome], by_outcome.get(outcome, 0))
         yield outcomes
-        confidences = [c.confidence for c in cases if c.outcome in ("routed", "routed-set") and c.confidence is not None]
-        buckets = [(f"{bound:g}", sum(1 for v in confidences if v <= bound)) for bound in CONFIDENCE_BUCKETS]
-        buckets.append(("+Inf", len(confidences)))
+        at_or_under, count, total = self.journal.routed_confidences(CONFIDENCE_BUCKETS)
+        buckets = [(f"{bound:g}", n) for bound, n in zip(CONFIDENCE_BUCKETS, at_or_under)]
+        buckets.append(("+Inf", count))
         histogram = GaugeHistogramMetricFamily("onevlm_route_confidence",
                                                "Confidence of the routed series (current results)",
-                                               buckets=buckets, gsum_value=sum(confidences))
+                                               buckets=buckets, gsum_value=total)
         yield histogram
+        routing = self.journal.routing_counts()
         calls = GaugeMetricFamily("onevlm_vlm_calls", "The router's VLM calls over the current results")
-        calls.add_metric([], sum(c.vlm_calls or 0 for c in cases))
+        calls.add_metric([], routing["vlm_calls"])
         yield calls
         disagreements = GaugeMetricFamily("onevlm_disagreements", "Series whose header and image disagree")
-        disagreements.add_metric([], sum(1 for c in cases if c.disagreement))
+        disagreements.add_metric([], routing["disagreements"])
         yield disagreements
+        yield GaugeMetricFamily("onevlm_series_failed", "Series of the current results without a decision: the "
+                                "image could not be read, or routing or writing the result failed",
+                                value=routing["series_failed"])
 
         space = disk_space(self.spool_dir)
         yield GaugeMetricFamily("onevlm_spool_bytes", "Bytes under the spool folder", value=self._spool_size())

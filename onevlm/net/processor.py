@@ -27,6 +27,7 @@ from onevlm.net.disk_space import DiskGuard
 from onevlm.net.journal import Journal
 from onevlm.net.result_versions import JournalVersions
 from onevlm.net.spool import Spool
+from onevlm.reports.series_figures import SeriesFigures
 from onevlm.router.pipeline import Router
 from onevlm.study.execution import execute_study
 from onevlm.study.outputs import write_study_outputs
@@ -80,6 +81,9 @@ class GroupProcessor:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
+            # what /status and /metrics count, kept with the group: a scrape never walks the results folders
+            self.journal.record_series_figures(group_key, [SeriesFigures.from_entry(entry)
+                                                           for entry in outputs.detail["entries"]])
             for version in versions.commit():
                 if version.previous:  # the amended version's file is gone: if unsent, its successor goes instead
                     self.journal.supersede_exports(version.previous[-1][3])

@@ -48,9 +48,11 @@ import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pydicom
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from onevlm.dicom.header import PRIVATE_CREATOR
@@ -63,9 +65,12 @@ from onevlm.study.outputs import ANNOTATION_FOLDER, SEG_FOLDER, SR_FOLDER
 logger = logging.getLogger(__name__)
 
 DAY = 86400.0
-#: The private element marking a header-only copy retention made: (0009,xx02) in the ``ONEVLM`` block
-#: (xx01 marks a DICOMweb header copy whose pixels stayed on the server: read as an image, this is not).
+#: The private element marking a header-only copy: (0009,xx02) in the ``ONEVLM`` block (xx01 marks a
+#: DICOMweb header copy whose pixels stayed on the server: read as an image, this is not). Retention's
+#: own copies carry it as (7FE1,xx02) instead: the file cut just before its Pixel Data with the mark
+#: appended (group 7FE1 follows the pixels, so nothing before them is re-encoded).
 RETENTION_GROUP, RETENTION_ELEMENT = 0x0009, 0x02
+TRAILING_GROUP = 0x7FE1
 PIXELS_REMOVED = "pixel data removed by retention"
 #: A file modified less than this before a clean-up was planned is left alone (file times lag the clock).
 FRESH_MARGIN_SECONDS = 1.0
@@ -102,12 +107,62 @@ class RetentionRun:
                     or self.quarantine_files or self.removed_files)
 
 
+#: The pipeline's share of the time while it is busy: retention then works a quarter of the time at most.
+BUSY_PAUSE_FACTOR = 3.0
+#: The longest pause retention takes after one file while the pipeline is busy.
+BUSY_PAUSE_MAX_SECONDS = 0.5
+_PLAIN_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+
+
 def is_header_only(ds: pydicom.Dataset) -> bool:
-    """Whether a dataset is a header-only copy retention made (its Pixel Data removed)."""
-    try:
-        return str(ds.get_private_item(RETENTION_GROUP, RETENTION_ELEMENT, PRIVATE_CREATOR).value) == PIXELS_REMOVED
-    except KeyError:
-        return False
+    """Whether a dataset is a header-only copy (its Pixel Data removed: by retention or a DICOMweb header copy)."""
+    for group in (RETENTION_GROUP, TRAILING_GROUP):
+        try:
+            value = ds.get_private_item(group, RETENTION_ELEMENT, PRIVATE_CREATOR).value
+        except KeyError:
+            continue
+        if isinstance(value, bytes):  # implicit VR: an element no dictionary knows reads as raw bytes
+            value = value.decode("ascii", "replace")
+        if str(value).strip() == PIXELS_REMOVED:
+            return True
+    return False
+
+
+def _mark(implicit_vr: bool) -> bytes:
+    """The (7FE1,xx02) mark, encoded little endian in the file's VR encoding."""
+    mark = pydicom.Dataset()
+    mark.private_block(TRAILING_GROUP, PRIVATE_CREATOR, create=True).add_new(RETENTION_ELEMENT, "LO", PIXELS_REMOVED)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, implicit_vr
+    write_dataset(buffer, mark)
+    return buffer.getvalue()
+
+
+def header_only_bytes(path: Path) -> bytes | None:
+    """The header-only copy of a spool file, or ``None`` if it is one already.
+
+    The file is parsed up to its Pixel Data (never read); where the dataset is little endian and
+    not deflated (native and compressed transfer syntaxes alike) the copy is the file's own bytes
+    up to there plus the retention mark, else :func:`header_only_copy` re-encodes it.
+
+    Raises
+    ------
+    Exception
+        Whatever pydicom raises on a file it cannot parse.
+    """
+    with open(path, "rb") as handle:
+        ds = pydicom.dcmread(handle, stop_before_pixels=True)
+        if is_header_only(ds):
+            return None
+        end = handle.tell()  # pydicom stops at the bulk element's tag (or at the end of the file)
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        if syntax is not None and syntax.is_little_endian and not syntax.is_deflated:
+            handle.seek(0)
+            return handle.read(end) + _mark(syntax.is_implicit_VR)
+    buffer = DicomBytesIO()
+    header_only_copy(ds).save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def header_only_copy(ds: pydicom.Dataset) -> pydicom.Dataset:
@@ -122,7 +177,7 @@ def header_only_copy(ds: pydicom.Dataset) -> pydicom.Dataset:
             del ds[tag]
     ds.private_block(RETENTION_GROUP, PRIVATE_CREATOR, create=True).add_new(RETENTION_ELEMENT, "LO", PIXELS_REMOVED)
     syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+    if syntax not in _PLAIN_SYNTAXES:
         # No pixels left to be compressed (or deflated, or big endian): the header is written plainly.
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
@@ -140,16 +195,22 @@ class Retention:
     lock:
         Held around each clean-up that removes files: the service's pipeline lock, so no group is
         processed (its results rewritten, its instances read) while files go.
+    busy:
+        Whether the pipeline has work now (groups queued or processing). Clean-ups are background
+        work: while it does, retention pauses after each file three times as long as the file took
+        (at most :data:`BUSY_PAUSE_MAX_SECONDS`), so studies are processed first and the spool is
+        still cleaned at a quarter of the pace.
     """
 
     def __init__(self, config: RetentionConfig, spool: Spool, journal: Journal,
-                 lock: threading.Lock | None = None) -> None:
+                 lock: threading.Lock | None = None, busy: Callable[[], bool] | None = None) -> None:
         if not isinstance(config, RetentionConfig):
             raise TypeError("config must be a RetentionConfig")
         self.config = config
         self.spool = spool
         self.journal = journal
         self._lock = lock
+        self._busy = busy
         self._delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
         self.last_run: RetentionRun | None = None
 
@@ -236,6 +297,7 @@ class Retention:
                 if (stop is not None and stop.is_set()) or (limit is not None and acted >= limit):
                     return acted
                 seen.add(group_key)
+                began = time.monotonic()
                 with self._locked(action):
                     planned_at = time.time()
                     cleanup_id = self.journal.plan_cleanup(group_key, action, reason, before, planned_at)
@@ -245,6 +307,8 @@ class Retention:
                 acted += 1
                 run.removed_files += files
                 run.freed_bytes += freed
+                if action != "reduce":  # a reduction gave way after each of its files
+                    self._give_way(began)
         return acted
 
     def _locked(self, action: str):
@@ -316,31 +380,38 @@ class Retention:
             if st is None:
                 complete = complete and not path.exists()
                 continue
+            began = time.monotonic()
             try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                copy = header_only_bytes(path)
             except Exception as exc:  # not readable as DICOM: the pipeline reported it; keep it as it is
                 logger.warning("event=retention_kept file=%s group=%s reason=unreadable (%s)", path.name, group_key,
                                type(exc).__name__)
                 continue
-            if is_header_only(ds):
+            if copy is None:
                 continue  # done before a crash
-            size = self._replace(path, header_only_copy(ds), st)
+            size = self._replace(path, copy, st)
             files += 1
             freed += max(st.st_size - size, 0)
             self._pause()
+            self._give_way(began)
         if files:
             fsync_dir(folder)
         return files, freed, complete
 
-    def _replace(self, path: Path, ds: pydicom.Dataset, original: os.stat_result) -> int:
-        """Write ``ds`` over ``path`` atomically (fsync'd under ``tmp/``, then renamed); returns its size.
+    def _give_way(self, began: float) -> None:
+        """While the pipeline has work, pause three times as long as the last file took (see ``busy``)."""
+        if self._busy is not None and self._busy():
+            time.sleep(min((time.monotonic() - began) * BUSY_PAUSE_FACTOR, BUSY_PAUSE_MAX_SECONDS))
+
+    def _replace(self, path: Path, data: bytes, original: os.stat_result) -> int:
+        """Write ``data`` over ``path`` atomically (fsync'd under ``tmp/``, then renamed); returns its size.
 
         The copy keeps the original's times: it stands for an instance received then, not a new arrival.
         """
         tmp = self.spool.tmp / f"{uuid.uuid4().hex}.part"
         try:
             with open(tmp, "wb") as handle:
-                ds.save_as(handle, enforce_file_format=True)
+                handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.utime(tmp, ns=(original.st_atime_ns, original.st_mtime_ns))

@@ -97,7 +97,9 @@ class Service:
         self._status_server = None  # onevlm.dashboard.page_server.PageServer, with status_port
         self._pipeline_lock = threading.Lock()  # one model in memory: pipeline runs take turns
         # clean-ups take the pipeline's turn too: no group is rewritten or re-read while its files go
-        self.retention = Retention(config.retention, self.spool, self.journal, lock=self._pipeline_lock)
+        # clean-ups give way while the pipeline has work: studies first, the spool at a quarter of the pace
+        self.retention = Retention(config.retention, self.spool, self.journal, lock=self._pipeline_lock,
+                                   busy=lambda: self._queue.qsize() > 0 or self._pipeline_lock.locked())
         self._started = threading.Event()
         self.health = ServiceHealth(self._service_threads, lambda: self.journal.heartbeat(), config.spool_dir, config.disk,
                                     self._started, disk_guard=self.disk_guard)
@@ -108,6 +110,9 @@ class Service:
         if cleared or recovered:
             logger.info("event=recovered partial_writes_cleared=%d instances_recorded=%d", cleared, recovered)
         self.retention.finish_pending()  # clean-ups a crash interrupted end before anything is received again
+        from onevlm.dashboard.study_index import backfill_series_figures
+
+        backfill_series_figures(self.journal, self.config.spool_dir)  # a journal from before it kept them: once
         if self.listener is not None:
             self.listener.start()
         else:
@@ -187,9 +192,8 @@ class Service:
 
         app = DashboardApp(self.config, self.journal, self.cards, self.router.calibration, self.status,
                            health=self.health)
-        # the page's study index: the results folders are parsed once for the pages and the metrics
-        app.metrics = ServiceMetrics(self.journal, self.config.spool_dir, app.index.series_cases,
-                                     [d.name for d in self.config.destinations], accepting=self.disk_guard.accepting)
+        app.metrics = ServiceMetrics(self.journal, self.config.spool_dir, [d.name for d in self.config.destinations],
+                                     accepting=self.disk_guard.accepting)
         self.processor.on_processed = app.metrics.observe_processing
         self._status_server = make_page_server(app, self.config.dashboard.host, self.config.status_port)
         self._spawn("status", self._status_server.serve_forever)

@@ -46,6 +46,7 @@ OUTCOME_NOT_MEDICAL = CodedConcept("RTR-STOP-NONE", SCHEME, "Stopped early: not 
 OUTCOME_NOT_COVERED = CodedConcept("RTR-STOP-OTHER", SCHEME, "Stopped early: no card covers the modality")
 OUTCOME_OUT_OF_SET = CodedConcept("RTR-STOP-OOS", SCHEME, "Stopped: answer outside the admissible set")
 OUTCOME_NO_CARD = CodedConcept("RTR-NO-CARD", SCHEME, "No candidate model card fits")
+OUTCOME_FAILED = CodedConcept("RTR-FAILED", SCHEME, "Not routed: the image could not be processed")
 
 #: The specialty model's part (route -> execute): whether the card ran, and its answer.
 EXECUTION_CONCEPT = CodedConcept("SPC-STATUS", SCHEME, "Specialty model execution")

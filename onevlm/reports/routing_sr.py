@@ -133,6 +133,8 @@ def _outcome(decision: RoutingDecision) -> CodedConcept:
         return coding.OUTCOME_ROUTED_SET
     if outcome == "review":
         return coding.OUTCOME_REVIEW
+    if outcome == "failed":
+        return coding.OUTCOME_FAILED
     first = decision.stages[0] if decision.stages else None
     if first is not None and not first.chosen_record.in_allowed_set:
         return coding.OUTCOME_OUT_OF_SET
@@ -168,6 +170,8 @@ def route_summary(decision: RoutingDecision) -> str:
         parts.append(decision.finding or "finding not assessed")
     outcome = decision.outcome_name
     cards = decision.cards
+    if outcome == "failed":  # said, not left out: no result must never read as "nothing found"
+        return f"onevlm route: not routed, no AI result for this series: {failure_text(decision.error)}"
     if outcome == "review":  # no answer first: a stage-1 tie's "modality" would be the list order's pick
         reason = decision.outcome.reasons[0] if decision.outcome and decision.outcome.reasons else "see the decision log"
         return f"onevlm route: requires human review: {reason}"
@@ -180,6 +184,13 @@ def route_summary(decision: RoutingDecision) -> str:
     label = "route confidence" if cards else "probability"
     confidence = f" ({label} {decision.confidence:.2f}, {_calibration_note(decision)})" if decision.confidence is not None else ""
     return f"onevlm route: {' / '.join(parts)} -> {target}{confidence}"
+
+
+def failure_text(error: str | None) -> str:
+    """Why a series was not routed, in words, without host paths (a file is named by its name only)."""
+    words = [re.split(r"[\\/]", word)[-1] if _ABSOLUTE_PATH.match(word) else word
+             for word in (error or "unknown error").split(" ")]
+    return " ".join(words)[:400]
 
 
 def execution_summary(result: SpecialtyResult) -> str:
@@ -324,7 +335,8 @@ def routing_group(decision: RoutingDecision, source_series_uid: str, card_captio
     if decision.outcome is not None:
         calibration = without_host_paths(decision.outcome.calibration)
         parameters.append(f"calibration: {json.dumps(calibration, sort_keys=True, default=str)}")
-        parameters += [f"outcome note: {reason}" for reason in decision.outcome.reasons[1 if outcome == 'review' else 0:]]
+        parameters += [f"outcome note: {failure_text(reason) if outcome == 'failed' else reason}"
+                       for reason in decision.outcome.reasons[1 if outcome == 'review' else 0:]]
     parameters += consultation_parameters
     name = "onevlm model-card router"
     for execution in executions:

@@ -145,19 +145,22 @@ def write_study_outputs(study: StudyRouting, out_dir: str | Path, cards: CardRep
         specialty = results.get(series.series_instance_uid, ())
         if record is not None and specialty:
             record["executions"] = [r.as_dict() for r in specialty]
-        if record is not None and record["error"] is None:
+        # A series that could not be routed (its image unreadable…) gets an SR saying so: a missing result must
+        # not read as "the AI found nothing".
+        if record is not None and (record["error"] is None or result.routed is not None):
             try:
                 path = write_series_sr(result, out, cards, series_boxes, specialty, versions)
                 sr_files[series.series_instance_uid] = path
                 sr_file = str(path.relative_to(out))
-                if series_boxes:
+                if series_boxes and record["error"] is None:
                     box_path = write_box_objects(result, series_boxes, out, versions)
                     box_files[series.series_instance_uid] = box_path
                     box_file = str(box_path.relative_to(out))
             except Exception as exc:
                 if is_disk_full(exc):  # not this series' fault: the caller waits for space and writes it all again
                     raise
-                record["error"] = f"result objects could not be written: {type(exc).__name__}: {exc}"
+                problem = f"result objects could not be written: {type(exc).__name__}: {exc}"
+                record["error"] = f"{record['error']}; {problem}" if record["error"] else problem
                 logger.error("series %s: %s", series.series_instance_uid, record["error"])
         if record is not None:
             lines.append(json.dumps(record, ensure_ascii=False))
