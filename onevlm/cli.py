@@ -328,6 +328,57 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retention_run(args: argparse.Namespace) -> int:
+    """One retention pass over a stopped service's spool (the running service makes its own passes)."""
+    from onevlm.net.config import ConfigError, load_config
+    from onevlm.net.journal import Journal
+    from onevlm.net.retention import Retention
+    from onevlm.net.spool import Spool
+    from onevlm.net.spool_owner import SpoolBusy, SpoolOwner
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not config.journal_path.exists():
+        print(f"error: no journal at {config.journal_path}: the service has not run with this spool", file=sys.stderr)
+        return 1
+    if not config.retention.enabled:
+        print(f"error: {config.source}: retention.enabled is false: nothing is cleaned up", file=sys.stderr)
+        return 2
+    owner = SpoolOwner(config.spool_dir)
+    try:
+        owner.acquire("'onevlm retention run'")
+    except SpoolBusy as exc:
+        print(f"error: {exc}; the running service cleans up every retention.interval_seconds "
+              f"({config.retention.interval_seconds:g} s): its /status shows the last pass", file=sys.stderr)
+        return 1
+    try:
+        journal = Journal(config.journal_path)  # migrates an older journal, as the service's start would
+        try:
+            run = Retention(config.retention, Spool(config.spool_dir, config.group_by), journal).run_once()
+        finally:
+            journal.close()
+    except (OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        owner.release()
+    from dataclasses import asdict
+
+    if args.json:
+        print(json.dumps(asdict(run)))
+    else:
+        print(f"retention pass over {config.spool_dir}: {run.reduced} group(s) reduced to header-only copies, "
+              f"{run.expired} expired ({run.expired_for_cap} for the cap), {run.compacted} compacted, "
+              f"{run.forgotten} forgotten, {run.quarantine_files} quarantined file(s) removed; {run.removed_files} "
+              f"file(s), {run.freed_bytes / 1e6:.1f} MB freed in {run.seconds:.1f} s; held: "
+              f"{run.held.get('unsent', 0)} unsent, {run.held.get('unfinished', 0)} unfinished"
+              + (f"; still {run.over_cap_bytes / 1e6:.1f} MB over max_spool_bytes" if run.over_cap_bytes else ""))
+    return 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Validate a service configuration file: one OK line, or ``error: <file>: <key>: <problem>`` (exit 2)."""
     from onevlm.net.config import ConfigError, load_config
@@ -987,6 +1038,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.set_defaults(func=cmd_status)
+
+    ret = sub.add_parser("retention", help="the spool's clean-ups (retention: in the service configuration)")
+    ret_sub = ret.add_subparsers(dest="retention_command", required=True)
+    p = ret_sub.add_parser("run", help="one clean-up pass now over a stopped service's spool (the running service "
+                           "makes its own every retention.interval_seconds)")
+    p.add_argument("--config", required=True, help="the service configuration (YAML)")
+    p.add_argument("--json", action="store_true", help="what the pass did, as one line of JSON")
+    p.set_defaults(func=cmd_retention_run)
 
     conf = sub.add_parser("config", help="the service configuration file").add_subparsers(dest="config_command",
                                                                                         required=True)

@@ -134,6 +134,18 @@ def test_echo_and_store_with_dcmtk(tmp_path):
         assert (status["received"], status["duplicates"]) == (len(files), 2)
         assert len(incoming(spool)) == len(files)
         assert not list((spool / "tmp").iterdir()), "partial writes left behind"
+        # one service per spool: a second one on it refuses before it clears or recovers anything
+        from onevlm.net.config import parse_config
+        from onevlm.net.service import Service
+        from onevlm.net.spool_owner import SpoolBusy
+
+        second = Service(parse_config(service_config(spool)))
+        try:
+            with pytest.raises(SpoolBusy, match="in use by another onevlm process"):
+                second.start()
+        finally:
+            second.journal.close()
+        assert len(incoming(spool)) == len(files) and service.status()["received"] == len(files)
 
 
 # --------------------------------------------------------------------------- 3. who may connect

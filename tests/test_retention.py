@@ -511,3 +511,48 @@ def test_kill_9_in_the_middle_of_a_clean_up_is_finished_by_the_next_start(tmp_pa
     assert (spool / "results" / study / METADATA_FILE).is_file()
     assert "event=retention_resume action=reduce" in log.read_text()
     pydicom.dcmread(incoming / f"{routed}.dcm").pixel_array  # the routed image still decodes
+
+
+# --------------------------------------------------------------------------- by hand: the CLI and offline status
+
+
+def test_retention_run_by_hand_on_a_stopped_spool_and_refused_while_a_service_owns_it(tmp_path, capsys):
+    """`onevlm retention run` makes one pass over a stopped service's spool; while a service owns the spool (its
+    lock) it refuses and says why; `onevlm status` shows retention's totals and the disk's answer offline."""
+    import yaml
+
+    from onevlm.cli import main
+    from onevlm.net.spool_owner import SpoolBusy, SpoolOwner
+
+    site = FakeSite(tmp_path)
+    group, sops = site.group(4)
+    age(site.spool.root)
+    site.journal.close()
+    config = tmp_path / "service.yaml"
+    config.write_text(yaml.safe_dump({"spool_dir": str(site.spool.root), "retention": {"results_days": 30}}))
+
+    service = SpoolOwner(site.spool.root)
+    service.acquire()  # as `onevlm serve` holds it
+    try:
+        assert main(["retention", "run", "--config", str(config)]) == 1
+        err = capsys.readouterr().err
+        assert f"PID {os.getpid()}" in err and "the running service cleans up every" in err
+        with pytest.raises(SpoolBusy, match="a second service needs it to itself"):
+            SpoolOwner(site.spool.root).acquire("a second service")
+    finally:
+        service.release()
+    assert not any(header_only(p) for p in site.spool.group_folder(group).glob("*.dcm"))  # nothing touched
+
+    assert main(["retention", "run", "--config", str(config), "--json"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert run["reduced"] == 1 and run["removed_files"] == 3 and run["freed_bytes"] > 0
+    assert sum(header_only(p) for p in site.spool.group_folder(group).glob("*.dcm")) == 3
+    assert main(["retention", "run", "--config", str(config)]) == 0
+    assert "0 group(s) reduced" in capsys.readouterr().out  # done once
+
+    assert main(["status", "--config", str(config), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["retention"]["removed_files_total"] == 3 and status["retention"]["pending_cleanups"] == 0
+    assert status["retention"]["enabled"] is True and status["retention"]["held"] == {"unsent": 0, "unfinished": 0}
+    assert status["intake"] == {"accepting": True, "reason": None} and status["processed"] == 1
+    assert {"vlm_calls", "series_decided", "series_failed"} <= status.keys()

@@ -183,6 +183,17 @@ def header_only_copy(ds: pydicom.Dataset) -> pydicom.Dataset:
     return ds
 
 
+def retention_status(journal: Journal) -> dict:
+    """What the journal says of retention, the service running or not: totals, open clean-ups, the cap, what it holds."""
+    return {
+        "pending_cleanups": len(journal.pending_cleanups()),
+        "removed_files_total": journal.counter("retention_removed_files"),
+        "freed_bytes_total": journal.counter("retention_freed_bytes"),
+        "over_cap_bytes_last_pass": journal.cursor(OVER_CAP_CURSOR),
+        "held": journal.retention_held(),
+    }
+
+
 class Retention:
     """Runs the clean-ups of one spool (see the module's docstring).
 
@@ -231,11 +242,9 @@ class Retention:
         run = self.last_run
         return {
             "enabled": self.config.enabled,
-            "pending_cleanups": len(self.journal.pending_cleanups()),
+            **retention_status(self.journal),
             "max_spool_bytes": self.config.max_spool_bytes,
             "over_cap": bool(run and run.over_cap_bytes),
-            "removed_files_total": self.journal.counter("retention_removed_files"),
-            "freed_bytes_total": self.journal.counter("retention_freed_bytes"),
             "last_run": asdict(run) if run is not None else None,
         }
 

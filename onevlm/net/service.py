@@ -27,6 +27,7 @@ from onevlm.net.listener import Listener
 from onevlm.net.processor import GroupProcessor
 from onevlm.net.retention import Retention
 from onevlm.net.spool import Spool
+from onevlm.net.spool_owner import SpoolOwner
 from onevlm.router.pipeline import Router
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Service:
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
         self.spool = Spool(config.spool_dir, config.group_by)
+        self.owner = SpoolOwner(config.spool_dir)
         self.journal = Journal(config.journal_path)
         self.specialty = build_specialty_model(config)
         self.router, self.cards = build_router(config, self.specialty)
@@ -105,6 +107,7 @@ class Service:
                                     self._started, disk_guard=self.disk_guard)
 
     def start(self) -> None:
+        self.owner.acquire("a second service")  # before anything is cleared or recovered: one service per spool
         cleared = self.spool.clear_partial_writes()
         recovered = self.journal.recover(self.spool.scan())
         if cleared or recovered:
@@ -219,6 +222,7 @@ class Service:
         for thread in self._threads:
             thread.join(timeout=30)
         self.journal.close()
+        self.owner.release()
 
 
 def spool_status(journal: Journal, spool: Spool) -> dict:
@@ -242,9 +246,21 @@ def open_journal(config: ServiceConfig) -> Journal:
 
 
 def read_status(config: ServiceConfig) -> dict:
-    """Status counts read from the journal (works whether or not the service runs)."""
+    """Status counts read from the journal (works whether or not the service runs).
+
+    Besides the counts: the routing counts over every current result, what retention did and holds
+    (``retention``: its totals, open clean-ups, how far over the cap the spool was at the last pass) and
+    whether the spool's disk has room for new instances now (``intake``: what the service would answer).
+    """
+    from onevlm.net.disk_space import DiskGuard
+    from onevlm.net.retention import retention_status
+
     journal = open_journal(config)
     try:
-        return spool_status(journal, Spool(config.spool_dir, config.group_by))
+        guard = DiskGuard(config.spool_dir, config.disk)
+        return {**spool_status(journal, Spool(config.spool_dir, config.group_by)), **journal.routing_counts(),
+                "intake": {"accepting": guard.problem() is None, "reason": guard.problem()},
+                "retention": {"enabled": config.retention.enabled, **retention_status(journal),
+                              "max_spool_bytes": config.retention.max_spool_bytes}}
     finally:
         journal.close()
