@@ -728,7 +728,8 @@ class Soak:
         if up is not None and self.outbox_at_return is not None:
             rows = journal_query(self.spool, "SELECT status, sent_at FROM outbox WHERE id <= ? AND destination = 'pacs'",
                                  (self.outbox_at_return,))
-            pending_at_return = [r for r in rows if r[1] is None or r[1] >= up]
+            # an amended result replaced before it was sent (superseded) is never sent: not backlog
+            pending_at_return = [r for r in rows if (r[1] is None or r[1] >= up) and r[0] != "superseded"]
             sent = [r[1] for r in pending_at_return if r[0] == "sent" and r[1] is not None]
             if all(r[0] == "sent" for r in pending_at_return):
                 drained_at = max(sent) if sent else up
