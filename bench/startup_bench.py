@@ -6,7 +6,10 @@ cache; the first run also exports the sentence model to ONNX into the cache fold
 separately as "first run ever", with an empty cache folder). ``serve`` is timed from the start of
 the process to the first answered C-ECHO.
 
-    python bench/startup_bench.py [--repeat 5] [--json OUT]
+    python bench/startup_bench.py [--repeat 5] [--warmup 1] [--only NAME] [--list] [--json OUT]
+
+``--warmup 0`` skips the warm-up runs (the "first run ever" run still fills the cache): each command
+then runs ``--repeat`` times only, as the test suite's smoke run does; ``--list`` prints the names.
 """
 
 from __future__ import annotations
@@ -111,8 +114,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", action="append", help="run only the commands whose name contains this")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up runs of each command before timing")
+    parser.add_argument("--list", action="store_true", help="print the command names (one a line) and exit")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
+    if args.list:
+        with tempfile.TemporaryDirectory(prefix="onevlm-startup-") as folder:
+            print("\n".join(commands(Path(folder))))
+        return 0
     work = Path(tempfile.mkdtemp(prefix="onevlm-startup-"))
     cache = work / "cache"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ONEVLM_CACHE_DIR": str(cache),
@@ -123,8 +132,9 @@ def main() -> int:
             table = {k: v for k, v in table.items() if any(o in k for o in args.only) or "floor" in k}
         first = run_once(table.get("onevlm route ct_head_routine_brain.dcm", (None, None))[1], env) \
             if "onevlm route ct_head_routine_brain.dcm" in table else None
-        for _, command in table.values():  # warm-up: page cache, ONNX export, card vectors
-            run_once(command, env)
+        for _ in range(args.warmup):
+            for _, command in table.values():  # warm-up: page cache, ONNX export, card vectors
+                run_once(command, env)
         runs: dict[str, list[float]] = {name: [] for name in table}
         for _ in range(args.repeat):
             for name, (_, command) in table.items():
@@ -132,7 +142,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     floor = statistics.median(runs["python -c 'import pydicom' (floor)"])
-    result = {"repeat": args.repeat, "cpu_count": os.cpu_count(), "first_run_ever_seconds": first, "commands": {}}
+    result = {"repeat": args.repeat, "warmup": args.warmup, "cpu_count": os.cpu_count(), "first_run_ever_seconds": first, "commands": {}}
     print(f"start-up, medians of {args.repeat} (round robin, warm cache); floor = python -c 'import pydicom'")
     print(f"{'command':46s} {'median s':>9s} {'goal s':>7s} {'met':>4s} {'x floor':>8s}   runs")
     for name, (goal, _) in table.items():

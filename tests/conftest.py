@@ -108,6 +108,14 @@ def gemma3_tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def word_tiny_dir(tmp_path_factory) -> Path:
+    """The tiny random VLM with the word-level tokenizer on the shipped cards (built once per session; read only)."""
+    from onevlm.vlm.synthetic import build_synthetic_model
+
+    return build_synthetic_model("tiny", tmp_path_factory.mktemp("word-tiny") / "model")
+
+
+@pytest.fixture(scope="session")
 def gemma3_tiny(gemma3_tiny_dir):
     """``gemma3_tiny_dir`` loaded once per session on the CPU (float32); a test that scripts its answers removes the script."""
     from onevlm.vlm.loading import LoadOptions, load_model

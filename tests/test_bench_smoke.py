@@ -97,11 +97,15 @@ def test_calibration_bench_reports_every_alpha(tmp_path):
 
 def test_startup_bench_times_every_command(tmp_path):
     out = tmp_path / "startup.json"
-    run_bench("startup_bench.py", "--repeat", "1", "--json", str(out), timeout=600)
+    listed = run_bench("startup_bench.py", "--list").splitlines()
+    # one timed run of each command, no warm-up round (the "first run ever" run fills the cache)
+    run_bench("startup_bench.py", "--repeat", "1", "--warmup", "0", "--json", str(out), timeout=600)
     result = json.loads(out.read_text())
     names = set(result["commands"])
+    assert names == set(listed) and result["warmup"] == 0
     assert {"onevlm route dicom_samples/ (17 files)", "onevlm serve -> C-ECHO", "onevlm status",
             "python -m apps.router_app -i dicom_samples"} <= names
+    assert all(len(c["runs"]) == 1 for c in result["commands"].values())
     assert all(positive(c["median"]) for c in result["commands"].values())
     assert positive(result["first_run_ever_seconds"])
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -429,13 +430,37 @@ def _app_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_route_execute_app_end_to_end(models, tmp_path):
-    inputs = copy_samples(tmp_path / "in")
-    (inputs / "broken.dcm").write_bytes(b"DICM but not really")
-    out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "apps.route_execute_app", "-i", str(inputs), "-o", str(out),
-                          "-m", str(models["models"])], capture_output=True, text=True, timeout=600, cwd=REPO,
-                         env=_app_env(ONEVLM_SPECIALTY_QUANTIZE="nf4", ONEVLM_DEVICE="cpu"))
+@pytest.fixture(scope="module")
+def app_runs(models, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """The app's runs of the three tests below on the trained models, started side by side (each is a process of
+    its own, as a site starts the app; most of a run is one core's start-up): name -> (the run, its folder)."""
+    root = tmp_path_factory.mktemp("route-execute-app")
+    default = copy_samples(root / "default" / "in")
+    (default / "broken.dcm").write_bytes(b"DICM but not really")
+    both = copy_samples(root / "both-roles" / "in", (CHEST, BREAST_US))
+    (root / "missing-adapter").mkdir()
+    runs = {  # name -> (-i, the run's environment, timeout)
+        "default": (default, _app_env(ONEVLM_SPECIALTY_QUANTIZE="nf4", ONEVLM_DEVICE="cpu"), 600),
+        "both-roles": (both, _app_env(ONEVLM_BACKEND="transformers", ONEVLM_SPECIALTY_QUANTIZE="nf4",
+                                      ONEVLM_DEVICE="cpu"), 600),
+        "missing-adapter": (SAMPLES, _app_env(ONEVLM_ADAPTERS=str(root / "missing-adapter" / "nowhere")), 300),
+    }
+
+    def run(name: str) -> subprocess.CompletedProcess:
+        inputs, env, timeout = runs[name]
+        out = root / name if name == "missing-adapter" else root / name / "out"
+        return subprocess.run([sys.executable, "-m", "apps.route_execute_app", "-i", str(inputs), "-o", str(out),
+                               "-m", str(models["models"])], capture_output=True, text=True, timeout=timeout,
+                              cwd=REPO, env=env)
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        started = {name: pool.submit(run, name) for name in runs}
+        return {name: (future.result(), root / name) for name, future in started.items()}
+
+
+def test_route_execute_app_end_to_end(app_runs):
+    run, folder = app_runs["default"]
+    out = folder / "out"
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     meta = json.loads((out / "metadata.json").read_text())
     detail = json.loads((out / "series.json").read_text())
@@ -449,14 +474,10 @@ def test_route_execute_app_end_to_end(models, tmp_path):
     assert len(list((out / "sr").glob("*.dcm"))) == 3
 
 
-def test_route_execute_app_with_the_vlm_in_both_roles(models, tmp_path):
+def test_route_execute_app_with_the_vlm_in_both_roles(app_runs):
     """ONEVLM_BACKEND=transformers: the router is the specialty model's base (random tiny VLM: any card)."""
-    inputs = copy_samples(tmp_path / "in", (CHEST, BREAST_US))
-    out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "apps.route_execute_app", "-i", str(inputs), "-o", str(out),
-                          "-m", str(models["models"])], capture_output=True, text=True, timeout=600, cwd=REPO,
-                         env=_app_env(ONEVLM_BACKEND="transformers", ONEVLM_SPECIALTY_QUANTIZE="nf4",
-                                      ONEVLM_DEVICE="cpu"))
+    run, folder = app_runs["both-roles"]
+    out = folder / "out"
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     records = [json.loads(line) for line in (out / "decisions.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["error"] is None for r in records)
@@ -500,12 +521,10 @@ def test_route_execute_app_on_gemma3s_real_vocabulary(gemma3_tiny_dir, tmp_path)
     assert len(list((out / "sr").glob("*.dcm"))) == 2
 
 
-def test_route_execute_app_refuses_a_missing_adapter_folder(models, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "apps.route_execute_app", "-i", str(SAMPLES), "-o", str(tmp_path),
-                          "-m", str(models["models"])], capture_output=True, text=True, timeout=300, cwd=REPO,
-                         env=_app_env(ONEVLM_ADAPTERS=str(tmp_path / "nowhere")))
+def test_route_execute_app_refuses_a_missing_adapter_folder(app_runs):
+    run, folder = app_runs["missing-adapter"]
     assert run.returncode != 0
-    assert f"{tmp_path / 'nowhere'}: adapter folder not found" in run.stdout + run.stderr
+    assert f"{folder / 'nowhere'}: adapter folder not found" in run.stdout + run.stderr
 
 
 def test_listener_service_runs_route_execute(models, tmp_path):
@@ -555,6 +574,17 @@ def test_route_execute_app_calibrated_hybrid_turns_a_card_set_into_one_card(mode
     from scripted_vlm import scripted_router_calls
 
     script = {"brain CT scan": 0.6, "acute ischemic stroke": 0.35}
+    inputs = copy_samples(tmp_path / "in", (BRAIN_CT, "ct_head_512_j2k.dcm"))
+
+    def run_app(name: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "tests" / "scripted_app.py"), "apps.route_execute_app",
+                               "-i", str(inputs), "-o", str(tmp_path / name), "-m", str(models["models"])],
+                              capture_output=True, text=True, timeout=600, cwd=REPO,
+                              env=_app_env(ONEVLM_SPECIALTY_QUANTIZE="nf4", ONEVLM_DEVICE="cpu", **extra))
+
+    # the header-alone run needs no calibration: it runs (its own process) while the calibration is fitted here
+    pool = ThreadPoolExecutor(2)
+    embedded = pool.submit(run_app, "embedded", ONEVLM_BACKEND="embedded", ONEVLM_TEST_SCRIPTED_ANSWERS="{}")
     labels = tmp_path / "labels.csv"
     with labels.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -565,24 +595,19 @@ def test_route_execute_app_calibrated_hybrid_turns_a_card_set_into_one_card(mode
         for _ in range(6):
             writer.writerow([str(SAMPLES / "nm_whole_body_j2k.dcm"), "Other", "", ""])
             writer.writerow([str(SAMPLES / "rt_plan.dcm"), "None", "", ""])
-    backend = create_backend("hybrid", cards, pixel_backend=SharedBaseRouterBackend(specialty_model))
-    with scripted_router_calls(script):
-        calibration = calibrate_from_labels(labels, cards, backend, risk=0.2, holdout=0.0)
-    assert calibration.fusion is not None and calibration.identity["backend"] == "hybrid"
-    calibration_file = calibration.save(tmp_path / "calibration.json")
-
-    inputs = copy_samples(tmp_path / "in", (BRAIN_CT, "ct_head_512_j2k.dcm"))
-    runs = {}
-    for name, extra in (("hybrid", {"ONEVLM_CALIBRATION": str(calibration_file),
-                                    "ONEVLM_TEST_SCRIPTED_ANSWERS": json.dumps(script)}),
-                        ("embedded", {"ONEVLM_BACKEND": "embedded", "ONEVLM_TEST_SCRIPTED_ANSWERS": "{}"})):
-        out = tmp_path / name
-        run = subprocess.run([sys.executable, str(REPO / "tests" / "scripted_app.py"), "apps.route_execute_app",
-                              "-i", str(inputs), "-o", str(out), "-m", str(models["models"])],
-                             capture_output=True, text=True, timeout=600, cwd=REPO,
-                             env=_app_env(ONEVLM_SPECIALTY_QUANTIZE="nf4", ONEVLM_DEVICE="cpu", **extra))
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        runs[name] = {e["input"]: e for e in json.loads((out / "series.json").read_text())["entries"]}
+    with pool:
+        backend = create_backend("hybrid", cards, pixel_backend=SharedBaseRouterBackend(specialty_model))
+        with scripted_router_calls(script):
+            calibration = calibrate_from_labels(labels, cards, backend, risk=0.2, holdout=0.0)
+        assert calibration.fusion is not None and calibration.identity["backend"] == "hybrid"
+        calibration_file = calibration.save(tmp_path / "calibration.json")
+        hybrid = pool.submit(run_app, "hybrid", ONEVLM_CALIBRATION=str(calibration_file),
+                             ONEVLM_TEST_SCRIPTED_ANSWERS=json.dumps(script))
+        runs = {}
+        for name, future in (("hybrid", hybrid), ("embedded", embedded)):
+            run = future.result()
+            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+            runs[name] = {e["input"]: e for e in json.loads((tmp_path / name / "series.json").read_text())["entries"]}
     for input_name in (BRAIN_CT, "ct_head_512_j2k.dcm"):
         alone, hybrid = runs["embedded"][input_name], runs["hybrid"][input_name]
         assert alone["outcome"] == "routed-set" and alone["cards"] == ["MODEL_01", "MODEL_02", "MODEL_03", "MODEL_04"]

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -185,10 +186,18 @@ def test_router_app_takes_a_model_folder_with_dash_m(workspace, tmp_path):
     cards, inputs, output = workspace
     model = build_synthetic_model("tiny", tmp_path / "model", cards=CardRepository.load(cards))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ONEVLM_CARDS": str(cards)}
-    result = subprocess.run(
-        [sys.executable, "-m", "apps.router_app", "-i", str(inputs), "-o", str(output), "-m", str(model)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
+
+    def run(out: Path, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "apps.router_app", "-i", str(inputs), "-o", str(out), "-m", str(model)],
+            cwd=REPO_ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=300,
+        )
+
+    with ThreadPoolExecutor(2) as pool:  # two processes side by side: most of a run is one core's start-up
+        hybrid = pool.submit(run, output)
+        pixels_only = pool.submit(run, tmp_path / "pixels-only", ONEVLM_BACKEND="transformers")
+        result = hybrid.result()
+        second = pixels_only.result()
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (output / "decisions.jsonl").read_text().splitlines()]
     # a VLM configured: the hybrid router (header first; the VLM's pixels only where the header cannot decide)
@@ -199,10 +208,7 @@ def test_router_app_takes_a_model_folder_with_dash_m(workspace, tmp_path):
         first = record["stages"][0]
         assert first["evidence"]["pixels_read"] == ("pixels" in first["consulted"])
         assert record["vlm_calls"] == sum("pixels" in s["consulted"] for s in record["stages"])
-    result = subprocess.run(
-        [sys.executable, "-m", "apps.router_app", "-i", str(inputs), "-o", str(tmp_path / "pixels-only"), "-m",
-         str(model)], cwd=REPO_ROOT, env={**env, "ONEVLM_BACKEND": "transformers"}, capture_output=True, text=True,
-        timeout=300)
+    result = second
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "pixels-only" / "decisions.jsonl").read_text().splitlines()]
     assert records and all(r["backend"]["backend"] == "transformers" for r in records)
@@ -290,7 +296,24 @@ def test_router_app_with_the_sites_calibration(workspace, tmp_path):
                  "-o", str(calibration_file)]) == 0
     calibration = SiteCalibration.load(calibration_file)
 
-    result = _run_app(inputs, output, cards, ONEVLM_CALIBRATION=str(calibration_file))
+    models = tmp_path / "models"  # the MAP's -m folder: no VLM in it, only the site's calibration
+    models.mkdir()
+    shutil.copy(calibration_file, models / "calibration.json")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ONEVLM_CARDS": str(cards)}
+    env.pop("ONEVLM_CALIBRATION", None)
+    data = json.loads(calibration_file.read_text())
+    data["identity"]["backend"] = "transformers"
+    data.pop("calibration_id")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    with ThreadPoolExecutor(3) as pool:  # three processes side by side: most of a run is one core's start-up
+        calibrated = pool.submit(_run_app, inputs, output, cards, ONEVLM_CALIBRATION=str(calibration_file))
+        from_folder = pool.submit(
+            subprocess.run, [sys.executable, "-m", "apps.router_app", "-i", str(inputs), "-o", str(tmp_path / "out2"),
+                             "-m", str(models)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        refused = pool.submit(_run_app, inputs, tmp_path / "out3", cards, ONEVLM_CALIBRATION=str(other))
+        result, run, refused = calibrated.result(), from_folder.result(), refused.result()
+
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metadata = json.loads((output / "metadata.json").read_text(encoding="utf-8"))
     assert metadata["calibrated"] is True and metadata["calibration_id"] == calibration.calibration_id
@@ -301,22 +324,9 @@ def test_router_app_with_the_sites_calibration(workspace, tmp_path):
     assert {e["outcome"] for e in decided} <= {"review", "stopped"}
     assert metadata["needs_review"] is True
 
-    models = tmp_path / "models"  # the MAP's -m folder: no VLM in it, only the site's calibration
-    models.mkdir()
-    shutil.copy(calibration_file, models / "calibration.json")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ONEVLM_CARDS": str(cards)}
-    env.pop("ONEVLM_CALIBRATION", None)
-    run = subprocess.run([sys.executable, "-m", "apps.router_app", "-i", str(inputs), "-o", str(tmp_path / "out2"),
-                          "-m", str(models)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "out2" / "metadata.json").read_text())["calibration_id"] == calibration.calibration_id
 
-    data = json.loads(calibration_file.read_text())
-    data["identity"]["backend"] = "transformers"
-    data.pop("calibration_id")
-    other = tmp_path / "other.json"
-    other.write_text(json.dumps(data))
-    refused = _run_app(inputs, tmp_path / "out3", cards, ONEVLM_CALIBRATION=str(other))
     assert refused.returncode != 0
     assert f"{other}: calibration" in refused.stderr and "does not fit this router" in refused.stderr
     assert not (tmp_path / "out3" / "metadata.json").exists()

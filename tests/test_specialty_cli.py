@@ -244,21 +244,23 @@ def test_predictions_round_trip_and_the_table_formats_the_reference(tmp_path: Pa
 @pytest.mark.parametrize("tokenizer", ["word", "gemma3"])
 def test_finetune_then_evaluate_specialty_end_to_end(tmp_path: Path, capsys, tokenizer, request) -> None:
     """CLI fine-tuning takes the tiny model from chance to >= 90 % on shapes; the report shows both. On our
-    word-level tokenizer and on Gemma 3's real vocabulary (262,208 output rows)."""
-    from onevlm.vlm.synthetic import build_synthetic_model
+    word-level tokenizer and on Gemma 3's real vocabulary (262,208 output rows).
 
+    Steps: with this recipe and data the word model reaches test accuracy 0.45 after 40 steps, 0.975 after
+    60 and 1.0 after 80; the Gemma 3 one 0.0 after 40, 0.7 after 60, 0.975 after 80 and 1.0 after 100 (CPU,
+    2026-12): each runs 20 steps past its first >= 0.9."""
+    steps = {"word": 80, "gemma3": 100}[tokenizer]
     started = time.monotonic()
-    tiny = (request.getfixturevalue("gemma3_tiny_dir") if tokenizer == "gemma3"
-            else build_synthetic_model("tiny", tmp_path / "tiny"))
+    tiny = request.getfixturevalue("gemma3_tiny_dir" if tokenizer == "gemma3" else "word_tiny_dir")
     data = tmp_path / "data"
     data.mkdir()
     classes = synthetic.write_shapes_medmnist(data / "shapesmnist.npz", per_split=(256, 24, 40), seed=0)
     mixture = shapes_yaml(tmp_path / "shapes.yaml", classes)
     adapter, report = tmp_path / "adapter", tmp_path / "report"
 
-    # the trainer's recipe for this task (tests/test_specialty_training.py): 120 steps, batch 16, lr 3e-3
+    # the trainer's recipe for this task (tests/test_specialty_training.py): batch 16, lr 3e-3 (fewer steps: above)
     rc = main(["finetune", "--specialty", str(mixture), "--data", str(data), "--model", str(tiny),
-               "--out", str(adapter), "--markers", "numbers", "--max-steps", "120", "--batch-size", "16",
+               "--out", str(adapter), "--markers", "numbers", "--max-steps", str(steps), "--batch-size", "16",
                "--grad-accum", "1", "--lr", "3e-3",
                "--warmup-ratio", "0.05", "--checkpoint-every", "0", "--no-gradient-checkpointing", "--device", "cpu",
                "--eval-batch-size", "50", "--no-progress"])

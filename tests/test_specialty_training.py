@@ -44,7 +44,6 @@ from onevlm.specialty.encoding import IGNORE_INDEX, ExampleEncoder, unrepresenta
 from onevlm.specialty.prediction import accuracy, load_finetuned, predict
 from onevlm.specialty.training import TrainingSettings, _DataStream, finetune, latest_checkpoint
 from onevlm.vlm.loading import LoadOptions, fingerprint, load_model
-from onevlm.vlm.synthetic import build_synthetic_model
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +110,8 @@ def sample_for(task: str) -> LabelledImage:
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    return build_synthetic_model("tiny", tmp_path_factory.mktemp("specialty-tiny"))
+def tiny_dir(word_tiny_dir) -> Path:
+    return word_tiny_dir  # conftest: the same build test_specialty_cli.py fine-tunes
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -211,20 +212,33 @@ def test_bad_model_folders(tmp_path, tiny_dir):
         load_model(text_only)
 
 
+def run_side_by_side(commands: dict[str, list[str]], **kwargs) -> dict[str, subprocess.CompletedProcess]:
+    """``subprocess.run`` of independent commands at the same time (their start-up is mostly one core's work)."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        runs = {name: pool.submit(subprocess.run, argv, capture_output=True, text=True, **kwargs)
+                for name, argv in commands.items()}
+        return {name: run.result() for name, run in runs.items()}
+
+
 @pytest.mark.slow
 def test_cli_synth_model_then_route(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     exe = os.path.join(os.path.dirname(sys.executable), "onevlm")
     model = tmp_path / "tiny"
-    made = subprocess.run([exe, "synth-model", "tiny", str(model), "--tokenizer", "subword"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    inputs = [str(SAMPLES / "ct_head_512_j2k.dcm"), str(SAMPLES / "sr_simple_image_report.dcm")]
+    first = run_side_by_side({  # the missing-model run needs no model: it runs while the model is made
+        "made": [exe, "synth-model", "tiny", str(model), "--tokenizer", "subword"],
+        "bad": [exe, "route", "--backend", "transformers", "--model", str(tmp_path / "missing"), inputs[0]],
+    }, env=env, timeout=300)
+    made = first["made"]
     assert made.returncode == 0, made.stderr
     assert json.loads((model / "onevlm_synthetic.json").read_text())["tokenizer"] == "subword"
-    inputs = [str(SAMPLES / "ct_head_512_j2k.dcm"), str(SAMPLES / "sr_simple_image_report.dcm")]
-    for mode, engine in (("options", "fast"), ("free", "graph")):
-        run = subprocess.run([exe, "route", "--backend", "transformers", "--model", str(model), "--answer-mode", mode,
-                              "--engine", engine, "--json", "--log", str(tmp_path / f"{mode}.jsonl"), *inputs],
-                             capture_output=True, text=True, env=env, timeout=300)
+    modes = (("options", "fast"), ("free", "graph"))
+    routes = run_side_by_side({mode: [exe, "route", "--backend", "transformers", "--model", str(model), "--answer-mode",
+                                      mode, "--engine", engine, "--json", "--log", str(tmp_path / f"{mode}.jsonl"),
+                                      *inputs] for mode, engine in modes}, env=env, timeout=300)
+    for mode, engine in modes:
+        run = routes[mode]
         assert run.returncode == 0, run.stderr
         head, sr = [json.loads(line) for line in run.stdout.splitlines()]
         assert sr["stages"][0]["chosen"] == "None" and sr["stopped_early"]
@@ -242,8 +256,7 @@ def test_cli_synth_model_then_route(tmp_path):
             assert head["model_card_id"] is None or head["model_card_id"].startswith("MODEL_")
         else:
             assert head["stopped_early"] or len(head["stages"]) == 3
-    bad = subprocess.run([exe, "route", "--backend", "transformers", "--model", str(tmp_path / "missing"), inputs[0]],
-                         capture_output=True, text=True, env=env, timeout=300)
+    bad = first["bad"]
     assert bad.returncode == 2 and "model folder not found" in bad.stderr
 
 
