@@ -39,6 +39,7 @@ Research use only.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -128,8 +129,9 @@ def is_header_only(ds: pydicom.Dataset) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=2)
 def _mark(implicit_vr: bool) -> bytes:
-    """The (7FE1,xx02) mark, encoded little endian in the file's VR encoding."""
+    """The (7FE1,xx02) mark, encoded little endian in the file's VR encoding (two constants: built once each)."""
     mark = pydicom.Dataset()
     mark.private_block(TRAILING_GROUP, PRIVATE_CREATOR, create=True).add_new(RETENTION_ELEMENT, "LO", PIXELS_REMOVED)
     buffer = DicomBytesIO()

@@ -257,9 +257,9 @@ def read_status(config: ServiceConfig) -> dict:
 
     journal = open_journal(config)
     try:
-        guard = DiskGuard(config.spool_dir, config.disk)
+        problem = DiskGuard(config.spool_dir, config.disk).problem()
         return {**spool_status(journal, Spool(config.spool_dir, config.group_by)), **journal.routing_counts(),
-                "intake": {"accepting": guard.problem() is None, "reason": guard.problem()},
+                "intake": {"accepting": problem is None, "reason": problem},
                 "retention": {"enabled": config.retention.enabled, **retention_status(journal),
                               "max_spool_bytes": config.retention.max_spool_bytes}}
     finally:
