@@ -426,7 +426,11 @@ def test_a_dead_stow_rs_destination_does_not_hold_back_the_pacs(tmp_path):
                        "both SRs in the PACS")
             arrived = time.monotonic()
             wait_until(lambda: dead.accepted, 30, 0.1, "a STOW-RS attempt on the hung server")
-            rows = journal_query(spool, "SELECT destination, status FROM outbox ORDER BY destination")
+            # the PACS has the SRs; the exporter records that right after its C-STORE returns
+            outbox = "SELECT destination, status FROM outbox ORDER BY destination"
+            wait_until(lambda: sorted(journal_query(spool, outbox))[2:] == [("pacs", "sent")] * 2, 10, 0.1,
+                       "the PACS's outbox rows marked sent")
+            rows = journal_query(spool, outbox)
         # both SRs reached the PACS before the first request to the hung server could have timed out
         assert arrived - dead.accepted[0] < 8
         assert sorted(rows) == [("dead-vna", "pending")] * 2 + [("pacs", "sent")] * 2
