@@ -1,10 +1,10 @@
 """The Orthanc intake reads what it needs (``intake.fetch``), with a real Orthanc on loopback.
 
-``needed`` (default): every instance a header-only copy built from the series' DICOMweb metadata,
-whole only the image the router routes the series by; the SR's evidence still lists every
-instance, results go back to Orthanc, an amendment is routed by the middle image of the grown
-series. ``all``: every instance whole, as before. A copy that fails mid-way (a crash) loses
-nothing and records nothing twice. Research use only.
+``needed`` (default): every instance a header-only copy built from Orthanc's tags as it arrives,
+recorded in the journal when Orthanc calls the study stable, whole only the image the router
+routes the series by; the SR's evidence still lists every instance, results go back to Orthanc,
+an amendment is routed by the middle image of the grown series. ``all``: every instance whole, as
+before. A copy that fails mid-way (a crash) loses nothing and records nothing twice. Research use only.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dicom_peers import Pacs, journal_query, make_copies, pydicom_file, running_
     wait_until
 from onevlm.net.config import ConfigError, OrthancSource, parse_config
 from onevlm.net.header_copies import HeaderEncoder, routing_view, whole_needed
+from onevlm.net.orthanc_tags import dicom_json
 from onevlm.net.retention import is_header_only
 from onevlm.reports.routing_metadata import DETAIL_FILE
 
@@ -122,7 +123,99 @@ def test_a_header_copy_reads_as_retentions_copy():
     assert tags == sorted(tags)
 
 
+def test_orthancs_tags_become_dicom_json():
+    """VRs from the dictionary (private creators' too, US or SS by Pixel Representation); what Orthanc
+    cannot give faithfully (binary, AT, too long, unknown private) is left out, Pixel Data marked."""
+    tags = {
+        "0008,0018": {"Name": "SOPInstanceUID", "Type": "String", "Value": "1.2.3.4"},
+        "0010,0010": {"Name": "PatientName", "Type": "String", "Value": "Doe^J=Ideo^J"},
+        "0018,0050": {"Name": "SliceThickness", "Type": "String", "Value": "1.25"},
+        "0020,0032": {"Name": "ImagePositionPatient", "Type": "String", "Value": "-125\\-125.5\\10"},
+        "0020,4000": {"Name": "ImageComments", "Type": "TooLong", "Value": None},
+        "0028,0009": {"Name": "FrameIncrementPointer", "Type": "String", "Value": "0054,0010"},
+        "0028,0010": {"Name": "Rows", "Type": "String", "Value": "512"},
+        "0028,0103": {"Name": "PixelRepresentation", "Type": "String", "Value": "1"},
+        "0028,0106": {"Name": "SmallestImagePixelValue", "Type": "String", "Value": "-1024"},
+        "0028,1050": {"Name": "WindowCenter", "Type": "String", "Value": ""},
+        "0043,0010": {"Name": "PrivateCreator", "Type": "String", "Value": "GEMS_PARM_01"},
+        "0043,1010": {"Name": "WindowValue", "Type": "String", "Value": "400"},
+        "0043,1028": {"Name": "UniqueImageIdentifier", "Type": "Null", "Value": None},
+        "0045,0010": {"Name": "PrivateCreator", "Type": "String", "Value": "SOME VENDOR"},
+        "0045,1001": {"Name": "Unknown Tag & Data", "Type": "String", "Value": "x"},
+        "0008,1140": {"Name": "ReferencedImageSequence", "Type": "Sequence", "Value": [
+            {"0008,1155": {"Name": "ReferencedSOPInstanceUID", "Type": "String", "Value": "1.2.3.5"}}]},
+        "7fe0,0010": {"Name": "PixelData", "Type": "Null", "Value": None},
+    }
+    assert dicom_json(tags) == {
+        "00080018": {"vr": "UI", "Value": ["1.2.3.4"]},
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^J", "Ideographic": "Ideo^J"}]},
+        "00180050": {"vr": "DS", "Value": ["1.25"]},
+        "00200032": {"vr": "DS", "Value": ["-125", "-125.5", "10"]},
+        "00280010": {"vr": "US", "Value": [512]},
+        "00280103": {"vr": "US", "Value": [1]},
+        "00280106": {"vr": "SS", "Value": [-1024]},
+        "00281050": {"vr": "DS"},
+        "00430010": {"vr": "LO", "Value": ["GEMS_PARM_01"]},
+        "00431010": {"vr": "US", "Value": [400]},
+        "00450010": {"vr": "LO", "Value": ["SOME VENDOR"]},
+        "00081140": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.3.5"]}}]},
+        "7FE00010": {"vr": "OW", "BulkDataURI": ""},
+    }
+
+
 # --------------------------------------------------------------------------- with Orthanc
+
+
+class SlowToSettle(Pacs):
+    """Orthanc calls a study stable only 5 s after its last instance: time to look before it does."""
+
+    def config(self) -> dict:
+        return {**super().config(), "StableAge": 5}
+
+
+def test_needed_copies_headers_as_they_arrive_and_records_them_when_stable(tmp_path):
+    """Before StableStudy: a header-only copy of every instance in the spool, none in the journal; the
+    copy holds the original's header but what Orthanc's tags cannot give. After: all recorded at once,
+    the middle image whole."""
+    from onevlm.net.journal import Journal
+    from onevlm.net.orthanc_intake import OrthancIntake
+    from onevlm.net.spool import Spool
+
+    (study, files), = make_copies(pydicom_file("CT_small.dcm"), tmp_path / "data", studies=1, per_study=5).items()
+    by_number = numbered(files)
+    with SlowToSettle(tmp_path / "pacs") as pacs:
+        spool, journal = Spool(tmp_path / "spool"), Journal(tmp_path / "spool" / "journal.sqlite")
+        intake = OrthancIntake(OrthancSource(pacs.url), spool, journal)
+        assert storescu(files, pacs.dicom_port, called=pacs.AE_TITLE).returncode == 0
+        assert intake.poll_once() == 0
+        changes = [c["ChangeType"] for c in pacs.get_json("/changes?limit=1000")["Changes"]]
+        assert "StableStudy" not in changes, "Orthanc called the study stable too early for this test"
+        state = spool_state(tmp_path / "spool")
+        assert set(state) == set(by_number.values()) and all(copy for copy, _ in state.values())
+        assert journal.status()["received"] == 0 and intake.pending_instances == 5
+
+        # the copy is the original's header, less what the module says Orthanc's tags cannot give
+        original = pydicom.dcmread(files[0], stop_before_pixels=True)
+        copy = pydicom.dcmread(tmp_path / "spool" / "incoming" / study / f"{original.SOPInstanceUID}.dcm")
+        left_out = {str(e.tag) for e in original if e.tag not in copy}
+        expected = {str(e.tag) for e in original
+                    if e.tag.element == 0 or e.VR in ("OB", "OW", "UN", "AT")}
+        assert left_out == expected, left_out ^ expected
+        assert "(0043,1010)" in {str(e.tag) for e in copy}  # a GE private element, its creator known
+        for element in original:
+            if element.tag in copy and element.VR != "SQ":
+                assert copy[element.tag].value == element.value, element.tag
+
+        wait_until(lambda: any(c["ChangeType"] == "StableStudy"
+                               for c in pacs.get_json("/changes?limit=1000")["Changes"]), 30, 0.2, "StableStudy")
+        assert intake.poll_once() == 5
+        assert intake.poll_once() == 0  # nothing twice
+        counts, pending = journal.status(), intake.pending_instances
+        journal.close()
+    assert counts["received"] == 5 and counts["duplicates"] == 0 and pending == 0
+    state = spool_state(tmp_path / "spool")
+    assert {sop for sop, (copy, _) in state.items() if not copy} == {by_number[3]}
+
 
 
 def test_needed_fetches_only_the_routed_image_whole_and_an_amendment_works(tmp_path):
@@ -198,12 +291,12 @@ def test_a_copy_that_fails_midway_loses_nothing(tmp_path, monkeypatch):
             OrthancIntake(OrthancSource(pacs.url), spool, journal).poll_once()
         monkeypatch.setattr(orthanc_intake.Spool, "store_known", real)
         assert journal.status()["received"] == 0 and journal.cursor(CURSOR) < pacs.get_json("/changes?limit=0")["Last"]
-        assert by_number[4] in spool_state(tmp_path / "spool")  # the whole one came first
+        assert all(copy for copy, _ in spool_state(tmp_path / "spool").values())  # complete copies, nothing else
         journal.close()
 
         journal = Journal(tmp_path / "spool" / "journal.sqlite")  # the restart: recovery, then the intake
         held = journal.recover(spool.scan())
-        assert held == len(spool.scan()) == len(written)  # (the whole one is stored through store_known too)
+        assert held == len(spool.scan()) == len(written) == 3
         assert OrthancIntake(OrthancSource(pacs.url), spool, journal).poll_once() == 7 - held
         counts = journal.status()
         journal.close()

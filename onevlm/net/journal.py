@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from onevlm.net.journal_schema import bring_up_to_date, check_version
 from onevlm.reports.series_figures import SeriesFigures
@@ -144,17 +144,44 @@ class Journal:
         """Record a stored instance; its group (re)opens for receiving. False for a duplicate."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            cur = db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
-                             (sop_uid, group_key, str(path), sop_class, calling_ae, now))
-            new = cur.rowcount == 1
-            self._bump(db, "received" if new else "duplicates")
-            db.execute(
-                "INSERT INTO groups(group_key, status, last_received, received, updated_at) VALUES (?, 'receiving', ?, ?, ?) "
-                "ON CONFLICT(group_key) DO UPDATE SET status = CASE WHEN status IN ('queued', 'processing') "
-                "THEN status ELSE 'receiving' END, last_received = ?, received = received + ?, updated_at = ?",
-                (group_key, now, int(new), now, now, int(new), now),
-            )
-            return new
+            return self._record(db, sop_uid, group_key, path, sop_class, calling_ae, now)
+
+    def record_instances(self, stored: Iterable[tuple[str, str, Path, str]], calling_ae: str) -> set[str]:
+        """Record many stored instances (SOP Instance UID, group, path, SOP Class UID) in one transaction,
+        as :meth:`record_instance` each; returns their groups."""
+        now = time.time()
+        groups = set()
+        with self._tx() as db:
+            for sop_uid, group_key, path, sop_class in stored:
+                self._record(db, sop_uid, group_key, path, sop_class, calling_ae, now)
+                groups.add(group_key)
+        return groups
+
+    def _record(self, db: sqlite3.Connection, sop_uid: str, group_key: str, path: Path, sop_class: str,
+                calling_ae: str, now: float) -> bool:
+        cur = db.execute("INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?)",
+                         (sop_uid, group_key, str(path), sop_class, calling_ae, now))
+        new = cur.rowcount == 1
+        self._bump(db, "received" if new else "duplicates")
+        db.execute(
+            "INSERT INTO groups(group_key, status, last_received, received, updated_at) VALUES (?, 'receiving', ?, ?, ?) "
+            "ON CONFLICT(group_key) DO UPDATE SET status = CASE WHEN status IN ('queued', 'processing') "
+            "THEN status ELSE 'receiving' END, last_received = ?, received = received + ?, updated_at = ?",
+            (group_key, now, int(new), now, now, int(new), now),
+        )
+        return new
+
+    def instance_paths(self, sop_uids: Sequence[str]) -> dict[str, Path]:
+        """The recorded spool paths of those of ``sop_uids`` the journal holds."""
+        found: dict[str, Path] = {}
+        with self._lock:
+            for start in range(0, len(sop_uids), 500):  # SQLite's bound-parameter limit
+                chunk = list(sop_uids[start:start + 500])
+                marks = ",".join("?" * len(chunk))
+                for sop, path in self._db.execute(
+                        f"SELECT sop_instance_uid, path FROM instances WHERE sop_instance_uid IN ({marks})", chunk):
+                    found[sop] = Path(path)
+        return found
 
     def due_groups(self, idle_seconds: float, now: float | None = None) -> list[str]:
         """Groups idle for ``idle_seconds``: mark them queued and return them."""

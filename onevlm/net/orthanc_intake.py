@@ -13,14 +13,20 @@ the journal are not fetched again, and onevlm's own results coming back (series 
 (the service's :class:`~onevlm.net.disk_space.DiskGuard`) nothing is copied and the position stays
 put: Orthanc keeps the instances, and the next poll after space returns copies them.
 
-What is copied (``intake.fetch``): ``all`` copies every instance whole. ``needed`` (the default)
-reads each series' metadata in one DICOMweb request (``/dicom-web/studies/S/series/T/metadata``,
-Orthanc's DICOMweb plugin), stores every instance as a header-only copy (retention's: the router,
-an SR's evidence, retention and amendments already read those) and fetches whole only the
-instances the pipeline reads pixels from: the image the router will route the series by (its
-middle image, :func:`~onevlm.net.header_copies.whole_needed`; a VLM, a specialty model, a SEG's
-source, the operator's page and ``labels export`` all read that one), every level of a whole
-slide, and every instance of a series whose metadata cannot be read or encoded.
+What is copied (``intake.fetch``): ``all`` copies every instance whole after the stable change.
+``needed`` (the default) reads each instance as it arrives: it follows ``NewInstance`` changes
+too, reads the instance's header through Orthanc's ``/instances/{id}/tags`` (Orthanc reads its file
+only up to the pixels; :mod:`onevlm.net.orthanc_tags` says what such a copy keeps) and stores a
+header-only copy (retention's marker: the router, an SR's evidence, retention and amendments
+already read those), several at once. At the stable change only what the pipeline reads pixels
+from is fetched whole: the image the router will route the series by (its middle image,
+:func:`~onevlm.net.header_copies.whole_needed`; a VLM, a specialty model, a SEG's source, the
+operator's page and ``labels export`` all read that one), every level of a whole slide, and an
+instance whose header cannot be encoded; then the series' instances are recorded in the journal
+in one transaction and the group is due. So a study of thousands of slices is in the journal
+moments after Orthanc calls it stable, not after thousands of requests. Copies made before a
+restart, not yet recorded, are recorded by the service's start-up recovery (as a listener's
+acknowledged files are) and processed after the idle time.
 """
 
 from __future__ import annotations
@@ -29,14 +35,21 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
-from onevlm.dicom.header import DicomReadError, read_header
-from onevlm.net.config import OrthancSource
+from pathlib import Path
+
+import requests
+
+from onevlm.dicom.header import DicomReadError, read_dicom, read_header
 from onevlm.disk_full import is_disk_full
+from onevlm.inputs.routing_input import RoutingInput
+from onevlm.net.config import OrthancSource
 from onevlm.net.disk_space import DiskGuard
-from onevlm.net.header_copies import HeaderCopy, HeaderEncoder, MetadataError, routing_view, whole_needed
+from onevlm.net.header_copies import HeaderEncoder, MetadataError, routing_view, whole_needed
 from onevlm.net.journal import Journal
+from onevlm.net.orthanc_tags import dicom_json
+from onevlm.net.retention import is_header_only
 from onevlm.net.spool import Spool, StoredInstance, fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -47,21 +60,16 @@ OWN_SERIES_PREFIX = "onevlm"
 CHANGES_PER_REQUEST = 100
 #: Instances fetched and spooled at once.
 COPY_THREADS = 4
-#: Orthanc's DICOMweb plugin root (its default), below the REST URL.
-DICOMWEB_ROOT = "/dicom-web"
 
 
-@dataclass
-class _SeriesPlan:
-    """One series of a stable change: its instances in Orthanc (SOP UID → Orthanc ID), the new ones."""
+@dataclass(frozen=True)
+class _Arrival:
+    """One instance read from Orthanc: its copy in the spool (``None``: the spool held it already)
+    and how the router will see it once whole."""
 
     orthanc_id: str
-    study_instance_uid: str
-    series_instance_uid: str
-    ids: dict[str, str]
-    new: set[str]
-    whole: set[str] = field(default_factory=set)
-    metadata: dict[str, dict] = field(default_factory=dict)
+    stored: StoredInstance | None
+    view: RoutingInput
 
 
 class OrthancIntake:
@@ -69,8 +77,6 @@ class OrthancIntake:
 
     def __init__(self, source: OrthancSource, spool: Spool, journal: Journal,
                  disk_guard: DiskGuard | None = None) -> None:
-        import requests
-
         self.disk_guard = disk_guard
         self.source = source
         self.spool = spool
@@ -79,6 +85,14 @@ class OrthancIntake:
         if source.username:
             self.session.auth = (source.username, os.environ.get(source.password_env or "", ""))
         self.change_type = "StableStudy" if spool.group_by == "study" else "StableSeries"
+        #: ``fetch: needed``: instances copied as they arrived, by Series Instance UID, until their stable change.
+        self._arrived: dict[str, dict[str, _Arrival]] = {}
+        self._local = threading.local()
+
+    @property
+    def pending_instances(self) -> int:
+        """Instances copied as they arrived whose study (series) Orthanc has not called stable yet."""
+        return sum(len(one) for one in list(self._arrived.values()))
 
     def _get(self, path: str, raw: bool = False):
         response = self.session.get(self.source.url + path, timeout=60)
@@ -86,13 +100,22 @@ class OrthancIntake:
         return response.content if raw else response.json()
 
     def poll_once(self) -> int:
-        """Handle the changes since the durable position; returns instances copied into the spool."""
+        """Handle the changes since the durable position; returns instances recorded in the journal."""
         copied = 0
         while True:
             since = self.journal.cursor(CURSOR)
             page = self._get(f"/changes?since={since}&limit={CHANGES_PER_REQUEST}")
+            arriving: list[dict] = []
             for change in page.get("Changes", []):
-                if change.get("ChangeType") == self.change_type:
+                kind = change.get("ChangeType")
+                if kind == "NewInstance" and self.source.fetch == "needed":
+                    arriving.append(change)  # read together, in parallel, before the next other change
+                    continue
+                if arriving:
+                    if not self._arrive(arriving):
+                        return copied
+                    arriving = []
+                if kind == self.change_type:
                     reason = self.disk_guard.problem() if self.disk_guard is not None else None
                     if reason is not None:  # the guard logs the pause; this change is copied at a later poll
                         return copied
@@ -103,13 +126,21 @@ class OrthancIntake:
                             self.disk_guard.note_full(exc, "copying from Orthanc")
                         raise
                 self.journal.set_cursor(CURSOR, int(change["Seq"]))  # only once its instances are spooled
+            if arriving and not self._arrive(arriving):
+                return copied
             if page.get("Done", True) or not page.get("Changes"):
                 return copied
 
     def _copy(self, level: str, resource: str) -> int:
         kind = "studies" if level == "study" else "series"
-        series = self._get(f"/{kind}/{resource}/series?expand") if kind == "studies" else \
-            [self._get(f"/series/{resource}")]
+        try:
+            series = self._get(f"/{kind}/{resource}/series?expand") if kind == "studies" else \
+                [self._get(f"/series/{resource}")]
+        except requests.HTTPError as exc:
+            if exc.response is not None and exc.response.status_code == 404:
+                logger.info("event=intake_gone source=orthanc %s=%s (deleted from Orthanc)", level, resource)
+                return 0
+            raise
         if self.source.fetch == "needed":
             return self._copy_needed(level, resource, series)
         wanted = []
@@ -140,124 +171,145 @@ class OrthancIntake:
 
     # -- fetch: needed -------------------------------------------------------------------------
 
-    def _plans(self, series: list[dict]) -> list[_SeriesPlan]:
-        """The series (not onevlm's own) with instances the journal does not hold yet."""
-        plans = []
-        study_uids: dict[str, str] = {}
-        for one in series:
-            tags = one.get("MainDicomTags", {})
-            if str(tags.get("SeriesDescription", "")).lower().startswith(OWN_SERIES_PREFIX):
-                continue
-            ids = {}
-            for instance in self._get(f"/series/{one['ID']}/instances"):
-                sop = instance.get("MainDicomTags", {}).get("SOPInstanceUID", "")
-                if sop:
-                    ids[sop] = instance["ID"]
-            new = {sop for sop in ids if not self.journal.has_instance(sop)}
-            if not new:
-                continue
-            parent = one["ParentStudy"]
-            if parent not in study_uids:
-                study_uids[parent] = self._get(f"/studies/{parent}")["MainDicomTags"]["StudyInstanceUID"]
-            plans.append(_SeriesPlan(one["ID"], study_uids[parent], str(tags.get("SeriesInstanceUID", "")), ids, new))
-        return plans
+    def _arrive(self, changes: list[dict]) -> bool:
+        """Header-only copies of the instances ``changes`` announce (``NewInstance``), as they arrive.
 
-    def _metadata(self, plan: _SeriesPlan) -> list[dict] | None:
-        """The series' DICOMweb metadata (one request), or ``None`` where Orthanc has no DICOMweb plugin."""
-        import requests
-
+        Each copy is durable (file and folder fsync'd) before the position moves past its change;
+        the journal records them when their study (series) is stable. Returns False, with the
+        position left before these changes, while the spool's disk is too full.
+        """
+        if self.disk_guard is not None and self.disk_guard.problem() is not None:
+            return False
         try:
-            return self._get(f"{DICOMWEB_ROOT}/studies/{plan.study_instance_uid}/series/"
-                             f"{plan.series_instance_uid}/metadata")
+            with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
+                arrived = [a for a in pool.map(self._read_instance, [c["ID"] for c in changes]) if a is not None]
+        except Exception as exc:
+            if is_disk_full(exc) and self.disk_guard is not None:
+                self.disk_guard.note_full(exc, "copying from Orthanc")
+            raise
+        for folder in {a.stored.path.parent for a in arrived if a.stored is not None}:
+            fsync_dir(folder)
+        for one in arrived:
+            if one.stored is not None:
+                self._arrived.setdefault(one.view.header.series_instance_uid, {})[one.orthanc_id] = one
+        self.journal.set_cursor(CURSOR, int(changes[-1]["Seq"]))
+        return True
+
+    def _read_instance(self, orthanc_id: str) -> _Arrival | None:
+        """Read one instance's header from Orthanc (its tags: no pixels) and, unless the spool has it,
+        store its header-only copy. ``None`` for onevlm's own results and instances gone."""
+        try:
+            tags = self._get(f"/instances/{orthanc_id}/tags")
         except requests.HTTPError as exc:
             if exc.response is not None and exc.response.status_code == 404:
+                logger.info("event=intake_gone source=orthanc instance=%s (deleted from Orthanc)", orthanc_id)
                 return None
             raise
-
-    def _plan_series(self, plan: _SeriesPlan, metadata: list[dict] | None) -> None:
-        """Decide which instances of ``plan`` are fetched whole (the rest become header-only copies)."""
-        if metadata is None:
-            logger.warning("event=intake_whole source=orthanc series=%s reason=no_dicomweb_metadata "
-                           "(is the DICOMweb plugin on, at %s?)", plan.series_instance_uid, DICOMWEB_ROOT)
-            plan.whole = set(plan.new)
-            return
-        plan.metadata = {str((item.get("00080018", {}).get("Value") or [""])[0]): item for item in metadata}
-        group = plan.study_instance_uid if self.spool.group_by == "study" else plan.series_instance_uid
-        folder = self.spool.group_folder(group)
-        members, held_whole = [], set()
+        metadata = dicom_json(tags)
+        description = str((metadata.get("0008103E", {}).get("Value") or [""])[0])
+        if description.lower().startswith(OWN_SERIES_PREFIX):
+            return None
         try:
-            for sop in plan.ids:
-                path = folder / f"{sop}.dcm"
-                if sop not in plan.new:  # held: what the router reads of it is what the spool has
-                    if not path.is_file():
-                        continue  # expired by retention: the router will not read it
-                    try:
-                        if read_header(path).has_pixel_data:
-                            held_whole.add(sop)
-                    except DicomReadError:
-                        continue
-                if sop not in plan.metadata:
-                    raise MetadataError(f"{sop}: not in the series' metadata")
-                members.append(routing_view(plan.metadata[sop], path))
-            plan.whole = whole_needed(members, held_whole, plan.new)
-        except MetadataError as exc:  # safe and as before: every new instance of the series whole
-            logger.warning("event=intake_whole source=orthanc series=%s reason=metadata (%s)",
-                           plan.series_instance_uid, exc)
-            plan.whole = set(plan.new)
+            copy = self._encoder().encode(metadata)
+            path = self.spool.group_folder(self._group_of(copy.study_instance_uid, copy.series_instance_uid)) / \
+                f"{copy.sop_instance_uid}.dcm"
+            view = routing_view(metadata, path)
+        except MetadataError as exc:  # this one whole: still a correct (if extra) whole image
+            logger.warning("event=intake_whole source=orthanc instance=%s reason=metadata (%s)", orthanc_id, exc)
+            copy = None
+        if copy is None:
+            stored = self.spool.store(self._get(f"/instances/{orthanc_id}/file", raw=True))
+            if self.journal.has_instance(stored.sop_instance_uid):
+                return None
+            return _Arrival(orthanc_id, stored, RoutingInput(stored.path, "dicom", read_header(stored.path)))
+        if path.exists() or self.journal.has_instance(copy.sop_instance_uid):
+            return _Arrival(orthanc_id, None, view)  # held already (a whole copy is never replaced by a header)
+        stored = self.spool.store_known(copy.encoded, copy.study_instance_uid, copy.series_instance_uid,
+                                        copy.sop_instance_uid, copy.sop_class_uid, sync_folder=False)
+        return _Arrival(orthanc_id, stored, view)
+
+    def _encoder(self) -> HeaderEncoder:
+        encoder = getattr(self._local, "encoder", None)
+        if encoder is None:  # one per thread: it is not thread-safe
+            encoder = self._local.encoder = HeaderEncoder()
+        return encoder
+
+    def _group_of(self, study: str, series: str) -> str:
+        return study if self.spool.group_by == "study" else series
+
+    def _series_members(self, one: dict) -> tuple[dict[str, _Arrival], dict[str, Path]] | None:
+        """A stable series' instances: those arrived since the last stable change (Orthanc ID → arrival),
+        and those the journal holds (SOP Instance UID → path); ``None`` when nothing is new."""
+        uid = str(one.get("MainDicomTags", {}).get("SeriesInstanceUID", ""))
+        arrived = self._arrived.get(uid, {})
+        ids = list(one.get("Instances") or [])
+        unknown = [i for i in ids if i not in arrived]
+        held: dict[str, Path] = {}
+        if unknown:  # an amendment or a restart: which of them does the journal hold?
+            sops = {instance["ID"]: str(instance.get("MainDicomTags", {}).get("SOPInstanceUID", ""))
+                    for instance in self._get(f"/series/{one['ID']}/instances")}
+            held = self.journal.instance_paths([sops[i] for i in unknown if sops.get(i)])
+            missing = [i for i in unknown if sops.get(i) and sops[i] not in held]
+            with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
+                for found in pool.map(self._read_instance, missing):
+                    if found is not None and found.stored is not None:
+                        arrived[found.orthanc_id] = found
+            for folder in {a.stored.path.parent for a in arrived.values()}:
+                fsync_dir(folder)
+        if not arrived:
+            return None
+        return arrived, held
 
     def _copy_needed(self, level: str, resource: str, series: list[dict]) -> int:
-        """``fetch: needed``: header-only copies and the few whole instances; returns instances recorded."""
-        plans = self._plans(series)
-        if not plans:
+        """``fetch: needed`` at a stable change: the image each series is routed by fetched whole, every
+        new instance recorded, the group due. Returns instances recorded."""
+        recorded, whole_count, groups = [], 0, set()
+        for one in series:
+            if str(one.get("MainDicomTags", {}).get("SeriesDescription", "")).lower().startswith(OWN_SERIES_PREFIX):
+                continue
+            found = self._series_members(one)
+            if found is None:
+                continue
+            arrived, held = found
+            members, held_whole = [a.view for a in arrived.values()], set()
+            for sop, path in held.items():
+                try:  # held: what the router reads of it is what the spool has (retention may have cut it)
+                    header, ds = read_dicom(path)
+                except DicomReadError:
+                    continue  # expired by retention: the router will not read it
+                if header.has_pixel_data:
+                    held_whole.add(sop)
+                elif is_header_only(ds):
+                    header = replace(header, has_pixel_data=True)  # an image, its pixels in Orthanc
+                members.append(RoutingInput(path, "dicom", header))
+            new = {a.view.header.sop_instance_uid: a for a in arrived.values()}
+            orthanc_ids = {a.view.header.sop_instance_uid: a.orthanc_id for a in arrived.values()}
+            orthanc_ids.update(self._orthanc_ids(one, set(held) - held_whole))
+            whole = whole_needed(members, held_whole, set(new))
+            for sop in sorted(whole):  # usually one: the middle image
+                stored = self.spool.store(self._get(f"/instances/{orthanc_ids[sop]}/file", raw=True))
+                whole_count += 1
+                if sop in new:
+                    new[sop] = _Arrival(orthanc_ids[sop], stored, new[sop].view)
+            recorded += [a.stored for a in new.values() if a.stored is not None]
+            self._arrived.pop(str(one.get("MainDicomTags", {}).get("SeriesInstanceUID", "")), None)
+        if not recorded:
             return 0
-        encoder = HeaderEncoder()
-
-        def fetch_whole(plan: _SeriesPlan, sop: str) -> StoredInstance | None:
-            stored = self.spool.store(self._get(f"/instances/{plan.ids[sop]}/file", raw=True))
-            return stored if sop in plan.new else None  # a held copy made whole: recorded already
-
-        def write_copy(copy: HeaderCopy) -> StoredInstance:
-            return self.spool.store_known(copy.encoded, copy.study_instance_uid, copy.series_instance_uid,
-                                          copy.sop_instance_uid, copy.sop_class_uid, sync_folder=False)
-
-        with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
-            # Metadata of several series at once (Orthanc parses them on both cores). Each series is
-            # planned as its metadata comes; its whole instances download while this thread encodes
-            # the copies, which the pool writes (fsync) once the series' whole ones are in the spool:
-            # a crash or a full disk never leaves a series as copies without the image it is routed by.
-            wholes, writes = [], []
-            for plan, metadata in zip(plans, pool.map(self._metadata, plans)):
-                self._plan_series(plan, metadata)
-                own = [pool.submit(fetch_whole, plan, sop) for sop in sorted(plan.whole)]
-                wholes += own
-                waiting: list[HeaderCopy] = []
-                for sop in sorted(plan.new - plan.whole):
-                    try:
-                        waiting.append(encoder.encode(plan.metadata[sop]))
-                    except MetadataError as exc:  # this one whole: still a correct (if extra) whole image
-                        logger.warning("event=intake_whole source=orthanc sop=%s reason=metadata (%s)", sop, exc)
-                        wholes.append(pool.submit(fetch_whole, plan, sop))
-                        continue
-                    if all(f.done() and f.exception() is None for f in own):
-                        writes += [pool.submit(write_copy, copy) for copy in waiting]
-                        waiting = []
-                for f in own:
-                    f.result()  # raises (disk full, Orthanc gone) before any copy of the series is written
-                writes += [pool.submit(write_copy, copy) for copy in waiting]
-            recorded = [stored for stored in (f.result() for f in wholes) if stored is not None]
-            copies = [f.result() for f in writes]
-        for folder in {stored.path.parent for stored in copies}:
-            fsync_dir(folder)  # one fsync per folder: only now are the copies durable, and recorded
-        groups = set()
-        for stored in recorded + copies:
-            self.journal.record_instance(stored.sop_instance_uid, stored.group_key, stored.path,
-                                         stored.sop_class_uid, "orthanc")
-            groups.add(stored.group_key)
+        groups = self.journal.record_instances([(s.sop_instance_uid, s.group_key, s.path, s.sop_class_uid)
+                                                for s in recorded], "orthanc")
         for group in groups:
             self.journal.mark_stable(group)
         logger.info("event=intake_copied source=orthanc fetch=needed %s=%s instances=%d whole=%d header_only=%d",
-                    level, resource, len(recorded) + len(copies), len(recorded), len(copies))
-        return len(recorded) + len(copies)
+                    level, resource, len(recorded), whole_count, len(recorded) - whole_count)
+        return len(recorded)
+
+    def _orthanc_ids(self, one: dict, sops: set[str]) -> dict[str, str]:
+        """Orthanc IDs of held instances that may have to be made whole (SOP Instance UID → ID)."""
+        if not sops:
+            return {}
+        return {str(i.get("MainDicomTags", {}).get("SOPInstanceUID", "")): i["ID"]
+                for i in self._get(f"/series/{one['ID']}/instances")
+                if str(i.get("MainDicomTags", {}).get("SOPInstanceUID", "")) in sops}
 
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set; an unreachable Orthanc is retried, never fatal."""
