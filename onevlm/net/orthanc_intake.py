@@ -39,18 +39,17 @@ from dataclasses import dataclass, replace
 
 from pathlib import Path
 
-import requests
-
 from onevlm.dicom.header import DicomReadError, read_dicom, read_header
 from onevlm.disk_full import is_disk_full
 from onevlm.inputs.routing_input import RoutingInput
 from onevlm.net.config import OrthancSource
 from onevlm.net.disk_space import DiskGuard
-from onevlm.net.header_copies import HeaderEncoder, MetadataError, routing_view, whole_needed
+from onevlm.net.header_copies import HeaderCopy, HeaderEncoder, MetadataError, routing_view, whole_needed
 from onevlm.net.journal import Journal
+from onevlm.net.orthanc_client import OrthancClient, OrthancError
 from onevlm.net.orthanc_tags import dicom_json
 from onevlm.net.retention import is_header_only
-from onevlm.net.spool import Spool, StoredInstance, fsync_dir
+from onevlm.net.spool import Spool, StoredInstance
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +62,22 @@ COPY_THREADS = 4
 
 
 @dataclass(frozen=True)
-class _Arrival:
-    """One instance read from Orthanc: its copy in the spool (``None``: the spool held it already)
-    and how the router will see it once whole."""
+class _Read:
+    """One instance's header read from Orthanc: its copy to store, or the file the spool has for it
+    already (stored whole, or by an earlier try), and how the router will see it once whole."""
 
     orthanc_id: str
-    stored: StoredInstance | None
+    copy: HeaderCopy | None
+    whole: StoredInstance | None
+    view: RoutingInput
+
+
+@dataclass(frozen=True)
+class _Arrival:
+    """One instance in the spool, not yet in the journal, and how the router will see it once whole."""
+
+    orthanc_id: str
+    stored: StoredInstance
     view: RoutingInput
 
 
@@ -81,9 +90,8 @@ class OrthancIntake:
         self.source = source
         self.spool = spool
         self.journal = journal
-        self.session = requests.Session()
-        if source.username:
-            self.session.auth = (source.username, os.environ.get(source.password_env or "", ""))
+        password = os.environ.get(source.password_env or "", "") if source.username else None
+        self.client = OrthancClient(source.url, source.username, password, connections=COPY_THREADS + 1)
         self.change_type = "StableStudy" if spool.group_by == "study" else "StableSeries"
         #: ``fetch: needed``: instances copied as they arrived, by Series Instance UID, until their stable change.
         self._arrived: dict[str, dict[str, _Arrival]] = {}
@@ -95,9 +103,7 @@ class OrthancIntake:
         return sum(len(one) for one in list(self._arrived.values()))
 
     def _get(self, path: str, raw: bool = False):
-        response = self.session.get(self.source.url + path, timeout=60)
-        response.raise_for_status()
-        return response.content if raw else response.json()
+        return self.client.get(path) if raw else self.client.get_json(path)
 
     def poll_once(self) -> int:
         """Handle the changes since the durable position; returns instances recorded in the journal."""
@@ -136,8 +142,8 @@ class OrthancIntake:
         try:
             series = self._get(f"/{kind}/{resource}/series?expand") if kind == "studies" else \
                 [self._get(f"/series/{resource}")]
-        except requests.HTTPError as exc:
-            if exc.response is not None and exc.response.status_code == 404:
+        except OrthancError as exc:
+            if exc.status == 404:
                 logger.info("event=intake_gone source=orthanc %s=%s (deleted from Orthanc)", level, resource)
                 return 0
             raise
@@ -174,34 +180,40 @@ class OrthancIntake:
     def _arrive(self, changes: list[dict]) -> bool:
         """Header-only copies of the instances ``changes`` announce (``NewInstance``), as they arrive.
 
-        Each copy is durable (file and folder fsync'd) before the position moves past its change;
-        the journal records them when their study (series) is stable. Returns False, with the
-        position left before these changes, while the spool's disk is too full.
+        The copies are durable (:meth:`Spool.store_batch`) before the position moves past their
+        changes; the journal records them when their study (series) is stable. Returns False, with
+        the position left before these changes, while the spool's disk is too full.
         """
         if self.disk_guard is not None and self.disk_guard.problem() is not None:
             return False
+        for one in self._read_and_store([c["ID"] for c in changes]):
+            self._arrived.setdefault(one.view.header.series_instance_uid, {})[one.orthanc_id] = one
+        self.journal.set_cursor(CURSOR, int(changes[-1]["Seq"]))
+        return True
+
+    def _read_and_store(self, orthanc_ids: list[str]) -> list[_Arrival]:
+        """Read the instances' headers (several requests at once), store the copies the spool lacks
+        in one batch; returns those now in the spool and not yet in the journal."""
         try:
             with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
-                arrived = [a for a in pool.map(self._read_instance, [c["ID"] for c in changes]) if a is not None]
+                read = [r for r in pool.map(self._read_instance, orthanc_ids) if r is not None]
+            copies = [r for r in read if r.copy is not None]
+            stored = self.spool.store_batch([r.copy for r in copies])
         except Exception as exc:
             if is_disk_full(exc) and self.disk_guard is not None:
                 self.disk_guard.note_full(exc, "copying from Orthanc")
             raise
-        for folder in {a.stored.path.parent for a in arrived if a.stored is not None}:
-            fsync_dir(folder)
-        for one in arrived:
-            if one.stored is not None:
-                self._arrived.setdefault(one.view.header.series_instance_uid, {})[one.orthanc_id] = one
-        self.journal.set_cursor(CURSOR, int(changes[-1]["Seq"]))
-        return True
+        arrived = [_Arrival(r.orthanc_id, s, r.view) for r, s in zip(copies, stored)]
+        return arrived + [_Arrival(r.orthanc_id, r.whole, r.view) for r in read if r.whole is not None]
 
-    def _read_instance(self, orthanc_id: str) -> _Arrival | None:
-        """Read one instance's header from Orthanc (its tags: no pixels) and, unless the spool has it,
-        store its header-only copy. ``None`` for onevlm's own results and instances gone."""
+    def _read_instance(self, orthanc_id: str) -> _Read | None:
+        """Read one instance's header from Orthanc (its tags: no pixels) and encode its header-only copy
+        unless the spool has the instance. ``None`` for onevlm's own results, instances gone from
+        Orthanc and instances the journal holds; an instance whose header cannot be encoded is stored whole."""
         try:
             tags = self._get(f"/instances/{orthanc_id}/tags")
-        except requests.HTTPError as exc:
-            if exc.response is not None and exc.response.status_code == 404:
+        except OrthancError as exc:
+            if exc.status == 404:
                 logger.info("event=intake_gone source=orthanc instance=%s (deleted from Orthanc)", orthanc_id)
                 return None
             raise
@@ -216,17 +228,17 @@ class OrthancIntake:
             view = routing_view(metadata, path)
         except MetadataError as exc:  # this one whole: still a correct (if extra) whole image
             logger.warning("event=intake_whole source=orthanc instance=%s reason=metadata (%s)", orthanc_id, exc)
-            copy = None
-        if copy is None:
             stored = self.spool.store(self._get(f"/instances/{orthanc_id}/file", raw=True))
             if self.journal.has_instance(stored.sop_instance_uid):
                 return None
-            return _Arrival(orthanc_id, stored, RoutingInput(stored.path, "dicom", read_header(stored.path)))
-        if path.exists() or self.journal.has_instance(copy.sop_instance_uid):
-            return _Arrival(orthanc_id, None, view)  # held already (a whole copy is never replaced by a header)
-        stored = self.spool.store_known(copy.encoded, copy.study_instance_uid, copy.series_instance_uid,
-                                        copy.sop_instance_uid, copy.sop_class_uid, sync_folder=False)
-        return _Arrival(orthanc_id, stored, view)
+            return _Read(orthanc_id, None, stored, RoutingInput(stored.path, "dicom", read_header(stored.path)))
+        if self.journal.has_instance(copy.sop_instance_uid):
+            return None  # held already
+        if path.exists():  # stored by an earlier try that failed before the position moved: kept as it is
+            return _Read(orthanc_id, None, StoredInstance(path, path.parent.name, copy.study_instance_uid,
+                                                          copy.series_instance_uid, copy.sop_instance_uid,
+                                                          copy.sop_class_uid), view)
+        return _Read(orthanc_id, copy, None, view)
 
     def _encoder(self) -> HeaderEncoder:
         encoder = getattr(self._local, "encoder", None)
@@ -250,12 +262,8 @@ class OrthancIntake:
                     for instance in self._get(f"/series/{one['ID']}/instances")}
             held = self.journal.instance_paths([sops[i] for i in unknown if sops.get(i)])
             missing = [i for i in unknown if sops.get(i) and sops[i] not in held]
-            with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
-                for found in pool.map(self._read_instance, missing):
-                    if found is not None and found.stored is not None:
-                        arrived[found.orthanc_id] = found
-            for folder in {a.stored.path.parent for a in arrived.values()}:
-                fsync_dir(folder)
+            for found in self._read_and_store(missing):
+                arrived[found.orthanc_id] = found
         if not arrived:
             return None
         return arrived, held
@@ -288,10 +296,10 @@ class OrthancIntake:
             whole = whole_needed(members, held_whole, set(new))
             for sop in sorted(whole):  # usually one: the middle image
                 stored = self.spool.store(self._get(f"/instances/{orthanc_ids[sop]}/file", raw=True))
-                whole_count += 1
                 if sop in new:
+                    whole_count += 1
                     new[sop] = _Arrival(orthanc_ids[sop], stored, new[sop].view)
-            recorded += [a.stored for a in new.values() if a.stored is not None]
+            recorded += [a.stored for a in new.values()]
             self._arrived.pop(str(one.get("MainDicomTags", {}).get("SeriesInstanceUID", "")), None)
         if not recorded:
             return 0

@@ -17,6 +17,8 @@ evidence, retention and amendments read is public text or a number, so it is kep
 
 from __future__ import annotations
 
+import functools
+
 from pydicom.datadict import dictionary_VR, private_dictionary_VR
 
 #: VRs whose values Orthanc does not give as text: never in a copy.
@@ -27,7 +29,25 @@ UNRELIABLE_VRS = BINARY_VRS | {"AT"}
 SINGLE_VALUED = frozenset({"LT", "ST", "UT", "UR"})
 INTEGER_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV"})
 FLOAT_VRS = frozenset({"FL", "FD"})
+_ODD_DIGITS = frozenset("13579bBdDfF")
+#: Elements converted already: most of a series' elements repeat from instance to instance. The
+#: attributes returned are shared between calls: read them, never change them.
+_MEMO: dict[tuple, tuple[str, dict] | None] = {}
+_MEMO_SIZE = 50_000
+_MISSING = object()
 PIXEL_DATA_TAGS = {"7fe0,0010": "7FE00010", "7fe0,0008": "7FE00008", "7fe0,0009": "7FE00009"}
+
+
+@functools.lru_cache(maxsize=65536)
+def _dictionary_vr(tag: int, creator: str | None) -> str | None:
+    """The dictionary's VR of a public element (``creator`` None) or a private one, ``None`` if unknown.
+
+    Cached: the same few hundred elements recur in every instance, and the lookup is most of the
+    conversion's time otherwise."""
+    try:
+        return dictionary_VR(tag) if creator is None else private_dictionary_VR(tag, creator)
+    except KeyError:
+        return None
 
 
 def _vr(tag: int, creators: dict[tuple[int, int], str], signed_pixels: bool) -> str | None:
@@ -41,15 +61,11 @@ def _vr(tag: int, creators: dict[tuple[int, int], str], signed_pixels: bool) -> 
         creator = creators.get((group, element >> 8))
         if creator is None:
             return None
-        try:
-            vr = private_dictionary_VR(tag, creator)
-        except KeyError:
-            return None
+        vr = _dictionary_vr(tag, creator)
     else:
-        try:
-            vr = dictionary_VR(tag)
-        except KeyError:
-            return None
+        vr = _dictionary_vr(tag, None)
+    if vr is None:
+        return None
     if vr == "US or SS":
         return "SS" if signed_pixels else "US"
     if " or " in vr:  # OB or OW, US or OW, …: binary either way
@@ -94,36 +110,49 @@ def dicom_json(tags: dict, signed_pixels: bool | None = None) -> dict:
     dict
         ``{"GGGGEEEE": {"vr": …, "Value": […]}}``, the elements whose VR and value could be known
         (see the module's notes for what is left out), Pixel Data as ``{"vr": "OW", "BulkDataURI": ""}``.
+        Attributes may be shared with earlier results (a cache): read them, do not change them.
     """
     if signed_pixels is None:
         signed_pixels = str(tags.get("0028,0103", {}).get("Value", "")).strip() == "1"
     creators: dict[tuple[int, int], str] = {}
     for key, item in tags.items():
-        group, element = int(key[:4], 16), int(key[5:9], 16)
-        if group % 2 and 0x10 <= element <= 0xFF and item.get("Type") == "String":
-            creators[(group, element)] = str(item.get("Value", "")).strip()
+        if key[3] in _ODD_DIGITS and key[5:7] == "00" and item.get("Type") == "String":
+            element = int(key[5:9], 16)
+            if 0x10 <= element <= 0xFF:
+                creators[(int(key[:4], 16), element)] = str(item.get("Value", "")).strip()
+    context = (signed_pixels, frozenset(creators.items()))
     out: dict = {}
     for key, item in tags.items():
         kind = item.get("Type")
-        if key.lower() in PIXEL_DATA_TAGS:
-            out[PIXEL_DATA_TAGS[key.lower()]] = {"vr": "OW", "BulkDataURI": ""}
-            continue
-        tag = int(key[:4], 16) << 16 | int(key[5:9], 16)
-        vr = _vr(tag, creators, signed_pixels)
-        if vr is None or vr in UNRELIABLE_VRS or kind not in ("String", "Sequence", "Null"):
-            continue
-        name = f"{tag:08X}"
         if kind == "Sequence":
-            if vr == "SQ":
-                out[name] = {"vr": "SQ", "Value": [dicom_json(child, signed_pixels) for child in item.get("Value") or []]}
+            tag = int(key[:4], 16) << 16 | int(key[5:9], 16)
+            if _vr(tag, creators, signed_pixels) == "SQ":
+                out[f"{tag:08X}"] = {"vr": "SQ", "Value": [dicom_json(child, signed_pixels)
+                                                            for child in item.get("Value") or []]}
             continue
-        if vr == "SQ":
-            continue
-        text = item.get("Value") if kind == "String" else None
-        if text is None or text == "":
-            out[name] = {"vr": vr}
-            continue
-        values = _values(vr, str(text))
-        if values is not None:
-            out[name] = {"vr": vr, "Value": values}
+        memo_key = (key, kind, item.get("Value"), context)
+        converted = _MEMO.get(memo_key, _MISSING)
+        if converted is _MISSING:
+            converted = _element(key, kind, item.get("Value"), creators, signed_pixels)
+            if len(_MEMO) >= _MEMO_SIZE:
+                _MEMO.clear()
+            _MEMO[memo_key] = converted
+        if converted is not None:
+            out[converted[0]] = converted[1]
     return out
+
+
+def _element(key: str, kind: str | None, text: object, creators: dict[tuple[int, int], str],
+             signed_pixels: bool) -> tuple[str, dict] | None:
+    """One element (not a sequence) as ``(tag, DICOM JSON attribute)``, or ``None`` where it is left out."""
+    if key.lower() in PIXEL_DATA_TAGS:
+        return PIXEL_DATA_TAGS[key.lower()], {"vr": "OW", "BulkDataURI": ""}
+    tag = int(key[:4], 16) << 16 | int(key[5:9], 16)
+    vr = _vr(tag, creators, signed_pixels)
+    if vr is None or vr in UNRELIABLE_VRS or vr == "SQ" or kind not in ("String", "Null"):
+        return None
+    name = f"{tag:08X}"
+    if kind == "Null" or text is None or text == "":
+        return name, {"vr": vr}
+    values = _values(vr, str(text))
+    return None if values is None else (name, {"vr": vr, "Value": values})

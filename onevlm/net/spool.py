@@ -10,6 +10,8 @@ Layout under ``spool_dir``::
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import io
 import itertools
 import logging
@@ -20,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Protocol, Sequence
 
 import pydicom
 
@@ -33,6 +36,16 @@ class SpoolError(OSError):
     """An instance could not be stored (disk full, permissions…)."""
 
 
+class KnownInstance(Protocol):
+    """Part 10 bytes and the UIDs the caller knows they hold (a header-only copy it encoded)."""
+
+    encoded: bytes
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+
+
 @dataclass(frozen=True)
 class StoredInstance:
     """What the spool knows about an acknowledged instance."""
@@ -43,6 +56,37 @@ class StoredInstance:
     series_instance_uid: str
     sop_instance_uid: str
     sop_class_uid: str
+
+
+@functools.lru_cache(maxsize=1)
+def _syncfs() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs  # Linux (glibc 2.14+)
+    except (AttributeError, OSError):
+        return None
+
+
+def sync_files(folder: Path, files: Sequence[Path]) -> None:
+    """Make ``files`` (written in ``folder``'s filesystem) durable.
+
+    One ``syncfs(2)`` on the filesystem where there is one: a batch of small files (header-only
+    copies) costs one flush instead of one per file, which on a loaded 2-core machine is the
+    difference between ≈ 0.2 ms and ≈ 3 ms per file. Elsewhere each file is fsync'd.
+    """
+    syncfs = _syncfs()
+    if syncfs is not None and files:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            if syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -165,6 +209,43 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise SpoolError(f"cannot move the instance into the spool: {exc}") from exc
         return StoredInstance(target, group, study, series, sop, sop_class)
+
+    def store_batch(self, items: Sequence[KnownInstance]) -> list[StoredInstance]:
+        """Store many instances whose UIDs the caller knows, durably, as :meth:`store_known` each.
+
+        All are written first, then made durable together (:func:`sync_files`: one ``syncfs``
+        where the system has it, not a flush per small file), then moved into place and their
+        folders fsync'd: the spool only ever holds complete files. Raises ``ValueError`` for an unsafe UID (before
+        anything is written), :class:`SpoolError` when writing failed (nothing of the batch is
+        left in the temporary folder; what was moved into place already is complete).
+        """
+        targets = []
+        for item in items:
+            study, series = _uid(item.study_instance_uid, "Study Instance UID"), \
+                _uid(item.series_instance_uid, "Series Instance UID")
+            sop = _uid(item.sop_instance_uid, "SOP Instance UID")
+            group = study if self.group_by == "study" else series
+            targets.append(StoredInstance(self.incoming / group / f"{sop}.dcm", group, study, series, sop,
+                                          item.sop_class_uid))
+        staged: list[Path] = []
+        try:
+            for item in items:
+                staged.append(self.tmp / f"{uuid.uuid4().hex}.part")
+                staged[-1].write_bytes(item.encoded)
+            sync_files(self.tmp, staged)
+            folders = set()
+            for path, target in zip(list(staged), targets):
+                target.path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target.path)  # atomic: a reader sees the whole file or none
+                staged.remove(path)
+                folders.add(target.path.parent)
+            for folder in folders:
+                fsync_dir(folder)
+        except OSError as exc:
+            for path in staged:
+                path.unlink(missing_ok=True)
+            raise SpoolError(f"cannot write to the spool: {exc}") from exc
+        return targets
 
     def quarantine(self, encoded: bytes, reason: str) -> Path:
         """Keep an unparseable dataset with a reason file beside it (for a person to look at)."""
