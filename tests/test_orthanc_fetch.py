@@ -10,6 +10,7 @@ before. A copy that fails mid-way (a crash) loses nothing and records nothing tw
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pydicom
@@ -243,6 +244,8 @@ def test_needed_fetches_only_the_routed_image_whole_and_an_amendment_works(tmp_p
             state = spool_state(spool)
             status = service.status()
         assert status["received"] == 8 and status["failed"] == 0 and status["duplicates"] == 0
+        assert status["orthanc_intake"]["copied_awaiting_stable"] == 0 and status["orthanc_intake"]["fetch"] == "needed"
+        assert status["orthanc_intake"]["changes_position"] > 0
         assert {sop for sop, (copy, _) in state.items() if not copy} == {by_number[3], by_number[5]}
         assert routed(spool, study) == by_number[5]
         assert evidence(spool, study) == set(by_number.values())
@@ -260,6 +263,32 @@ def test_all_copies_every_instance_whole(tmp_path):
         journal.close()
     state = spool_state(tmp_path / "spool")
     assert set(state) == set(numbered(files).values()) and not any(copy for copy, _ in state.values())
+
+
+def test_copies_orthanc_never_calls_stable_are_recorded_after_the_settle_time(tmp_path):
+    """Orthanc forgets a settling study when it restarts: past ``settle_seconds`` after its last
+    instance the intake records the series as complete, and Orthanc's late stable change adds nothing."""
+    from onevlm.net.journal import Journal
+    from onevlm.net.orthanc_intake import OrthancIntake
+    from onevlm.net.spool import Spool
+
+    (study, files), = make_copies(pydicom_file("CT_small.dcm"), tmp_path / "data", studies=1, per_study=3).items()
+    with SlowToSettle(tmp_path / "pacs") as pacs:
+        spool, journal = Spool(tmp_path / "spool"), Journal(tmp_path / "spool" / "journal.sqlite")
+        intake = OrthancIntake(OrthancSource(pacs.url), spool, journal, settle_seconds=0.5)
+        assert storescu(files, pacs.dicom_port, called=pacs.AE_TITLE).returncode == 0
+        assert intake.poll_once() == 0 and intake.pending_instances == 3
+        time.sleep(0.6)
+        assert intake.poll_once() == 3
+        assert "StableStudy" not in [c["ChangeType"] for c in pacs.get_json("/changes?limit=1000")["Changes"]]
+        assert journal.due_groups(3600) == [study]  # due at once, as after a stable change
+        wait_until(lambda: any(c["ChangeType"] == "StableStudy"
+                               for c in pacs.get_json("/changes?limit=1000")["Changes"]), 30, 0.2, "StableStudy")
+        assert intake.poll_once() == 0
+        counts = journal.status()
+        journal.close()
+    assert counts["received"] == 3 and counts["duplicates"] == 0
+    assert sum(not copy for copy, _ in spool_state(tmp_path / "spool").values()) == 1
 
 
 @pytest.mark.parametrize("then", ["restart", "retry"])

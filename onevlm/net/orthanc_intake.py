@@ -26,7 +26,9 @@ instance whose header cannot be encoded; then the series' instances are recorded
 in one transaction and the group is due. So a study of thousands of slices is in the journal
 moments after Orthanc calls it stable, not after thousands of requests. Copies made before a
 restart, not yet recorded, are recorded by the service's start-up recovery (as a listener's
-acknowledged files are) and processed after the idle time.
+acknowledged files are) and processed after the idle time. A series Orthanc never calls stable
+(it forgets settling resources when it restarts) is recorded anyway an hour after its last
+instance (``SETTLE_SECONDS``), with a warning.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -57,6 +60,8 @@ CURSOR = "orthanc-changes"
 #: Series onevlm wrote (routing SRs, box SEGs, annotations): never inputs.
 OWN_SERIES_PREFIX = "onevlm"
 CHANGES_PER_REQUEST = 100
+#: Copies of a series Orthanc has not called stable this long after its last instance are recorded anyway.
+SETTLE_SECONDS = 3600.0
 #: Instances fetched and spooled at once.
 COPY_THREADS = 4
 
@@ -85,8 +90,9 @@ class OrthancIntake:
     """Follows one Orthanc's changes feed into the spool and the journal."""
 
     def __init__(self, source: OrthancSource, spool: Spool, journal: Journal,
-                 disk_guard: DiskGuard | None = None) -> None:
+                 disk_guard: DiskGuard | None = None, settle_seconds: float = SETTLE_SECONDS) -> None:
         self.disk_guard = disk_guard
+        self.settle_seconds = settle_seconds
         self.source = source
         self.spool = spool
         self.journal = journal
@@ -95,12 +101,18 @@ class OrthancIntake:
         self.change_type = "StableStudy" if spool.group_by == "study" else "StableSeries"
         #: ``fetch: needed``: instances copied as they arrived, by Series Instance UID, until their stable change.
         self._arrived: dict[str, dict[str, _Arrival]] = {}
+        self._last_arrival: dict[str, float] = {}  # by Series Instance UID, time.monotonic()
         self._local = threading.local()
 
     @property
     def pending_instances(self) -> int:
         """Instances copied as they arrived whose study (series) Orthanc has not called stable yet."""
         return sum(len(one) for one in list(self._arrived.values()))
+
+    def status(self) -> dict:
+        """For ``/status``: the changes-feed position and the copies waiting for Orthanc's stable change."""
+        return {"url": self.source.url, "fetch": self.source.fetch, "changes_position": self.journal.cursor(CURSOR),
+                "copied_awaiting_stable": self.pending_instances}
 
     def _get(self, path: str, raw: bool = False):
         return self.client.get(path) if raw else self.client.get_json(path)
@@ -135,7 +147,29 @@ class OrthancIntake:
             if arriving and not self._arrive(arriving):
                 return copied
             if page.get("Done", True) or not page.get("Changes"):
-                return copied
+                return copied + self._settle_overdue()
+
+    def _settle_overdue(self) -> int:
+        """Record the series Orthanc has not called stable ``settle_seconds`` after their last instance.
+
+        Orthanc forgets which resources were still settling when it restarts, so such a study
+        would never get its stable change; its copies would wait for ever. Returns instances recorded.
+        """
+        now, recorded = time.monotonic(), 0
+        for uid, arrived in list(self._arrived.items()):
+            idle = now - self._last_arrival.get(uid, now)
+            if not arrived or idle < self.settle_seconds:
+                continue
+            try:
+                parent = self._get(f"/instances/{next(iter(arrived))}")["ParentSeries"]
+                one = self._get(f"/series/{parent}")
+            except OrthancError as exc:
+                logger.warning("event=intake_error source=orthanc series=%s error=%s", uid, exc)
+                continue
+            logger.warning("event=intake_unsettled source=orthanc series=%s instances=%d idle_s=%.0f: Orthanc has "
+                           "not called it stable; recorded as complete", uid, len(arrived), idle)
+            recorded += self._copy_needed("series", parent, [one])
+        return recorded
 
     def _copy(self, level: str, resource: str) -> int:
         kind = "studies" if level == "study" else "series"
@@ -186,8 +220,10 @@ class OrthancIntake:
         """
         if self.disk_guard is not None and self.disk_guard.problem() is not None:
             return False
+        now = time.monotonic()
         for one in self._read_and_store([c["ID"] for c in changes]):
             self._arrived.setdefault(one.view.header.series_instance_uid, {})[one.orthanc_id] = one
+            self._last_arrival[one.view.header.series_instance_uid] = now
         self.journal.set_cursor(CURSOR, int(changes[-1]["Seq"]))
         return True
 
@@ -301,6 +337,7 @@ class OrthancIntake:
                     new[sop] = _Arrival(orthanc_ids[sop], stored, new[sop].view)
             recorded += [a.stored for a in new.values()]
             self._arrived.pop(str(one.get("MainDicomTags", {}).get("SeriesInstanceUID", "")), None)
+            self._last_arrival.pop(str(one.get("MainDicomTags", {}).get("SeriesInstanceUID", "")), None)
         if not recorded:
             return 0
         groups = self.journal.record_instances([(s.sop_instance_uid, s.group_key, s.path, s.sop_class_uid)

@@ -83,7 +83,8 @@ class Service:
         self.router, self.cards = build_router(config, self.specialty)
         # A full disk loses nothing: below disk.min_free_* intake and result writing pause (onevlm.net.disk_space).
         self.disk_guard = DiskGuard(config.spool_dir, config.disk)
-        # Orthanc as the intake receives the C-STOREs itself: no listener of ours then.
+        # Orthanc as the intake receives the C-STOREs itself: no listener of ours then (the intake starts with us).
+        self.orthanc_intake = None
         self.listener = None if config.intake is not None else Listener(
             config.listener, self.spool, self.journal, reuse_port=config.listener.processes > 1,
             disk_guard=self.disk_guard)
@@ -121,7 +122,8 @@ class Service:
         else:
             from onevlm.net.orthanc_intake import OrthancIntake
 
-            intake = OrthancIntake(self.config.intake, self.spool, self.journal, disk_guard=self.disk_guard)
+            intake = self.orthanc_intake = OrthancIntake(self.config.intake, self.spool, self.journal,
+                                                         disk_guard=self.disk_guard)
             self._spawn("intake", lambda: intake.run(self._stop))
         if self.listener is not None and self.config.listener.processes > 1:
             from onevlm.net.listener_process import start_listener_processes
@@ -184,7 +186,8 @@ class Service:
                               if self.listener is not None else f"Orthanc changes at {self.config.intake.url}"),
                 # whether new instances (and results) are written now, and if not why: the spool's disk
                 "intake": self.disk_guard.state().as_dict(),
-                "retention": self.retention.status()}
+                "retention": self.retention.status(),
+                **({"orthanc_intake": self.orthanc_intake.status()} if self.orthanc_intake is not None else {})}
 
     def _start_status(self) -> None:
         """``GET /status`` (JSON) and the operator's page, on ``dashboard.host`` (loopback by default)."""
