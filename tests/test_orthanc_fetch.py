@@ -10,7 +10,6 @@ before. A copy that fails mid-way (a crash) loses nothing and records nothing tw
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pydicom
@@ -173,10 +172,11 @@ class SlowToSettle(Pacs):
         return {**super().config(), "StableAge": 5}
 
 
-def test_needed_copies_headers_as_they_arrive_and_records_them_when_stable(tmp_path):
+def test_needed_copies_headers_as_they_arrive_and_records_a_series_orthanc_does_not_settle(tmp_path):
     """Before StableStudy: a header-only copy of every instance in the spool, none in the journal; the
-    copy holds the original's header but what Orthanc's tags cannot give. After: all recorded at once,
-    the middle image whole."""
+    copy holds the original's header but what Orthanc's tags cannot give. Orthanc forgets a settling
+    study when it restarts: past ``settle_seconds`` after its last instance the intake records the
+    series as complete (the middle image whole, due at once), and Orthanc's late stable change adds nothing."""
     from onevlm.net.journal import Journal
     from onevlm.net.orthanc_intake import OrthancIntake
     from onevlm.net.spool import Spool
@@ -206,9 +206,12 @@ def test_needed_copies_headers_as_they_arrive_and_records_them_when_stable(tmp_p
             if element.tag in copy and element.VR != "SQ":
                 assert copy[element.tag].value == element.value, element.tag
 
+        intake.settle_seconds = 0.0  # (an hour by default)
+        assert intake.poll_once() == 5 and intake.pending_instances == 0
+        assert "StableStudy" not in [c["ChangeType"] for c in pacs.get_json("/changes?limit=1000")["Changes"]]
+        assert journal.due_groups(3600) == [study]  # due at once, as after a stable change
         wait_until(lambda: any(c["ChangeType"] == "StableStudy"
                                for c in pacs.get_json("/changes?limit=1000")["Changes"]), 30, 0.2, "StableStudy")
-        assert intake.poll_once() == 5
         assert intake.poll_once() == 0  # nothing twice
         counts, pending = journal.status(), intake.pending_instances
         journal.close()
@@ -263,32 +266,6 @@ def test_all_copies_every_instance_whole(tmp_path):
         journal.close()
     state = spool_state(tmp_path / "spool")
     assert set(state) == set(numbered(files).values()) and not any(copy for copy, _ in state.values())
-
-
-def test_copies_orthanc_never_calls_stable_are_recorded_after_the_settle_time(tmp_path):
-    """Orthanc forgets a settling study when it restarts: past ``settle_seconds`` after its last
-    instance the intake records the series as complete, and Orthanc's late stable change adds nothing."""
-    from onevlm.net.journal import Journal
-    from onevlm.net.orthanc_intake import OrthancIntake
-    from onevlm.net.spool import Spool
-
-    (study, files), = make_copies(pydicom_file("CT_small.dcm"), tmp_path / "data", studies=1, per_study=3).items()
-    with SlowToSettle(tmp_path / "pacs") as pacs:
-        spool, journal = Spool(tmp_path / "spool"), Journal(tmp_path / "spool" / "journal.sqlite")
-        intake = OrthancIntake(OrthancSource(pacs.url), spool, journal, settle_seconds=0.5)
-        assert storescu(files, pacs.dicom_port, called=pacs.AE_TITLE).returncode == 0
-        assert intake.poll_once() == 0 and intake.pending_instances == 3
-        time.sleep(0.6)
-        assert intake.poll_once() == 3
-        assert "StableStudy" not in [c["ChangeType"] for c in pacs.get_json("/changes?limit=1000")["Changes"]]
-        assert journal.due_groups(3600) == [study]  # due at once, as after a stable change
-        wait_until(lambda: any(c["ChangeType"] == "StableStudy"
-                               for c in pacs.get_json("/changes?limit=1000")["Changes"]), 30, 0.2, "StableStudy")
-        assert intake.poll_once() == 0
-        counts = journal.status()
-        journal.close()
-    assert counts["received"] == 3 and counts["duplicates"] == 0
-    assert sum(not copy for copy, _ in spool_state(tmp_path / "spool").values()) == 1
 
 
 @pytest.mark.parametrize("then", ["restart", "retry"])
