@@ -117,6 +117,10 @@ def main() -> None:
     parser.add_argument("--naive-images", type=int, help="images for the naive engine (default: --images); "
                         "its rate is images/s either way, and answers are compared on the common images")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, choices=(0, 1),
+                        help="1 (default): one warm-up round per engine before the timed runs (kernels, allocator; "
+                             "the graph engine builds its buckets there); 0: none, the first timed run pays for them "
+                             "(the test suite's smoke run, which checks answers, not rates)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantize", default="none")
@@ -143,7 +147,7 @@ def main() -> None:
         requests = stage_requests(cards)
         # warm-up (kernels, allocator; the graph engine compiles its buckets here): the batch sizes of the runs
         warm: dict[str, float] = {}
-        for name, backend in engines.items():
+        for name, backend in engines.items() if args.warmup else ():
             started = time.perf_counter()
             route_all(backend, paths[:1 if name == "naive" else 2], requests, args.batch)  # naive: always batch 1
             if name != "naive" and min(args.batch, args.images) > 2:  # else that batch size just ran
@@ -232,7 +236,8 @@ def main() -> None:
         print(f"  {name} engine: {st['decode_steps']} decode steps, {1000 * st['seconds_per_decode_step']:.2f} ms/step, "
               f"prefill {st['prefill_seconds']:.2f} s, decode {st['decode_seconds']:.2f} s (all runs)")
     if "graph" in names:
-        print(f"  graph engine: compile {result['graph_compile']}, warm-up {warm['graph']:.1f} s, "
+        warmed = f"warm-up {warm['graph']:.1f} s" if "graph" in warm else "no warm-up"
+        print(f"  graph engine: compile {result['graph_compile']}, {warmed}, "
               f"fallbacks {result['graph_fallbacks']}, capture failures {result['graph_capture_failures']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

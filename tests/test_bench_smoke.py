@@ -30,6 +30,47 @@ def run_bench(script: str, *args: str, timeout: float = 300) -> str:
     return result.stdout
 
 
+def run_bench_here(script: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """``run_bench`` in this process: the script runs as ``__main__`` (``runpy``) with ``args`` as its command line.
+
+    For the scripts whose start-up is mostly importing torch, transformers and peft (seconds each time on a small
+    machine), which this test session has imported already. What a script may change in the process (command line,
+    import path, environment, thread count, random states) is put back afterwards; its exit status is checked as
+    ``run_bench`` checks the subprocess's, and its standard output is returned.
+    """
+    import contextlib
+    import io
+    import random
+    import runpy
+
+    import numpy as np
+    import torch
+
+    path = REPO / "bench" / script
+    saved = (sys.argv[:], sys.path[:], dict(os.environ), torch.get_num_threads(), torch.get_rng_state(),
+             np.random.get_state(), random.getstate())
+    out = io.StringIO()
+    try:
+        sys.argv = [str(path), *args]
+        os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})})
+        with contextlib.redirect_stdout(out):
+            try:
+                runpy.run_path(str(path), run_name="__main__")
+            except SystemExit as stop:
+                assert stop.code in (None, 0), f"{script} exited with {stop.code}:\n{out.getvalue()[-2000:]}"
+    finally:
+        argv, path_list, environ, threads, torch_rng, np_rng, py_rng = saved
+        sys.argv[:] = argv
+        sys.path[:] = path_list
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(torch_rng)
+        np.random.set_state(np_rng)
+        random.setstate(py_rng)
+    return out.getvalue()
+
+
 def positive(value) -> bool:
     return isinstance(value, (int, float)) and value > 0
 
@@ -65,8 +106,8 @@ def test_embedded_router_bench_reports_every_stage():
 
 def test_multi_adapter_bench_shares_the_base(tmp_path):
     out = tmp_path / "multi.json"
-    run_bench("multi_adapter_bench.py", "--size", "tiny", "--adapters", "2", "--requests", "2", "--repeat", "1",
-              "--json", str(out))
+    run_bench_here("multi_adapter_bench.py", "--size", "tiny", "--adapters", "2", "--requests", "2", "--repeat", "1",
+                   "--json", str(out))
     result = json.loads(out.read_text())
     assert len(result["adapters"]) == 2
     memory = result["memory_bytes"]
@@ -77,7 +118,7 @@ def test_multi_adapter_bench_shares_the_base(tmp_path):
 
 def test_qlora_bench_runs_both_recipes(tmp_path):
     out = tmp_path / "qlora.json"
-    run_bench("qlora_bench.py", "--size", "tiny", "--samples", "8", "--json", str(out))
+    run_bench_here("qlora_bench.py", "--size", "tiny", "--samples", "8", "--json", str(out))
     result = json.loads(out.read_text())
     for recipe in ("notebook", "fast"):
         assert result[recipe]["samples"] == 8
@@ -128,10 +169,7 @@ def test_vocabulary_facts_on_gemma3s_real_vocabulary(tmp_path):
 
     out = tmp_path / "facts.json"
     env_cache = str(gemma3_vocabulary())  # the vocabulary's cache, not this session's own
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "vocabulary_facts.py"), "--json", str(out)], cwd=REPO,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "ONEVLM_CACHE_DIR": env_cache},
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_bench_here("vocabulary_facts.py", "--json", str(out), env={"ONEVLM_CACHE_DIR": env_cache})
     facts = json.loads(out.read_text())
     assert facts["vocabulary"] == 262_145 and facts["prompt_tokens"]["image_tokens"] == 256
     assert facts["prompt_tokens"]["stage1"] > facts["prompt_tokens"]["stage2"] > 256
@@ -151,10 +189,14 @@ def test_router_bench_engines_agree_on_gemma3s_real_vocabulary(tmp_path):
     from conftest import gemma3_vocabulary
 
     out = tmp_path / "router.json"
-    run_bench("router_bench.py", "--size", "tiny", "--tokenizer", "gemma3", "--vocabulary-cache", str(gemma3_vocabulary()),
-              "--images", "2", "--repeat", "1", "--json", str(out))
+    run_bench_here("router_bench.py", "--size", "tiny", "--tokenizer", "gemma3",
+                   "--vocabulary-cache", str(gemma3_vocabulary()), "--images", "2", "--naive-images", "1",
+                   "--repeat", "1", "--warmup", "0", "--json", str(out))
     result = json.loads(out.read_text())
     assert result["tokenizer"] == "gemma3" and result["vocabulary_rows"] == 262_208 and result["tied_output_layer"]
+    # fast and graph batch both images; the naive reference (one image at a time) answers the first only, on which
+    # the answers are compared (engines on many images: tests/test_vlm_subword.py, on this vocabulary too)
+    assert (result["images"], result["naive_images"], result["fast_batch"]) == (2, 1, 8)
     assert result["same_answers_fast"] is True and result["same_answers_graph"] is True
     assert result["max_p_difference_fast"] <= 2e-3 and result["max_p_difference_graph"] <= 2e-3
     for engine in ("naive", "fast", "graph"):
@@ -167,7 +209,7 @@ def test_router_bench_engines_agree_on_gemma3s_real_vocabulary(tmp_path):
     assert result["output_layer_parameters"] < result["decode_step_parameters"] < result["parameters"]
     bytes_per_weight = {"float32": 4, "bfloat16": 2}[result["dtype"]]
     assert result["decode_step_bytes"] == bytes_per_weight * result["decode_step_parameters"]
-    assert result["transformers"]
+    assert result["transformers"] and result["warm_up_seconds"] == {}  # --warmup 0: answers checked, not rates
 
 
 def test_page_bench_serves_both_releases_on_one_spool(tmp_path):

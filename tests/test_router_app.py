@@ -95,18 +95,47 @@ def _run_app(input_dir: Path, output_dir: Path, cards_dir: Path, model: Path | N
     )
 
 
-@pytest.fixture
-def workspace(tmp_path: Path):
-    """Cards, an input folder of real DICOM plus one corrupt file, and an output folder path."""
-    cards = _write_cards(tmp_path / "cards")
-    inputs = tmp_path / "input"
+def _make_workspace(root: Path) -> tuple[Path, Path, Path]:
+    """Cards, an input folder of real DICOM plus one corrupt file, and an output folder path, under ``root``."""
+    cards = _write_cards(root / "cards")
+    inputs = root / "input"
     inputs.mkdir()
     (inputs / "ct").mkdir()
     for source, target in DICOM_INPUTS.items():
         shutil.copyfile(_testdata(source), inputs / target)
     (inputs / CORRUPT_NAME).write_bytes(os.urandom(2048))
-    yield cards, inputs, tmp_path / "output"
+    return cards, inputs, root / "output"
+
+
+@pytest.fixture
+def workspace(tmp_path: Path):
+    """Cards, an input folder of real DICOM plus one corrupt file, and an output folder path."""
+    yield _make_workspace(tmp_path)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def solo_runs(gemma3_tiny_dir, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """The app runs of three tests below, each on a workspace of its own, started two side by side (each is a
+    process of its own, as a MAP starts the app; most of a run is one core's start-up): name -> (the run, its
+    workspace folder)."""
+    roots = {name: tmp_path_factory.mktemp(f"router-app-{name}") for name in ("folder", "gemma3", "missing-cards")}
+    folder_cards, folder_inputs, folder_output = _make_workspace(roots["folder"])
+    gemma3_cards = _write_cards(roots["gemma3"] / "cards")
+    gemma3_inputs = roots["gemma3"] / "input"
+    gemma3_inputs.mkdir()
+    from conftest import SAMPLES
+
+    shutil.copyfile(SAMPLES / "ct_head_512_j2k.dcm", gemma3_inputs / "ct_head.dcm")
+    _, missing_inputs, missing_output = _make_workspace(roots["missing-cards"])
+    runs = {  # name -> _run_app's arguments
+        "folder": (folder_inputs, folder_output, folder_cards),
+        "gemma3": (gemma3_inputs, roots["gemma3"] / "output", gemma3_cards, gemma3_tiny_dir),
+        "missing-cards": (missing_inputs, missing_output, roots["missing-cards"] / "no-such-cards"),
+    }
+    with ThreadPoolExecutor(2) as pool:
+        started = {name: pool.submit(_run_app, *arguments) for name, arguments in runs.items()}
+        return {name: (future.result(), roots[name]) for name, future in started.items()}
 
 
 def test_core_package_does_not_import_monai_deploy():
@@ -124,12 +153,12 @@ def _dciodvfy_errors(path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_router_app_routes_a_folder_end_to_end(workspace, capsys):
+def test_router_app_routes_a_folder_end_to_end(solo_runs, capsys):
     import highdicom as hd
     import pydicom
 
-    cards, inputs, output = workspace
-    result = _run_app(inputs, output, cards)
+    result, root = solo_runs["folder"]
+    inputs, output = root / "input", root / "output"
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     metadata = json.loads((output / "metadata.json").read_text(encoding="utf-8"))
@@ -216,19 +245,14 @@ def test_router_app_takes_a_model_folder_with_dash_m(workspace, tmp_path):
 
 
 @pytest.mark.slow
-def test_router_app_on_gemma3s_real_vocabulary(gemma3_tiny_dir, tmp_path):
+def test_router_app_on_gemma3s_real_vocabulary(solo_runs):
     """``-m`` a model with Gemma 3's real tokenizer, processor and 262,208-row output layer: the default
     (hybrid) router asks it where the header cannot decide (a CT head whose only anatomy is
     BodyPartExamined), and the decision log and the SR name that model and its VLM call."""
     import highdicom as hd
 
-    from conftest import SAMPLES
-
-    cards = _write_cards(tmp_path / "cards")
-    inputs, output = tmp_path / "input", tmp_path / "output"
-    inputs.mkdir()
-    shutil.copyfile(SAMPLES / "ct_head_512_j2k.dcm", inputs / "ct_head.dcm")
-    result = _run_app(inputs, output, cards, model=gemma3_tiny_dir)
+    result, root = solo_runs["gemma3"]  # -i: ct_head_512_j2k.dcm alone; -m: conftest's gemma3_tiny_dir
+    output = root / "output"
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     [record] = [json.loads(line) for line in (output / "decisions.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -266,9 +290,9 @@ def _walk(sequence):
 
 
 @pytest.mark.slow
-def test_router_app_fails_on_a_missing_card_folder(workspace, tmp_path):
-    _, inputs, output = workspace
-    result = _run_app(inputs, output, tmp_path / "no-such-cards")
+def test_router_app_fails_on_a_missing_card_folder(solo_runs):
+    result, root = solo_runs["missing-cards"]  # ONEVLM_CARDS: root / "no-such-cards", never made
+    output = root / "output"
     assert result.returncode != 0
     assert "no-such-cards" in result.stderr
     assert not (output / "metadata.json").exists()
