@@ -1,10 +1,11 @@
-"""Header-only copies from DICOMweb metadata, and the instances of a series the pipeline reads whole.
+"""Header-only copies from DICOM JSON, and the instances of a series the pipeline reads whole.
 
 The Orthanc intake (``fetch: needed``) stores most instances as *header-only copies*: the
-instance's header as Orthanc's DICOMweb metadata gives it (every element but Pixel Data and other
-bulk values), marked by retention's private element (``ONEVLM`` block, (0009,xx02)), so the router,
-an SR's evidence, retention and amendments treat it exactly as a copy retention made. Only the
-instances the pipeline reads pixels from are fetched whole (:func:`whole_needed`).
+instance's header in the DICOM JSON model (Orthanc's tags converted by
+:mod:`onevlm.net.orthanc_tags`; DICOMweb metadata is the same model), every element but Pixel Data
+and other bulk values, marked by retention's private element (``ONEVLM`` block, (0009,xx02)), so
+the router, an SR's evidence, retention and amendments treat it exactly as a copy retention made.
+Only the instances the pipeline reads pixels from are fetched whole (:func:`whole_needed`).
 
 Encoding is the intake's hot path (a 2,000-slice CT series): the elements of a series' instances
 repeat, so each element is encoded once per distinct value (:class:`HeaderEncoder`), and a file is
