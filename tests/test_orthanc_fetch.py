@@ -10,6 +10,7 @@ before. A copy that fails mid-way (a crash) loses nothing and records nothing tw
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pydicom
@@ -160,6 +161,52 @@ def test_orthancs_tags_become_dicom_json():
         "00081140": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.3.5"]}}]},
         "7FE00010": {"vr": "OW", "BulkDataURI": ""},
     }
+
+
+def test_the_orthanc_client_authenticates_raises_on_errors_and_asks_again_after_a_dropped_answer():
+    """Basic authentication on every request; an HTTP error is an OrthancError with its status (the intake
+    treats 404 as "deleted from Orthanc"); a connection closed before its answer (a kept-alive connection
+    Orthanc has just closed) is asked again, once."""
+    import base64
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from onevlm.net.orthanc_client import OrthancClient, OrthancError
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization")))
+            if self.path == "/drop" and [p for p, _ in seen].count("/drop") == 1:
+                self.close_connection = True  # no answer: the connection just closes
+                return
+            status, body = (404, b'{"Message": "Unknown resource"}') if self.path == "/missing" else (200, b'{"ok": 1}')
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = OrthancClient(f"http://127.0.0.1:{server.server_port}", "onevlm", "s3cret", timeout=10)
+        assert client.get_json("/system") == {"ok": 1}
+        assert seen[0] == ("/system", "Basic " + base64.b64encode(b"onevlm:s3cret").decode())
+        with pytest.raises(OrthancError, match="HTTP 404 .*Unknown resource") as raised:
+            client.get_json("/missing")
+        assert raised.value.status == 404
+        assert client.get_json("/drop") == {"ok": 1}
+        assert [p for p, _ in seen].count("/drop") == 2
+        client.close()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # --------------------------------------------------------------------------- with Orthanc
