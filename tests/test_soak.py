@@ -4,8 +4,8 @@ small workload with duplicates, re-sends, growing studies and corrupt objects.
 
 Only the correctness goals are asserted (nothing acknowledged lost, one current result per result series and
 one per image series, the backlog drained after the PACS returned, the service alive) and that the resource
-figures were measured; growth over 30 s means nothing. The Orthanc-intake variant runs only in the bench
-(``--intake orthanc``), to keep this test near a minute on the 2-core CI. Research use only.
+figures were measured; growth over 30 s means nothing. Both intakes: onevlm's own listener, and Orthanc
+receiving the C-STOREs with onevlm following its changes (headers read as instances arrive). Research use only.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from dicom_peers import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_a_short_soak_through_the_listener_loses_nothing_and_drains_after_the_pacs_returns(tmp_path):
+@pytest.mark.parametrize("intake", ["listener", "orthanc"])
+def test_a_short_soak_loses_nothing_and_drains_after_the_pacs_returns(tmp_path, intake):
     out = tmp_path / "soak"
-    command = [sys.executable, str(REPO / "bench" / "soak_bench.py"), "--intake", "listener", "--seconds", "30",
+    command = [sys.executable, str(REPO / "bench" / "soak_bench.py"), "--intake", intake, "--seconds", "30",
                "--scale", "0.05", "--rate", "40", "--pacs-down", "8", "--pacs-down-at", "0.3",
                "--sample-seconds", "1", "--drain-timeout", "60", "--results-minutes", "0.5",
                "--retention-interval", "5", "--corrupt-share", "0.15", "--resend-share", "0.2", "--grow-share", "0.3",
