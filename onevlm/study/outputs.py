@@ -71,6 +71,28 @@ def _save(dataset: pydicom.Dataset, folder: Path) -> Path:
     return path
 
 
+def sr_evidence(result: SeriesRouting) -> list[pydicom.Dataset]:
+    """The routing SR's evidence: the routed instance's dataset first (the SR takes its patient and study
+    from it), then each other instance of the series as its reference needs it — Study, Series, SOP
+    Instance and SOP Class UIDs, from the header the router parsed, so no file is parsed a second time."""
+    assert result.routed is not None
+    routed = result.routed.dataset
+    if routed is None:
+        routed = pydicom.dcmread(result.routed.path, stop_before_pixels=True)
+    evidence = [routed]
+    for member in result.series.members:
+        header = member.header
+        if header.sop_instance_uid == result.routed.header.sop_instance_uid:
+            continue
+        reference = pydicom.Dataset()
+        reference.StudyInstanceUID = header.study_instance_uid
+        reference.SeriesInstanceUID = header.series_instance_uid
+        reference.SOPInstanceUID = header.sop_instance_uid
+        reference.SOPClassUID = header.sop_class_uid
+        evidence.append(reference)
+    return evidence
+
+
 def write_series_sr(result: SeriesRouting, out_dir: Path, cards: CardRepository | None = None,
                     boxes: Sequence[ImageBox] = (), executions: Sequence[SpecialtyResult] = (),
                     versions: ResultVersions | None = None) -> Path:
@@ -79,8 +101,8 @@ def write_series_sr(result: SeriesRouting, out_dir: Path, cards: CardRepository 
     ``versions`` decides its identity: the first version's, or an amendment of an earlier one.
     """
     assert result.decision is not None and result.routed is not None
-    evidence = [pydicom.dcmread(m.path, stop_before_pixels=True) for m in result.series.members]
-    routed = next(ds for ds in evidence if str(ds.SOPInstanceUID) == result.routed.header.sop_instance_uid)
+    evidence = sr_evidence(result)
+    routed = evidence[0]
     captions = {c.id: c.task_caption for c in cards} if cards is not None else None
 
     def build(uid: str | None = None, previous: Sequence[pydicom.Dataset] = ()):
