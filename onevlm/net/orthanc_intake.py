@@ -259,9 +259,9 @@ class OrthancIntake:
             return None
         try:
             copy = self._encoder().encode(metadata)
-            path = self.spool.group_folder(self._group_of(copy.study_instance_uid, copy.series_instance_uid)) / \
-                f"{copy.sop_instance_uid}.dcm"
-            view = routing_view(metadata, path)
+            target = self.spool.placement(copy.study_instance_uid, copy.series_instance_uid, copy.sop_instance_uid,
+                                          copy.sop_class_uid)
+            view = routing_view(metadata, target.path)
         except MetadataError as exc:  # this one whole: still a correct (if extra) whole image
             logger.warning("event=intake_whole source=orthanc instance=%s reason=metadata (%s)", orthanc_id, exc)
             stored = self.spool.store(self._get(f"/instances/{orthanc_id}/file", raw=True))
@@ -270,10 +270,8 @@ class OrthancIntake:
             return _Read(orthanc_id, None, stored, RoutingInput(stored.path, "dicom", read_header(stored.path)))
         if self.journal.has_instance(copy.sop_instance_uid):
             return None  # held already
-        if path.exists():  # stored by an earlier try that failed before the position moved: kept as it is
-            return _Read(orthanc_id, None, StoredInstance(path, path.parent.name, copy.study_instance_uid,
-                                                          copy.series_instance_uid, copy.sop_instance_uid,
-                                                          copy.sop_class_uid), view)
+        if target.path.exists():  # stored by an earlier try that failed before the position moved: kept as it is
+            return _Read(orthanc_id, None, target, view)
         return _Read(orthanc_id, copy, None, view)
 
     def _encoder(self) -> HeaderEncoder:
@@ -282,21 +280,19 @@ class OrthancIntake:
             encoder = self._local.encoder = HeaderEncoder()
         return encoder
 
-    def _group_of(self, study: str, series: str) -> str:
-        return study if self.spool.group_by == "study" else series
-
-    def _series_members(self, one: dict) -> tuple[dict[str, _Arrival], dict[str, Path]] | None:
+    def _series_members(self, one: dict) -> tuple[dict[str, _Arrival], dict[str, tuple[Path, str]]] | None:
         """A stable series' instances: those arrived since the last stable change (Orthanc ID → arrival),
-        and those the journal holds (SOP Instance UID → path); ``None`` when nothing is new."""
+        and those the journal holds (SOP Instance UID → path and Orthanc ID); ``None`` when nothing is new."""
         uid = str(one.get("MainDicomTags", {}).get("SeriesInstanceUID", ""))
         arrived = self._arrived.get(uid, {})
         ids = list(one.get("Instances") or [])
         unknown = [i for i in ids if i not in arrived]
-        held: dict[str, Path] = {}
+        held: dict[str, tuple[Path, str]] = {}
         if unknown:  # an amendment or a restart: which of them does the journal hold?
             sops = {instance["ID"]: str(instance.get("MainDicomTags", {}).get("SOPInstanceUID", ""))
                     for instance in self._get(f"/series/{one['ID']}/instances")}
-            held = self.journal.instance_paths([sops[i] for i in unknown if sops.get(i)])
+            paths = self.journal.instance_paths([sops[i] for i in unknown if sops.get(i)])
+            held = {sops[i]: (paths[sops[i]], i) for i in unknown if sops.get(i) in paths}
             missing = [i for i in unknown if sops.get(i) and sops[i] not in held]
             for found in self._read_and_store(missing):
                 arrived[found.orthanc_id] = found
@@ -307,7 +303,7 @@ class OrthancIntake:
     def _copy_needed(self, level: str, resource: str, series: list[dict]) -> int:
         """``fetch: needed`` at a stable change: the image each series is routed by fetched whole, every
         new instance recorded, the group due. Returns instances recorded."""
-        recorded, whole_count, groups = [], 0, set()
+        recorded, whole_count = [], 0
         for one in series:
             if str(one.get("MainDicomTags", {}).get("SeriesDescription", "")).lower().startswith(OWN_SERIES_PREFIX):
                 continue
@@ -316,7 +312,7 @@ class OrthancIntake:
                 continue
             arrived, held = found
             members, held_whole = [a.view for a in arrived.values()], set()
-            for sop, path in held.items():
+            for sop, (path, _) in held.items():
                 try:  # held: what the router reads of it is what the spool has (retention may have cut it)
                     header, ds = read_dicom(path)
                 except DicomReadError:
@@ -328,7 +324,7 @@ class OrthancIntake:
                 members.append(RoutingInput(path, "dicom", header))
             new = {a.view.header.sop_instance_uid: a for a in arrived.values()}
             orthanc_ids = {a.view.header.sop_instance_uid: a.orthanc_id for a in arrived.values()}
-            orthanc_ids.update(self._orthanc_ids(one, set(held) - held_whole))
+            orthanc_ids.update({sop: orthanc_id for sop, (_, orthanc_id) in held.items()})
             whole = whole_needed(members, held_whole, set(new))
             for sop in sorted(whole):  # usually one: the middle image
                 stored = self.spool.store(self._get(f"/instances/{orthanc_ids[sop]}/file", raw=True))
@@ -347,14 +343,6 @@ class OrthancIntake:
         logger.info("event=intake_copied source=orthanc fetch=needed %s=%s instances=%d whole=%d header_only=%d",
                     level, resource, len(recorded), whole_count, len(recorded) - whole_count)
         return len(recorded)
-
-    def _orthanc_ids(self, one: dict, sops: set[str]) -> dict[str, str]:
-        """Orthanc IDs of held instances that may have to be made whole (SOP Instance UID → ID)."""
-        if not sops:
-            return {}
-        return {str(i.get("MainDicomTags", {}).get("SOPInstanceUID", "")): i["ID"]
-                for i in self._get(f"/series/{one['ID']}/instances")
-                if str(i.get("MainDicomTags", {}).get("SOPInstanceUID", "")) in sops}
 
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set; an unreachable Orthanc is retried, never fatal."""

@@ -183,66 +183,59 @@ class Spool:
             raise ValueError(f"cannot parse the dataset: {type(exc).__name__}: {exc}") from exc
         return self.store_known(encoded, study, series, sop, sop_class)
 
-    def store_known(self, encoded: bytes, study: str, series: str, sop: str, sop_class: str,
-                    sync_folder: bool = True) -> StoredInstance:
-        """Store Part 10 bytes whose UIDs the caller already knows (it encoded them), as :meth:`store`.
-
-        ``sync_folder=False`` leaves the folder's fsync to the caller (one :func:`fsync_dir` after a
-        batch): the instance is durable only once that is done. Raises ``ValueError`` for an unsafe
-        UID, :class:`SpoolError` when writing failed.
-        """
+    def placement(self, study: str, series: str, sop: str, sop_class: str) -> StoredInstance:
+        """Where an instance with these UIDs goes in the spool (nothing is written). Raises ``ValueError``
+        for an unsafe UID."""
         study, series, sop = _uid(study, "Study Instance UID"), _uid(series, "Series Instance UID"), \
             _uid(sop, "SOP Instance UID")
+        group = study if self.group_by == "study" else series
+        return StoredInstance(self.incoming / group / f"{sop}.dcm", group, study, series, sop, sop_class)
+
+    def store_known(self, encoded: bytes, study: str, series: str, sop: str, sop_class: str) -> StoredInstance:
+        """Store Part 10 bytes whose UIDs the caller already knows, as :meth:`store`.
+
+        Raises ``ValueError`` for an unsafe UID, :class:`SpoolError` when writing failed.
+        """
+        target = self.placement(study, series, sop, sop_class)
         try:
             tmp = self._write_tmp(encoded)
         except OSError as exc:
             raise SpoolError(f"cannot write to the spool: {exc}") from exc
-        group = study if self.group_by == "study" else series
-        folder = self.incoming / group
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / f"{sop}.dcm"
-            os.replace(tmp, target)  # atomic: a reader sees the whole file or none
-            if sync_folder:
-                fsync_dir(folder)
+            target.path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target.path)  # atomic: a reader sees the whole file or none
+            fsync_dir(target.path.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise SpoolError(f"cannot move the instance into the spool: {exc}") from exc
-        return StoredInstance(target, group, study, series, sop, sop_class)
+        return target
 
     def store_batch(self, items: Sequence[KnownInstance]) -> list[StoredInstance]:
         """Store many instances whose UIDs the caller knows, durably, as :meth:`store_known` each.
 
         All are written first, then made durable together (:func:`sync_files`: one ``syncfs``
         where the system has it, not a flush per small file), then moved into place and their
-        folders fsync'd: the spool only ever holds complete files. Raises ``ValueError`` for an unsafe UID (before
-        anything is written), :class:`SpoolError` when writing failed (nothing of the batch is
-        left in the temporary folder; what was moved into place already is complete).
+        folders fsync'd: the spool only ever holds complete files. Raises ``ValueError`` for an
+        unsafe UID (before anything is written), :class:`SpoolError` when writing failed (nothing
+        of the batch is left in the temporary folder; what was moved into place already is complete).
         """
-        targets = []
-        for item in items:
-            study, series = _uid(item.study_instance_uid, "Study Instance UID"), \
-                _uid(item.series_instance_uid, "Series Instance UID")
-            sop = _uid(item.sop_instance_uid, "SOP Instance UID")
-            group = study if self.group_by == "study" else series
-            targets.append(StoredInstance(self.incoming / group / f"{sop}.dcm", group, study, series, sop,
-                                          item.sop_class_uid))
+        targets = [self.placement(i.study_instance_uid, i.series_instance_uid, i.sop_instance_uid, i.sop_class_uid)
+                   for i in items]
         staged: list[Path] = []
+        moved = 0
         try:
             for item in items:
                 staged.append(self.tmp / f"{uuid.uuid4().hex}.part")
                 staged[-1].write_bytes(item.encoded)
             sync_files(self.tmp, staged)
-            folders = set()
-            for path, target in zip(list(staged), targets):
+            for path, target in zip(staged, targets):
                 target.path.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(path, target.path)  # atomic: a reader sees the whole file or none
-                staged.remove(path)
-                folders.add(target.path.parent)
-            for folder in folders:
+                moved += 1
+            for folder in {target.path.parent for target in targets}:
                 fsync_dir(folder)
         except OSError as exc:
-            for path in staged:
+            for path in staged[moved:]:
                 path.unlink(missing_ok=True)
             raise SpoolError(f"cannot write to the spool: {exc}") from exc
         return targets
